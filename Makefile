@@ -1,0 +1,33 @@
+# Set-up and the main jobs. `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of this torch lies on local disk here; on a CUDA workstation the same pin
+# brings the CUDA build. pyproject.toml only declares ranges.
+TORCH := torch==2.13.0
+RUN ?= runs/demo
+BUNDLE ?= bundles/demo
+
+.PHONY: demo test install bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[train,dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/swapvae train --data simulated --out $(RUN) --seed 0
+	$(VENV)/bin/swapvae evaluate $(RUN)
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/reach_accuracy.py
+
+clean:
+	rm -rf $(VENV) runs bundles results

@@ -1,0 +1,23 @@
+"""Pydantic models shared by training and runtime: configs, bundle manifest, wire protocol.
+
+Depends on nothing else in this project, so both sides read the same definitions.
+"""
+from schemas.config import (
+    DataConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    ReadoutConfig,
+    SwapVAEConfig,
+    VARIANTS,
+)
+
+__all__ = [
+    "DataConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ReadoutConfig",
+    "SwapVAEConfig",
+    "VARIANTS",
+]

@@ -1,0 +1,128 @@
+"""Every hyperparameter of a Swap-VAE run, in one validated config.
+
+Defaults follow the paper's released recipe (../shared/docs/METHOD.md) except where a
+field's comment says why we differ. The paper's ablations are selected with ``variant``:
+it fills in the loss/model fields that define the variant, and any field given explicitly
+still wins, so ``{"variant": "beta_vae", "loss": {"kl_weight": 4}}`` is a beta-VAE with beta 4.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Variant = Literal["swap_vae", "no_swap", "no_align", "swap_only", "vae", "beta_vae"]
+
+# What each ablation of the paper changes, relative to the full model (Table 3 / section 5).
+VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "swap_vae": {},
+    "no_swap": {"loss": {"swap": False}},  # alignment only
+    "no_align": {"loss": {"align_weight": 0.0}},  # BlockSwap with no alignment term
+    "swap_only": {"loss": {"align_weight": 0.0}},  # the paper's name for the same recipe
+    "vae": {"model": {"content_dim": 0, "style_dim": 128}, "loss": {"swap": False, "align_weight": 0.0, "kl_weight": 1.0}},
+    "beta_vae": {"model": {"content_dim": 0, "style_dim": 128}, "loss": {"swap": False, "align_weight": 0.0, "kl_weight": 10.0}},
+}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    train_fraction: float = Field(0.8, gt=0.0, lt=1.0, description="chronological split by trial")
+    static_std: float = Field(1e-3, ge=0.0, description="drop neurons whose train-bin std is <= this")
+    min_trials: int = Field(4, ge=2, description="refuse sessions with fewer trials")
+    # The reference feeds rates in Hz (counts / bin). With Hz the Poisson term is ~1000x the
+    # KL/alignment terms and the self-supervised terms barely steer the representation, so we
+    # train on counts; "hz" reproduces the reference recipe.
+    input_unit: Literal["counts", "hz"] = "counts"
+    jitter: int = Field(5, ge=0, description="max |i - j| between the two views, in bins")
+    dropout_max: float = Field(0.0, ge=0.0, lt=1.0, description="neuron dropout p ~ U(0, dropout_max)")
+
+
+class ModelConfig(_Section):
+    content_dim: int = Field(64, ge=0)
+    style_dim: int = Field(64, ge=1)
+    # Encoder hidden widths; "d" means the number of input neurons (released code: [d, 128]).
+    hidden: tuple[int | Literal["d"], ...] = ("d", 128)
+
+    def hidden_sizes(self, n_neurons: int) -> list[int]:
+        return [n_neurons if h == "d" else int(h) for h in self.hidden]
+
+    @model_validator(mode="after")
+    def _positive_hidden(self) -> "ModelConfig":
+        if not self.hidden or any(h != "d" and h <= 0 for h in self.hidden):
+            raise ValueError(f"model.hidden must be non-empty positive widths or 'd', got {self.hidden}")
+        return self
+
+
+class LossConfig(_Section):
+    swap: bool = True
+    kl_weight: float = Field(10.0, ge=0.0)
+    align_weight: float = Field(1.0, ge=0.0)
+    eps: float = Field(1e-8, gt=0.0, description="inside log(rate) of the Poisson NLL")
+
+
+class OptimConfig(_Section):
+    lr: float = Field(5e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(256, ge=2, description="pairs per step")
+    epochs: int = Field(225, ge=1, description="each epoch is max(1, n_train_bins // batch_size) steps")
+    checkpoint_every: int = Field(25, ge=1, description="epochs between checkpoints")
+
+
+class ReadoutConfig(_Section):
+    speed_threshold: float = Field(5.0, ge=0.0, description="bins with |velocity| above this are scored")
+    n_directions: int = Field(8, ge=2)
+    # 8-class logistic regression on the frozen, standardized representation; the angle is that
+    # of the probability-weighted class unit vectors. C is chosen by grouped CV on training trials.
+    C_grid: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+    cv_folds: int = Field(5, ge=2)
+
+
+class SwapVAEConfig(_Section):
+    variant: Variant = "swap_vae"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    readout: ReadoutConfig = ReadoutConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_variant(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        name = values.get("variant", "swap_vae")
+        preset = VARIANTS.get(name)
+        if preset is None:  # let the Literal produce the error message
+            return values
+        merged = dict(values)
+        for section, fields in preset.items():
+            given = merged.get(section, {})
+            if isinstance(given, BaseModel):
+                given = given.model_dump(exclude_unset=True)
+            merged[section] = {**fields, **given}
+        return merged
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SwapVAEConfig":
+        if self.model.content_dim == 0 and (self.loss.swap or self.loss.align_weight > 0):
+            raise ValueError("swap and alignment act on the content latent: content_dim must be > 0")
+        return self
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "SwapVAEConfig":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config {path}: not valid JSON ({e})") from None
+        return cls.model_validate(raw)
+
+    def with_overrides(self, **fields: Any) -> "SwapVAEConfig":
+        return type(self).model_validate({**self.model_dump(), **fields})

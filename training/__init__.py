@@ -1,0 +1,1 @@
+"""Offline side: load a session, fit Swap-VAE, evaluate, export a bundle."""

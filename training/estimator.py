@@ -1,0 +1,200 @@
+"""A scikit-learn style estimator around the Swap-VAE model: ``fit`` on training bins,
+``transform`` to the frozen representation, ``save``/``load`` a run directory.
+
+The estimator owns the preprocessing that inference must repeat: which recording channels
+are kept (static-neuron filter, fitted on training bins) and the input unit (counts or Hz).
+Inputs to every method are raw count vectors over all recorded channels.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from schemas import SwapVAEConfig
+from training.data import jitter_pairs, static_filter
+from training.model import SwapVAE
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.json"
+HISTORY = "history.json"
+SPACES = ("full", "content", "style")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint (if any) is left in place."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+class SwapVAEEstimator:
+    def __init__(self, config: SwapVAEConfig | None = None, **overrides):
+        config = config or SwapVAEConfig()
+        self.config = config.with_overrides(**overrides) if overrides else config
+        self.model_: SwapVAE | None = None
+        self.neurons_: np.ndarray | None = None
+        self.n_channels_: int | None = None
+        self.bin_size_s_: float = 0.1
+        self.history_: list[dict[str, float]] = []
+        self.train_seconds_: float = float("nan")
+
+    # -- preprocessing shared by fit and transform -------------------------------------------
+    @property
+    def input_scale(self) -> float:
+        """Multiplier from counts to model input (1, or 1 / bin size for Hz)."""
+        return 1.0 / self.bin_size_s_ if self.config.data.input_unit == "hz" else 1.0
+
+    def _inputs(self, counts: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
+        self._check_fitted()
+        counts = np.asarray(counts)
+        if counts.ndim != 2 or counts.shape[1] != self.n_channels_:
+            raise ValueError(f"expected counts of shape (bins, {self.n_channels_}), got {counts.shape}")
+        x = torch.as_tensor(counts[:, self.neurons_] * self.input_scale, dtype=torch.float32)
+        return x.to(device or next(self.model_.parameters()).device)
+
+    def _check_fitted(self) -> None:
+        if self.model_ is None:
+            raise RuntimeError("this estimator is not fitted yet: call fit() or load()")
+
+    # -- training ------------------------------------------------------------------------------
+    def fit(self, counts: np.ndarray, trial: np.ndarray, bin_in_trial: np.ndarray, *,
+            neurons: np.ndarray | None = None, bin_size_s: float = 0.1, run_dir: str | Path | None = None,
+            progress: bool = True) -> "SwapVAEEstimator":
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        device = resolve_device(cfg.device)
+        counts = np.asarray(counts, dtype=np.float32)
+        self.n_channels_, self.bin_size_s_ = counts.shape[1], float(bin_size_s)
+        self.neurons_ = np.asarray(neurons) if neurons is not None else static_filter(counts, cfg.data.static_std)
+        n_in = len(self.neurons_)
+        self.model_ = SwapVAE(n_in, cfg.model.hidden_sizes(n_in), cfg.model.content_dim, cfg.model.style_dim).to(device)
+        x = self._inputs(counts, device)
+        pairs = torch.as_tensor(jitter_pairs(np.asarray(trial), np.asarray(bin_in_trial), cfg.data.jitter), device=device)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        opt = torch.optim.Adam(self.model_.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        steps_per_epoch = max(1, len(x) // cfg.optim.batch_size)
+        run_dir = Path(run_dir) if run_dir is not None else None
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / CONFIG).write_text(cfg.model_dump_json(indent=2))
+        self.history_ = []
+        bar = _progress(cfg.optim.epochs, progress)
+        terms = ("loss", "rec", "kl", "align")
+        start = time.perf_counter()
+        self.model_.train()
+        for epoch in range(1, cfg.optim.epochs + 1):
+            sums = torch.zeros(len(terms), device=device)
+            for _ in range(steps_per_epoch):
+                idx = pairs[torch.randint(len(pairs), (cfg.optim.batch_size,), generator=gen, device=device)]
+                x1, x2 = x[idx[:, 0]], x[idx[:, 1]]
+                if cfg.data.dropout_max > 0:
+                    x1, x2 = _neuron_dropout(x1, cfg.data.dropout_max, gen), _neuron_dropout(x2, cfg.data.dropout_max, gen)
+                out = self.model_.loss(x1, x2, cfg.loss.swap, cfg.loss.kl_weight, cfg.loss.align_weight, cfg.loss.eps)
+                opt.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                opt.step()
+                sums += torch.stack([out[k].detach() for k in terms])
+            epoch_terms = dict(zip(terms, (sums / steps_per_epoch).tolist()))
+            if not all(math.isfinite(v) for v in epoch_terms.values()):
+                # The epoch's weights are suspect; the checkpoint on disk is from a finite epoch.
+                saved = f"the last good checkpoint is {run_dir / CHECKPOINT}" if run_dir and (run_dir / CHECKPOINT).exists() else "no checkpoint was written yet"
+                raise TrainingDiverged(f"loss became non-finite in epoch {epoch} ({_fmt(epoch_terms)}); {saved}. "
+                                       f"Try a lower optim.lr or check the input counts.")
+            self.history_.append({"epoch": epoch, **epoch_terms})
+            if bar is not None:
+                bar.set_postfix_str(_fmt(epoch_terms), refresh=False)
+                bar.update()
+            if run_dir is not None and (epoch % cfg.optim.checkpoint_every == 0 or epoch == cfg.optim.epochs):
+                self.save(run_dir)
+        if bar is not None:
+            bar.close()
+        self.train_seconds_ = time.perf_counter() - start
+        self.model_.eval()
+        if run_dir is not None:
+            self.save(run_dir)
+        return self
+
+    # -- inference -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def transform(self, counts: np.ndarray, space: str = "full") -> np.ndarray:
+        """Frozen representation of each bin: ``full`` = [c, mu], ``content`` = c, ``style`` = mu."""
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+        self.model_.eval()
+        z = self.model_.represent(self._inputs(counts)).cpu().numpy()
+        k = self.config.model.content_dim
+        return {"full": z, "content": z[:, :k], "style": z[:, k:]}[space]
+
+    @torch.no_grad()
+    def reconstruct(self, counts: np.ndarray) -> np.ndarray:
+        """Denoised firing rates g([c, mu]) in the model's input unit, over the kept neurons."""
+        self.model_.eval()
+        return self.model_(self._inputs(counts)).cpu().numpy()
+
+    # -- persistence (no pickled objects: tensors and plain JSON only) -----------------------
+    def save(self, run_dir: str | Path) -> Path:
+        self._check_fitted()
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        state = {
+            "state_dict": {k: v.detach().cpu() for k, v in self.model_.state_dict().items()},
+            "neurons": torch.as_tensor(self.neurons_, dtype=torch.int64),
+            "meta": json.dumps({"config": self.config.model_dump(mode="json"), "n_channels": self.n_channels_,
+                                "bin_size_s": self.bin_size_s_, "epochs_done": len(self.history_),
+                                "train_seconds": self.train_seconds_}),
+        }
+        path = run_dir / CHECKPOINT
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic: a crash mid-write never clobbers the last good checkpoint
+        (run_dir / HISTORY).write_text(json.dumps(self.history_))
+        return path
+
+    @classmethod
+    def load(cls, run_dir: str | Path, device: str = "cpu") -> "SwapVAEEstimator":
+        path = Path(run_dir) / CHECKPOINT
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no checkpoint (is {run_dir} a training run directory?)")
+        state = torch.load(path, map_location=device, weights_only=True)
+        meta = json.loads(state["meta"])
+        est = cls(SwapVAEConfig.model_validate(meta["config"]))
+        est.neurons_ = state["neurons"].numpy()
+        est.n_channels_, est.bin_size_s_ = meta["n_channels"], meta["bin_size_s"]
+        est.train_seconds_ = meta["train_seconds"]
+        m = est.config.model
+        n_in = len(est.neurons_)
+        est.model_ = SwapVAE(n_in, m.hidden_sizes(n_in), m.content_dim, m.style_dim)
+        est.model_.load_state_dict(state["state_dict"])
+        est.model_.to(device).eval()
+        hist = Path(run_dir) / HISTORY
+        est.history_ = json.loads(hist.read_text()) if hist.exists() else []
+        return est
+
+
+def _neuron_dropout(x: torch.Tensor, p_max: float, gen: torch.Generator) -> torch.Tensor:
+    """Zero each neuron with probability p ~ U(0, p_max) drawn per sample (no rescaling)."""
+    p = torch.rand(x.shape[0], 1, generator=gen, device=x.device) * p_max
+    return x * (torch.rand(x.shape, generator=gen, device=x.device) >= p)
+
+
+def _fmt(terms: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in terms.items())
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="train", unit="epoch", dynamic_ncols=True)
