@@ -22,12 +22,14 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/swapvae train --data simulated --out $(RUN) --seed 0
 	$(VENV)/bin/swapvae evaluate $(RUN)
+	$(VENV)/bin/swapvae export $(RUN) --out $(BUNDLE)
 
 test: install
 	$(PY) -m pytest -q
 
 bench: install
 	$(PY) benchmarks/reach_accuracy.py
+	$(PY) benchmarks/engine_latency.py
 
 clean:
 	rm -rf $(VENV) runs bundles results

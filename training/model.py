@@ -1,6 +1,7 @@
 """Swap-VAE (Liu et al., NeurIPS 2021): the network and its loss, as the paper writes them.
 
     encoder      x -> (c, mu, logvar)            content c is deterministic, style is variational
+                 (optionally of sqrt(x): variance-stabilised counts; the target stays x)
     sample       s = mu + exp(logvar / 2) * eps  (reparameterisation; content is not sampled)
     decoder      z = [c, s] -> rate              Softplus, so rates are non-negative
     BlockSwap    z~1 = [c2, s1] -> x1,  z~2 = [c1, s2] -> x2
@@ -24,14 +25,20 @@ def mlp(sizes: list[int]) -> list[nn.Module]:
     return layers
 
 
+INPUT_TRANSFORMS = {"identity": lambda x: x, "sqrt": torch.sqrt}
+
+
 class Encoder(nn.Module):
-    def __init__(self, n_neurons: int, hidden: list[int], content_dim: int, style_dim: int):
+    def __init__(self, n_neurons: int, hidden: list[int], content_dim: int, style_dim: int,
+                 input_transform: str = "identity"):
         super().__init__()
         self.content_dim, self.style_dim = content_dim, style_dim
+        self.input_transform = input_transform
         self.net = nn.Sequential(*mlp([n_neurons, *hidden]), nn.Linear(hidden[-1], content_dim + 2 * style_dim))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        c, mu, logvar = self.net(x).split([self.content_dim, self.style_dim, self.style_dim], dim=-1)
+        h = self.net(INPUT_TRANSFORMS[self.input_transform](x))
+        c, mu, logvar = h.split([self.content_dim, self.style_dim, self.style_dim], dim=-1)
         return c, mu, logvar
 
 
@@ -66,9 +73,10 @@ def block_swap(c1, s1, c2, s2) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class SwapVAE(nn.Module):
-    def __init__(self, n_neurons: int, hidden: list[int], content_dim: int = 64, style_dim: int = 64):
+    def __init__(self, n_neurons: int, hidden: list[int], content_dim: int = 64, style_dim: int = 64,
+                 input_transform: str = "identity"):
         super().__init__()
-        self.encoder = Encoder(n_neurons, hidden, content_dim, style_dim)
+        self.encoder = Encoder(n_neurons, hidden, content_dim, style_dim, input_transform)
         self.decoder = Decoder(n_neurons, hidden, content_dim + style_dim)
         for m in self.modules():
             if isinstance(m, nn.Linear):

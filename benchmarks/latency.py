@@ -1,0 +1,451 @@
+"""Round-trip latency and throughput of the decoding service over loopback TCP, batch 1.
+
+    python benchmarks/latency.py                     # d = 174 (Chewie-1) and d = 1024
+    python benchmarks/latency.py --quick             # fewer samples, for a smoke run
+    python benchmarks/latency.py --pin               # server on CPU 1, client on CPU 0
+
+For each channel count d it builds a default-size model (two training epochs: latency does
+not depend on how well it is trained), exports it, and measures, from one Python client
+with the same request loop for every server:
+
+    echo         the floor: a bare ROUTER that answers each request with a preallocated
+                 frame of the service's reply size (same bytes both ways, no work)
+    torch eager  the same service (runtime.server.Server) calling the torch model eager
+                 (one intra-op thread, BatchNorm unfolded) and the numpy readout
+    ours         ``swapvae serve`` (ONNX Runtime engine), default: blocks while idle, and
+                 pre-warms the engine shortly before the next bin of a periodic stream
+    ours no-prewarm  (``--no-prewarm``, diagnostic) the same without pre-warming
+    ours busy    ``swapvae serve --busy-poll``: spins on the socket (dedicated core)
+
+each back to back, and paced at 100 Hz and 1 kHz (a pause before each request: the server
+goes idle, as in a closed loop; paced requests expose wake-up latency). Sustained throughput
+is measured with a window of requests in flight (the server's capacity, one core).
+
+Polite servers run side by side and are measured in interleaved rounds, so drift on a shared
+machine hits them alike; the busy-poll server runs alone (it occupies a core). Prints a table
+and the targets (as ratios to the echo floor of the same run) and writes JSON to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+CHEWIE = (ROOT / "../shared/data/reaching/chewie-2013-10-03.npz").resolve()
+MODES = ("b2b", "100Hz", "1kHz")
+RATES = {"b2b": 0.0, "100Hz": 100.0, "1kHz": 1000.0}
+
+
+# -- models to serve -------------------------------------------------------------------------------
+
+def build_bundle(d: int, workdir: Path) -> tuple[Path, Path]:
+    """A default-config model for ``d`` channels: Chewie-1 for 174, a simulated session otherwise.
+    Kept in ``workdir``: a later run reuses the run directory, and the bundle if it still loads."""
+    import shutil
+
+    import torch
+
+    from runtime.engine import BundleDecoder
+    from schemas.config import SwapVAEConfig
+    from training.export import export_bundle
+    from training.run import train_run
+
+    run, bundle = workdir / f"run{d}", workdir / f"bundle{d}"
+    if (bundle / "manifest.json").exists():
+        try:
+            BundleDecoder(bundle)
+            return run, bundle
+        except ValueError:  # written by an older export: export again
+            shutil.rmtree(bundle)
+    if not (run / "checkpoint.pt").exists():
+        torch.set_num_threads(1)
+        if d == 174 and CHEWIE.exists():
+            data = str(CHEWIE)
+        else:
+            from training.simulate import simulate_reaching
+
+            s = simulate_reaching(n_neurons=d, seed=0)
+            data = str(workdir / f"simulated{d}.npz")
+            np.savez(data, counts=s.counts, trial=s.trial, bin_in_trial=s.bin_in_trial, target=s.target,
+                     velocity=s.velocity, bin_size_s=s.bin_size_s)
+        cfg = SwapVAEConfig.model_validate({"device": "cpu", "optim": {"epochs": 2},
+                                            "readout": {"C_grid": [0.1], "cv_folds": 2}})
+        train_run(data, run, cfg, progress=False)
+    export_bundle(run, bundle)
+    return run, bundle
+
+
+class TorchEngine:
+    """The naive alternative: the engine interface on the torch model, eager mode."""
+
+    def __init__(self, run_dir: str):
+        import torch
+
+        from training.estimator import SwapVAEEstimator
+        from training.evaluate import load_readout
+
+        torch.set_num_threads(1)  # one core like ours; also faster than a pool at batch 1
+        self.torch = torch
+        self.est, self.readout = SwapVAEEstimator.load(run_dir), load_readout(run_dir)
+        self.n_channels = self.est.n_channels_
+        self.manifest = _JsonModel({"engine": "torch eager", "run": str(run_dir)})
+
+    def decode(self, counts):
+        from runtime.engine import DecodeOutput
+
+        x = np.asarray(counts, np.float32).reshape(-1, self.n_channels)
+        if not (np.isfinite(x).all() and (x >= 0).all()):
+            raise ValueError("counts must be finite and >= 0")
+        with self.torch.inference_mode():
+            model = self.est.model_
+            c, mu, _ = model.encoder(self.torch.from_numpy(x[:, self.est.neurons_] * self.est.input_scale))
+            z = self.torch.cat([c, mu], -1)
+            rates = model.decoder(z)
+        zn = z.numpy()
+        proba = self.readout.proba(zn)
+        angle = np.arctan2(proba @ np.sin(self.readout.class_angles), proba @ np.cos(self.readout.class_angles))
+        f32 = lambda a: np.ascontiguousarray(a, np.float32)  # noqa: E731
+        return DecodeOutput(f32(c.numpy()), f32(mu.numpy()), f32(angle), proba.argmax(1).astype(np.int64),
+                            f32(proba), f32(rates.numpy()))
+
+
+class _JsonModel:
+    def __init__(self, d: dict):
+        self.d = d
+
+    def model_dump_json(self) -> str:
+        return json.dumps(self.d)
+
+
+def serve_echo(bind: str, reply_bytes: int) -> None:
+    """The floor: receive, answer with a preallocated frame of the service's reply size."""
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(bind)
+    reply = bytearray(reply_bytes)
+    print(f"ready router={sock.getsockopt_string(zmq.LAST_ENDPOINT)} pid={os.getpid()}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    recv, send = sock.recv_multipart, sock.send_multipart
+    while True:
+        frames = recv()
+        frames[-1] = reply
+        send(frames)
+
+
+def serve_engine(bind: str, engine, prewarm: bool = True) -> None:
+    from runtime.server import Server
+
+    server = Server(engine, bind=bind, prewarm=prewarm)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    print(f"ready router={server.endpoints['router']} pid={os.getpid()}", flush=True)
+    server.run()
+    server.close()
+
+
+# -- servers as subprocesses -----------------------------------------------------------------------
+
+class Proc:
+    def __init__(self, name: str, cmd: list[str], cpu: int | None):
+        if cpu is not None:
+            cmd = ["taskset", "-c", str(cpu), *cmd]
+        self.name = name
+        self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        self.endpoint = self._wait_ready(120.0)
+
+    def _wait_ready(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([self.p.stdout], [], [], 0.5)
+            if r:
+                line = self.p.stdout.readline()
+                if line.startswith("ready "):
+                    return dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)["router"]
+            if self.p.poll() is not None:
+                break
+        self.stop()
+        raise RuntimeError(f"{self.name} server did not start: {self.p.stderr.read()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(5)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+
+
+# -- the client --------------------------------------------------------------------------------------
+
+class Probe:
+    """One DEALER and one preallocated request; the same loop for every server."""
+
+    def __init__(self, endpoint: str, x: np.ndarray):
+        import zmq
+
+        from runtime.wire import RequestBuffer
+
+        self.zmq = zmq
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RCVTIMEO, 5000)
+        self.sock.connect(endpoint)
+        self.buf = RequestBuffer(len(x))
+        self.buf.counts[:] = x
+        self.seq = 0
+        self.reply_bytes = len(self.roundtrip_frame())
+
+    def roundtrip_frame(self) -> bytes:
+        self.seq += 1
+        self.sock.send(self.buf.stamp(self.seq, 0), copy=True)
+        return self.sock.recv()
+
+    def run(self, n: int, rate: float) -> tuple[np.ndarray, float]:
+        """n round trips (ns), back to back or with a pause before each; and the elapsed seconds."""
+        pc, sleep, send, recv = time.perf_counter_ns, time.sleep, self.sock.send, self.sock.recv
+        stamp = self.buf.stamp
+        out = np.empty(n, np.int64)
+        period = 1.0 / rate if rate else 0.0
+        start = time.perf_counter()
+        for i in range(n):
+            if period:
+                # Pace on a fixed schedule; a late reply shortens the next pause, never drifts.
+                wait = start + (i + 1) * period - time.perf_counter()
+                if wait > 0:
+                    sleep(wait)
+            self.seq += 1
+            t0 = pc()
+            send(stamp(self.seq, 0), copy=True)
+            recv()
+            out[i] = pc() - t0
+        return out, time.perf_counter() - start
+
+    def throughput(self, n: int, seconds: float, window: int = 32) -> float:
+        """Requests per second with ``window`` in flight (the server's capacity), over ``n``
+        requests or about ``seconds``, whichever ends first."""
+        send, recv, stamp, pc = self.sock.send, self.sock.recv, self.buf.stamp, time.perf_counter
+        for i in range(window):
+            send(stamp(i, 0), copy=True)
+        t = pc()
+        stop_at = t + seconds
+        done = 0
+        for i in range(window, n + window):
+            recv()
+            done += 1
+            if i >= n or (not i & 63 and pc() >= stop_at):
+                break
+            send(stamp(i, 0), copy=True)
+        rate = done / (pc() - t)
+        for _ in range(window - 1):  # drain what is still in flight
+            recv()
+        return rate
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+# -- the measurement ---------------------------------------------------------------------------------
+
+def summarize(ns: list[np.ndarray]) -> dict:
+    us = np.concatenate(ns) / 1e3
+    p50, p99, p999 = np.percentile(us, [50, 99, 99.9])
+    return {"p50": round(float(p50), 1), "p99": round(float(p99), 1), "p999": round(float(p999), 1),
+            "n": int(us.size)}
+
+
+def measure_channels(d: int, workdir: Path, args) -> dict:
+    run, bundle = build_bundle(d, workdir)
+    rng = np.random.default_rng(0)
+    x = rng.poisson(2.0, d).astype(np.float32)
+    server_cpu = 1 if args.pin else None
+    py = sys.executable
+    me = str(Path(__file__).resolve())
+    ours_cmd = [py, "-m", "training.cli", "serve", str(bundle), "--bind", "tcp://127.0.0.1:*"]
+
+    # The echo floor must answer with exactly the service's reply size: ask the service.
+    procs: dict[str, Proc] = {}
+    results: dict[str, dict] = {}
+    try:
+        procs["ours"] = Proc("ours", ours_cmd, server_cpu)
+        probe = Probe(procs["ours"].endpoint, x)
+        reply_bytes = probe.reply_bytes
+        probe.close()
+        procs["echo"] = Proc("echo", [py, me, "--_serve", "echo", "--_reply-bytes", str(reply_bytes)], server_cpu)
+        procs["torch eager"] = Proc("torch eager", [py, me, "--_serve", "torch", "--_run", str(run)], server_cpu)
+        if args.no_prewarm:
+            procs["ours no-prewarm"] = Proc("ours no-prewarm", [py, me, "--_serve", "no-prewarm", "--_bundle", str(bundle)],
+                                            server_cpu)
+        probes = {k: Probe(p.endpoint, x) for k, p in procs.items()}
+        samples: dict[str, dict[str, list]] = {k: {m: [] for m in MODES} for k in probes}
+        elapsed: dict[str, float] = {k: 0.0 for k in probes}
+        for r in range(args.rounds):
+            for name, probe in probes.items():
+                for mode in MODES:
+                    if name == "torch eager" and mode != "b2b" and not args.torch_paced:
+                        continue
+                    probe.run(args.warmup, 0)  # re-warm after the other servers ran
+                    n = args.n if mode == "b2b" else max(1, int(args.paced_seconds * RATES[mode]))
+                    ns, el = probe.run(n, RATES[mode])
+                    samples[name][mode].append(ns)
+                    if mode == "b2b":
+                        elapsed[name] += el
+            print(f"  d={d} round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        for name, probe in probes.items():
+            results[name] = {m: summarize(v) for m, v in samples[name].items() if v}
+            b2b = np.concatenate(samples[name]["b2b"])
+            results[name]["sequential_per_s"] = round(len(b2b) / elapsed[name])
+            results[name]["throughput_per_s"] = round(probe.throughput(args.throughput_n, args.throughput_seconds))
+            probe.close()
+    finally:
+        for p in procs.values():
+            p.stop()
+
+    # Busy-poll occupies a core: measure it alone, after the others are gone.
+    busy = Proc("ours busy", [*ours_cmd, "--busy-poll"], server_cpu)
+    try:
+        probe = Probe(busy.endpoint, x)
+        s = {m: [] for m in MODES}
+        el_total = 0.0
+        for _ in range(args.rounds):
+            for mode in MODES:
+                probe.run(args.warmup, 0)
+                n = args.n if mode == "b2b" else max(1, int(args.paced_seconds * RATES[mode]))
+                ns, el = probe.run(n, RATES[mode])
+                s[mode].append(ns)
+                if mode == "b2b":
+                    el_total += el
+        results["ours busy"] = {m: summarize(v) for m, v in s.items()}
+        results["ours busy"]["sequential_per_s"] = round(sum(len(a) for a in s["b2b"]) / el_total)
+        results["ours busy"]["throughput_per_s"] = round(probe.throughput(args.throughput_n, args.throughput_seconds))
+        probe.close()
+    finally:
+        busy.stop()
+    return {"d": d, "reply_bytes": reply_bytes, "request_bytes": 32 + 4 * d, "bundle": str(bundle),
+            "servers": results, "targets": targets(results, d)}
+
+
+def targets(r: dict, d: int) -> dict:
+    echo, ours, busy, torch = r["echo"], r["ours"], r["ours busy"], r["torch eager"]
+    t = {
+        "b2b p50 <= echo p50 + 25us": [ours["b2b"]["p50"], echo["b2b"]["p50"] + 25],
+        "b2b p99 <= 2x echo p99": [ours["b2b"]["p99"], 2 * echo["b2b"]["p99"]],
+        "100Hz p50 <= echo 100Hz p50 + 60us (default)": [ours["100Hz"]["p50"], echo["100Hz"]["p50"] + 60],
+        "1kHz p50 <= echo 1kHz p50 + 60us (default)": [ours["1kHz"]["p50"], echo["1kHz"]["p50"] + 60],
+        "100Hz p50 <= echo 100Hz p50 + 60us (busy-poll)": [busy["100Hz"]["p50"], echo["100Hz"]["p50"] + 60],
+        "1kHz p50 <= echo 1kHz p50 + 60us (busy-poll)": [busy["1kHz"]["p50"], echo["1kHz"]["p50"] + 60],
+        "p50 x4 below torch eager": [ours["b2b"]["p50"], torch["b2b"]["p50"] / 4],
+        "throughput >= 15000 bins/s": [-ours["throughput_per_s"], -15000],
+    }
+    if d >= 1024:
+        t["p99 < 1 ms"] = [ours["b2b"]["p99"], 1000.0]
+    return {k: {"value": abs(v), "limit": abs(lim), "ok": bool(v <= lim)} for k, (v, lim) in t.items()}
+
+
+def print_table(res: dict) -> None:
+    print(f"\nd = {res['d']} channels (request {res['request_bytes']} B, reply {res['reply_bytes']} B), "
+          f"round trip in us, loopback tcp, batch 1")
+    head = f"{'server':<15} " + " ".join(f"{m + ' ' + q:>11}" for m in MODES for q in ("p50", "p99", "p99.9"))
+    print(head + f" {'seq/s':>7} {'thru/s':>7}")
+    for name, r in res["servers"].items():
+        cells = []
+        for m in MODES:
+            for q in ("p50", "p99", "p999"):
+                cells.append(f"{r[m][q]:11.1f}" if m in r else f"{'-':>11}")
+        print(f"{name:<15} " + " ".join(cells) + f" {r['sequential_per_s']:7d} {r['throughput_per_s']:7d}")
+    for k, v in res["targets"].items():
+        print(f"  [{'ok' if v['ok'] else 'MISS'}] {k}: {v['value']:.1f} vs {v['limit']:.1f}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--channels", type=int, nargs="+", default=[174, 1024])
+    p.add_argument("--n", type=int, default=3000, help="back-to-back round trips per server per round")
+    p.add_argument("--paced-seconds", type=float, default=3.0, help="seconds per paced run per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--throughput-n", type=int, default=20000)
+    p.add_argument("--throughput-seconds", type=float, default=3.0)
+    p.add_argument("--torch-paced", action="store_true", help="also pace the torch server (slower run)")
+    p.add_argument("--no-prewarm", action="store_true", help="also measure ours without pre-warming (diagnostic)")
+    p.add_argument("--pin", action="store_true", help="server on CPU 1, client on CPU 0")
+    p.add_argument("--quick", action="store_true", help="a smoke run: few samples")
+    p.add_argument("--workdir", help="keep (and reuse) the trained bundles here")
+    p.add_argument("--out", default=str(ROOT / "results/latency.json"))
+    p.add_argument("--_serve", choices=["echo", "torch", "no-prewarm"], help=argparse.SUPPRESS)
+    p.add_argument("--_bundle", help=argparse.SUPPRESS)
+    p.add_argument("--_reply-bytes", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--_run", help=argparse.SUPPRESS)
+    p.add_argument("--_bind", default="tcp://127.0.0.1:*", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._serve == "echo":
+        serve_echo(args._bind, args._reply_bytes)
+        return 0
+    if args._serve == "torch":
+        serve_engine(args._bind, TorchEngine(args._run))
+        return 0
+    if args._serve == "no-prewarm":
+        from runtime.engine import BundleDecoder
+
+        serve_engine(args._bind, BundleDecoder(args._bundle), prewarm=False)
+        return 0
+    if args.quick:
+        args.n, args.paced_seconds, args.rounds, args.warmup, args.throughput_n = 500, 0.5, 1, 50, 3000
+    if args.pin:
+        os.sched_setaffinity(0, {0})
+
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(args.workdir) if args.workdir else Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        runs = [measure_channels(d, workdir, args) for d in args.channels]
+    for res in runs:
+        print_table(res)
+    import onnxruntime
+    import zmq
+
+    result = {
+        "what": "round trip (us) of one bin over loopback tcp from one Python DEALER client; "
+                "throughput with 32 requests in flight",
+        "settings": {k: getattr(args, k) for k in ("n", "paced_seconds", "rounds", "warmup", "throughput_n",
+                                                   "throughput_seconds", "pin")},
+        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "load_avg_before": load_before,
+                    "load_avg_after": os.getloadavg(), "python": platform.python_version(),
+                    "onnxruntime": onnxruntime.__version__, "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version()},
+        "results": runs,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nload average before/after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; "
+          f"written to {out}")
+    return 0
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

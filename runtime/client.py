@@ -1,0 +1,171 @@
+"""A Python client for the decoding service, with timeouts: it never hangs when the server is gone.
+
+    with Client("tcp://127.0.0.1:5555", timeout_ms=100) as c:
+        out = c.decode(counts)          # counts: (n_channels,) of any wire dtype
+        out.angle[0], out.direction[0]
+
+It uses a DEALER socket, so a lost reply does not lock the socket (as it would a REQ socket).
+Each reply is matched to its request by sequence number; replies to earlier requests that
+timed out are discarded. After a timeout the socket is rebuilt, so requests queued for a dead
+server are not delivered to the next one (the "lazy pirate" pattern). Like the ZeroMQ socket it
+wraps, a Client belongs to one thread: give each thread its own.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import zmq
+
+from runtime import wire
+from schemas.protocol import DTYPE_NUMPY, ErrorBody, ErrorCode, InfoReply, MsgType, StatsReply
+
+
+_WIRE_DTYPES = {np.dtype(v).str.lstrip("<=|") for v in DTYPE_NUMPY.values()}
+
+
+class ServiceError(RuntimeError):
+    """The server answered with an ERROR reply."""
+
+    def __init__(self, code: int, name: str, message: str, seq: int):
+        super().__init__(f"{name}: {message}")
+        self.code, self.name, self.message, self.seq = code, name, message, seq
+
+
+class ServiceTimeout(TimeoutError):
+    """No reply within the timeout (server gone, overloaded or unreachable)."""
+
+
+@dataclass
+class Decoded:
+    """One decode reply. Arrays are read-only views of the reply frame, shaped (n_bins, ...)."""
+    seq: int
+    content: np.ndarray
+    style_mean: np.ndarray
+    angle: np.ndarray
+    direction: np.ndarray  # int32 on the wire
+    proba: np.ndarray
+    rates: np.ndarray
+    server_ns: int  # server processing time
+    rtt_ns: int  # round trip measured here, send to receipt
+
+
+class Client:
+    def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", timeout_ms: int = 1000,
+                 context: zmq.Context | None = None):
+        if timeout_ms <= 0:
+            raise ValueError("timeout_ms must be positive: a client without a timeout can hang forever")
+        self.endpoint, self.timeout_ms = endpoint, int(timeout_ms)
+        self.context = context or zmq.Context.instance()
+        self._seq = itertools.count(1)
+        self._bufs: dict[tuple[int, str], wire.RequestBuffer] = {}
+        self._sock: zmq.Socket | None = None
+        self._connect()
+
+    def _connect(self) -> None:
+        s = self.context.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)  # close() never waits for a dead server
+        s.setsockopt(zmq.RCVTIMEO, self.timeout_ms)
+        s.setsockopt(zmq.SNDTIMEO, self.timeout_ms)
+        s.connect(self.endpoint)
+        self._sock = s
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- raw exchange ------------------------------------------------------------------------------
+    def request(self, frame, seq: int) -> tuple[wire.ReplyHeader, memoryview, bytes, int]:
+        """Send one request frame and wait for the reply with sequence number ``seq``.
+
+        Returns (header, body, frame, rtt_ns). Raises ServiceTimeout, or ServiceError for an
+        ERROR reply."""
+        if self._sock is None:
+            raise RuntimeError("client is closed")
+        sock = self._sock
+        t0 = time.perf_counter_ns()
+        deadline = t0 + self.timeout_ms * 1_000_000
+        shortened = False
+        try:
+            sock.send(frame, copy=True)
+            while True:
+                reply = sock.recv()
+                t1 = time.perf_counter_ns()
+                head, body = wire.parse_reply(reply)
+                if head.seq == seq:
+                    break
+                # A late reply to a request that timed out earlier: skip it, within the same deadline.
+                left = (deadline - t1) // 1_000_000
+                if left <= 0:
+                    raise zmq.Again()
+                sock.setsockopt(zmq.RCVTIMEO, int(left))
+                shortened = True
+        except zmq.Again:
+            self._reset()
+            raise ServiceTimeout(f"no reply from {self.endpoint} within {self.timeout_ms} ms") from None
+        if shortened:
+            sock.setsockopt(zmq.RCVTIMEO, self.timeout_ms)
+        if head.status != ErrorCode.OK:
+            raise _service_error(head, body)
+        return head, body, reply, t1 - t0
+
+    def _reset(self) -> None:
+        self.close()
+        self._connect()
+
+    # -- requests ----------------------------------------------------------------------------------
+    def decode(self, counts: np.ndarray) -> Decoded:
+        """Decode one bin (n_channels,) or a batch (n_bins, n_channels) of counts."""
+        seq = next(self._seq)
+        counts = np.asarray(counts)
+        if counts.dtype.str.lstrip("<=|") not in _WIRE_DTYPES:  # e.g. int64 from np.array([...])
+            counts = counts.astype(np.float32)
+        if counts.ndim == 1:
+            key = (counts.shape[0], counts.dtype.str)
+            buf = self._bufs.get(key)
+            if buf is None:
+                buf = self._bufs[key] = wire.RequestBuffer(counts.shape[0], counts.dtype)
+            buf.counts[:] = counts
+            frame = buf.stamp(seq, time.monotonic_ns())
+        else:
+            frame = wire.pack_request(MsgType.DECODE, seq, time.monotonic_ns(), counts)
+        head, body, _, rtt = self.request(frame, seq)
+        if head.msg_type != MsgType.DECODE_REPLY:
+            raise ServiceError(-1, "UNEXPECTED", f"expected a decode reply, got message type {head.msg_type}", seq)
+        a = wire.decode_arrays(head, body)
+        return Decoded(seq, a["content"], a["style_mean"], a["angle"], a["direction"], a["proba"], a["rates"],
+                       head.server_ns, rtt)
+
+    def _control(self, msg_type: MsgType) -> tuple[wire.ReplyHeader, memoryview, int]:
+        seq = next(self._seq)
+        head, body, _, rtt = self.request(wire.pack_request(msg_type, seq, time.monotonic_ns()), seq)
+        return head, body, rtt
+
+    def ping(self) -> int:
+        """Round trip of a PING, ns."""
+        return self._control(MsgType.PING)[2]
+
+    def info(self) -> InfoReply:
+        return InfoReply.model_validate_json(bytes(self._control(MsgType.INFO)[1]))
+
+    def stats(self) -> StatsReply:
+        return StatsReply.model_validate_json(bytes(self._control(MsgType.STATS)[1]))
+
+
+def _service_error(head: wire.ReplyHeader, body) -> ServiceError:
+    try:
+        err = ErrorBody.model_validate_json(bytes(body))
+        return ServiceError(err.code, err.error, err.message, head.seq)
+    except ValueError:  # not the JSON the spec promises: show what came
+        name = ErrorCode(head.status).name if head.status in set(ErrorCode) else f"status {head.status}"
+        return ServiceError(head.status, name, bytes(body).decode(errors="replace"), head.seq)
+

@@ -1,0 +1,68 @@
+/* svae_demo: talk to a running `swapvae serve` from C.
+ *
+ *     svae_demo ENDPOINT [TIMEOUT_MS] < bins.txt
+ *
+ * Asks INFO for the channel count, then decodes one bin per input line (whitespace-separated
+ * counts) and prints one line per reply:
+ *     decode seq=1 direction=3 angle=0.785398185 server_ns=41000 rtt_ns=90000
+ * then sends a bin with one channel too few and prints the error reply:
+ *     error seq=N status=5 body={"code":5,"error":"BAD_SHAPE","message":"..."}
+ * Exit status 0 on success, 1 on a timeout or protocol failure.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "svae_client.h"
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        fprintf(stderr, "usage: %s ENDPOINT [TIMEOUT_MS] < bins.txt\n", argv[0]);
+        return 2;
+    }
+    int timeout = argc > 2 ? atoi(argv[2]) : 1000;
+    void *ctx = zmq_ctx_new();
+    void *sock = svae_connect(ctx, argv[1], timeout);
+    svae_reply r = {0};
+    uint64_t seq = 1;
+    int rc = 1;
+    if (!sock) { fprintf(stderr, "cannot connect to %s\n", argv[1]); goto out; }
+
+    if (svae_control(sock, SVAE_PING, seq++, &r) != SVAE_OK) { fprintf(stderr, "no PONG\n"); goto out; }
+    printf("pong rtt_ns=%llu\n", (unsigned long long)r.rtt_ns);
+    if (svae_control(sock, SVAE_INFO, seq++, &r) != SVAE_OK || !r.json) { fprintf(stderr, "no INFO\n"); goto out; }
+    const char *key = strstr(r.json, "\"n_channels\":");
+    if (!key) { fprintf(stderr, "INFO without n_channels\n"); goto out; }
+    uint32_t n = (uint32_t)strtoul(key + strlen("\"n_channels\":"), NULL, 10);
+    printf("info n_channels=%u\n", n);
+
+    float *x = (float *)calloc(n, sizeof(float));
+    if (!x) goto out;
+    for (;;) {
+        uint32_t i;
+        for (i = 0; i < n; i++)
+            if (scanf("%f", &x[i]) != 1) break;
+        if (i == 0) break;
+        if (i != n) { fprintf(stderr, "a line had %u of %u counts\n", i, n); free(x); goto out; }
+        int e = svae_decode_f32(sock, seq, x, n, &r);
+        if (e != SVAE_OK) {
+            fprintf(stderr, "decode seq=%llu failed: %d %s\n", (unsigned long long)seq, e, r.json ? r.json : "");
+            free(x);
+            goto out;
+        }
+        printf("decode seq=%llu direction=%d angle=%.9g server_ns=%u rtt_ns=%llu\n", (unsigned long long)seq,
+               r.direction[0], r.angle[0], r.header.server_ns, (unsigned long long)r.rtt_ns);
+        seq++;
+    }
+    /* A malformed request: the server answers with an error and keeps serving. */
+    int e = svae_decode_f32(sock, seq, x, n - 1, &r);
+    free(x);
+    if (e != SVAE_E_SERVICE) { fprintf(stderr, "expected an error reply, got %d\n", e); goto out; }
+    printf("error seq=%llu status=%u body=%s\n", (unsigned long long)r.header.seq, r.header.status, r.json);
+    rc = 0;
+out:
+    svae_reply_free(&r);
+    if (sock) zmq_close(sock);
+    zmq_ctx_term(ctx);
+    return rc;
+}

@@ -1,0 +1,246 @@
+"""The embeddable decoder: load a bundle, decode bins with ONNX Runtime. Never imports torch.
+
+    dec = BundleDecoder("bundles/chewie")           # checks every file's sha256 first
+    out = dec.decode(counts)                        # (n_channels,) or (B, n_channels) raw counts
+    out.angle[0], out.direction[0], out.rates[0]
+
+One bin costs one ORT call of the fused ``decode.onnx`` graph (BatchNorm and preprocessing
+folded into its Gemms at export; the input checks, count min and sum, are outputs of the same
+call) plus the atan2 of two floats for the angle. Batch-1 decodes run through an IOBinding
+on preallocated input/output buffers, so the hot path allocates nothing: the
+``DecodeOutput`` returned for a single bin is the same object, holding views of those
+buffers, every call; it stays valid until the next ``decode`` of a single bin. Copy it
+(``out.copy()``) to keep it. Batched decodes return fresh arrays. A decoder is not
+thread-safe: use one per thread.
+
+Session settings are chosen for batch-1 latency on a shared CPU (benchmarks/engine_latency.py
+measures them): one intra-op thread, so ORT runs the graph on the calling thread and there
+is no pool to wake (``spin`` only matters with more threads: a spinning pool burns a core
+the rig's other software may need, so it is off unless asked); sequential execution; all
+graph optimizations. After the process has slept for a millisecond or more, a call is
+several times slower (caches gone cold); ``warm()`` lets a server pay that before the bin.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from math import atan2
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from pydantic import ValidationError
+
+from schemas.manifest import CORE_KEY, GRAPH_IO, MANIFEST, BundleManifest
+
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+FIELDS = ("content", "style_mean", "angle", "direction", "proba", "rates")
+_INF = float("inf")
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be served: missing files, a bad manifest, a hash mismatch."""
+
+
+@dataclass
+class DecodeOutput:
+    content: np.ndarray  # (B, content_dim) float32
+    style_mean: np.ndarray  # (B, style_dim) float32
+    angle: np.ndarray  # (B,) float32, radians in [-pi, pi]
+    direction: np.ndarray  # (B,) int64 direction class
+    proba: np.ndarray  # (B, n_classes) float32, columns follow manifest.direction.classes
+    rates: np.ndarray  # (B, n_kept_neurons) float32, denoised, in manifest.rates_unit
+
+    def copy(self) -> "DecodeOutput":
+        return DecodeOutput(*(getattr(self, k).copy() for k in FIELDS))
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        """Copies of the arrays by field name."""
+        return {k: getattr(self, k).copy() for k in FIELDS}
+
+
+def load_bundle(bundle_dir: str | Path) -> tuple[BundleManifest, dict[str, bytes]]:
+    """Validate a bundle: the manifest against its schema, every listed file against its
+    sha256. Returns the manifest and the verified file contents (so what runs is exactly what
+    was hashed)."""
+    bundle = Path(bundle_dir)
+    if not bundle.is_dir():
+        raise BundleError(f"{bundle}: not a bundle directory (no such directory)")
+    path = bundle / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{bundle}: no {MANIFEST} (is this a bundle written by 'swapvae export'?)")
+    try:
+        manifest = BundleManifest.model_validate_json(path.read_bytes())
+    except ValidationError as e:
+        raise BundleError(f"{path}: invalid manifest: {e}") from None
+    blobs = {}
+    for name, digest in manifest.files.items():
+        f = bundle / name
+        if not f.is_file():
+            raise BundleError(f"{bundle}: {name} is listed in the manifest but missing")
+        blob = f.read_bytes()
+        if hashlib.sha256(blob).hexdigest() != digest:
+            raise BundleError(f"{bundle}: {name} does not match its sha256 in the manifest (modified or corrupt)")
+        blobs[name] = blob
+    return manifest, blobs
+
+
+def session_options(intra_op_threads: int = 1, spin: bool = False) -> ort.SessionOptions:
+    if intra_op_threads < 1:
+        raise ValueError(f"intra_op_threads must be >= 1, got {intra_op_threads}")
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = intra_op_threads
+    o.inter_op_num_threads = 1
+    o.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    o.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    o.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    o.log_severity_level = 3
+    return o
+
+
+class BundleDecoder:
+    """Decode raw spike counts with an exported bundle, in-process (see the module doc)."""
+
+    def __init__(self, bundle_dir: str | Path, provider: str = "cpu", intra_op_threads: int = 1, spin: bool = False):
+        if provider not in PROVIDERS:
+            raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, got {provider!r}")
+        if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ValueError("provider 'cuda' needs onnxruntime-gpu (pip install 'swapvae-bci[gpu]'); "
+                             f"this onnxruntime has {ort.get_available_providers()}")
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest, blobs = load_bundle(self.bundle_dir)
+        m = self.manifest
+        self.n_channels = m.n_channels
+        self.provider = provider
+        try:
+            self.session = ort.InferenceSession(blobs[m.graphs["decode"].file], session_options(intra_op_threads, spin),
+                                                providers=PROVIDERS[provider])
+        except Exception as e:  # ORT's own exception classes: say which bundle
+            raise BundleError(f"{self.bundle_dir}: onnxruntime {ort.__version__} cannot load the decode graph: {e}") from None
+        widths = {"latent": m.latent_dim, "resultant": 2, "direction": None, "proba": m.n_classes,
+                  "rates": m.n_neurons, "count_min": None, "count_sum": None}
+        self._check_graph_io(widths)
+        self._check_graph_metadata()
+        self._k = m.content_dim
+
+        # Batch-1 fast path: buffers bound once; a decode copies the bin in, runs, and reads
+        # a few scalars back through memoryviews (cheaper than numpy calls on tiny arrays).
+        self._x1 = np.zeros((1, self.n_channels), np.float32)
+        self._x1_mv = memoryview(self._x1[0])
+        y = {k: np.zeros((1, w) if w is not None else (1,), np.int64 if k == "direction" else np.float32)
+             for k, w in widths.items()}
+        self._run, self._bound, self._io = _bound_runner(self.session, self._x1, y)
+        angle = np.zeros(1, np.float32)
+        self._out1 = DecodeOutput(y["latent"][:, :self._k], y["latent"][:, self._k:], angle, y["direction"],
+                                  y["proba"], y["rates"])
+        self._angle_mv, self._res_mv = memoryview(angle), memoryview(y["resultant"].reshape(-1))
+        self._min_mv, self._sum_mv = memoryview(y["count_min"]), memoryview(y["count_sum"])
+        # warm() runs a zero bin into scratch buffers, leaving the last decode's outputs alone.
+        self._warm_run, self._warm_bound, self._warm_io = _bound_runner(
+            self.session, np.zeros_like(self._x1), {k: np.zeros_like(v) for k, v in y.items()})
+        for _ in range(3):  # first runs allocate and plan; keep that off the first real bin
+            self.warm()
+        self.decode(np.zeros((2, self.n_channels), np.float32))
+
+    def warm(self) -> None:
+        """Run the graph once without touching the last decode's outputs. After the process
+        sleeps for a millisecond or more, the next ORT call is several times slower (its
+        code and weights left the caches); a server can call this while idle, shortly
+        before the next bin is due, so the real bin finds them warm. Measured in
+        benchmarks/engine_latency.py."""
+        self._warm_run(self._warm_bound, None)
+
+    def _check_graph_metadata(self) -> None:
+        raw = self.session.get_modelmeta().custom_metadata_map.get(CORE_KEY)
+        try:
+            built = json.loads(raw) if raw else None
+        except json.JSONDecodeError:
+            built = None
+        if not isinstance(built, dict):
+            raise BundleError(f"{self.bundle_dir}: the decode graph carries no readable {CORE_KEY} metadata")
+        core = self.manifest.core()
+        differ = sorted(k for k in core.keys() | built.keys() if core.get(k) != built.get(k))
+        if differ:
+            raise BundleError(f"{self.bundle_dir}: the decode graph does not match the manifest: {differ} "
+                              f"differ from the values it was exported with")
+
+    def _check_graph_io(self, widths: dict[str, int | None]) -> None:
+        ins, outs = self.session.get_inputs(), self.session.get_outputs()
+        names = list(GRAPH_IO["decode"][1])
+        problem = None
+        if [i.name for i in ins] != ["counts"] or ins[0].shape[1:] != [self.n_channels]:
+            problem = f"input {[(i.name, i.shape) for i in ins]}, expected counts (batch, {self.n_channels})"
+        elif [o.name for o in outs] != names:
+            problem = f"outputs {[o.name for o in outs]}, expected {names}"
+        else:
+            for o in outs:
+                want = [widths[o.name]] if widths[o.name] is not None else []
+                if o.shape[1:] != want:
+                    problem = f"output {o.name} has shape {o.shape}, the manifest implies (batch, *{want})"
+        if problem:
+            raise BundleError(f"{self.bundle_dir}: the decode graph does not match the manifest: {problem}")
+
+    def decode(self, counts: np.ndarray) -> DecodeOutput:
+        """Decode raw counts of all ``n_channels`` channels: one bin ``(n_channels,)`` or a batch
+        ``(B, n_channels)``, any real dtype (float32 is fastest). Raises ValueError naming the
+        problem on a wrong shape or dtype, or values that are NaN, infinite or negative. For
+        one bin, the result's arrays are reused by the next single-bin call."""
+        try:
+            self._x1_mv[:] = counts  # one memcpy when counts is a float32 (n_channels,) array
+        except (TypeError, ValueError):
+            x = np.asarray(counts)
+            if x.dtype.kind not in "fiu":
+                raise ValueError(f"counts must be a real numeric array, got dtype {x.dtype}") from None
+            if x.shape not in ((self.n_channels,), (1, self.n_channels)):
+                return self._decode_batch(x)
+            with np.errstate(over="ignore"):  # beyond float32 becomes inf, refused below
+                np.copyto(self._x1, x.reshape(self._x1.shape), casting="unsafe")
+        self._run(self._bound, None)
+        if not (self._min_mv[0] >= 0.0 and self._sum_mv[0] < _INF):  # also False for NaN
+            _check_values(self._x1)
+        self._angle_mv[0] = atan2(self._res_mv[1], self._res_mv[0])
+        return self._out1
+
+    def _decode_batch(self, x: np.ndarray) -> DecodeOutput:
+        if x.ndim != 2 or x.shape[1] != self.n_channels:
+            raise ValueError(f"counts must have shape ({self.n_channels},) or (B, {self.n_channels}) "
+                             f"(one value per recorded channel), got {x.shape}")
+        if x.shape[0] == 0:
+            raise ValueError("counts is an empty batch (0 bins)")
+        with np.errstate(over="ignore"):
+            x = np.ascontiguousarray(x, dtype=np.float32)
+        latent, resultant, direction, proba, rates, cmin, csum = self.session.run(None, {"counts": x})
+        if not ((cmin >= 0).all() and (csum < _INF).all()):
+            _check_values(x)
+        angle = np.arctan2(resultant[:, 1], resultant[:, 0])
+        return DecodeOutput(latent[:, :self._k], latent[:, self._k:], angle, direction, proba, rates)
+
+
+def _bound_runner(session: ort.InferenceSession, x: np.ndarray, outputs: dict[str, np.ndarray]):
+    """An IOBinding of fixed CPU buffers as ``(run, arg, io)``: ``run(arg, None)`` is one
+    inference. The binding holds raw pointers to the buffers: keep ``io`` (which references
+    them) as long as ``run`` may be called."""
+    io = session.io_binding()
+    io.bind_input("counts", "cpu", 0, np.float32, x.shape, x.ctypes.data)
+    for k, buf in outputs.items():
+        io.bind_output(k, "cpu", 0, buf.dtype.type, buf.shape, buf.ctypes.data)
+    io._swapvae_buffers = (x, outputs)  # the binding holds raw pointers: keep the arrays alive with it
+    try:  # the public run_with_iobinding re-checks WebGPU graph-capture state on every call
+        run, arg = session._sess.run_with_iobinding, io._iobinding
+        run(arg, None)
+        return run, arg, io
+    except (AttributeError, TypeError):
+        return session.run_with_iobinding, io, io
+
+
+def _check_values(x: np.ndarray, name: str = "counts") -> None:
+    """Raise ValueError naming the first NaN, infinite or negative value of ``x`` (2-D)."""
+    for what, mask in (("NaN", np.isnan(x)), ("infinite (or beyond float32)", np.isinf(x)), ("negative", x < 0)):
+        if mask.any():
+            b, c = np.argwhere(mask)[0]
+            where = f"channel {c}" if len(x) == 1 else f"bin {b}, channel {c}"
+            raise ValueError(f"{name} must be finite and >= 0: {int(mask.sum())} {what} value(s), "
+                             f"first at {where} ({x[b, c]})")
+    raise ValueError(f"{name} sum beyond float32 range: these are not spike counts")

@@ -1,0 +1,150 @@
+"""The bundle manifest: everything the runtime needs to serve an exported model.
+
+A bundle is a directory holding ONNX graphs and this ``manifest.json``. It is the only thing
+that crosses from training to a rig PC, so the manifest says what a client must send (the raw
+count vector of all ``n_channels`` recorded channels, one bin of ``bin_size_s``), what comes
+back, and the sha256 of every file, which the runtime checks before it loads anything.
+
+Graphs (input and output names are fixed by ``GRAPH_IO``; batch axis is dynamic):
+    decode   counts (B, n_channels) -> latent, resultant, direction, proba, rates, count_min, count_sum
+             the fused per-bin graph the runtime serves: latent = [content, style_mean];
+             angle = atan2(resultant[:, 1], resultant[:, 0]) (ONNX has no Atan2, and its
+             substitute doubled the latency); count_min/count_sum let the caller reject
+             negative/NaN/inf input without another pass over it
+    encoder  counts (B, n_channels) -> content, style_mean, style_logvar
+    decoder  latent (B, content_dim + style_dim) -> rates
+    readout  latent (B, content_dim + style_dim) -> angle, direction, proba
+
+Preprocessing (neuron selection, counts -> model unit) is folded into the first layer of the
+graphs that take counts (a Sqrt node before it where ``input_transform`` is "sqrt");
+``neurons``, ``input_scale`` and ``input_transform`` record it. ``rates`` are over the
+kept ``neurons``, in ``rates_unit``. Denoised rates are decoder([content, style_mean]): the
+style is never sampled at inference.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "decode": (("counts",), ("latent", "resultant", "direction", "proba", "rates", "count_min", "count_sum")),
+    "encoder": (("counts",), ("content", "style_mean", "style_logvar")),
+    "decoder": (("latent",), ("rates",)),
+    "readout": (("latent",), ("angle", "direction", "proba")),
+}
+
+# Fields the runtime relies on; export also writes them into each graph's metadata (key
+# CORE_KEY), so the runtime can tell an edited manifest from the one the graphs were built with.
+CORE_FIELDS = ("n_channels", "neurons", "bin_size_s", "input_unit", "input_scale", "input_transform", "rates_unit",
+               "content_dim", "style_dim", "direction")
+CORE_KEY = "swapvae_manifest_core"
+
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+# A plain file name inside the bundle: no directories, so a manifest cannot point outside it.
+FileName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GraphSpec(_Frozen):
+    file: FileName
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+class Direction(_Frozen):
+    """The reach-direction readout's classes: ``proba`` columns follow ``classes``;
+    ``direction`` is a class label; ``angle`` is atan2 of the probability-weighted unit
+    vectors at ``angles_rad``."""
+    classes: tuple[int, ...] = Field(min_length=2)
+    angles_rad: tuple[float, ...] = Field(min_length=2)
+
+    @model_validator(mode="after")
+    def _matching(self) -> "Direction":
+        if len(self.classes) != len(self.angles_rad):
+            raise ValueError(f"direction: {len(self.classes)} classes but {len(self.angles_rad)} angles")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"direction: classes repeat: {self.classes}")
+        if not all(math.isfinite(a) for a in self.angles_rad):
+            raise ValueError("direction: angles must be finite")
+        return self
+
+
+class TrainingInfo(_Frozen):
+    # Kept as plain JSON so a rig can load bundles from older/newer training configs.
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    data: str | None = None
+    session: str | None = None
+    epochs_done: int | None = None
+
+
+class BundleManifest(_Frozen):
+    format_version: Literal[1] = FORMAT_VERSION
+    created_utc: str
+    n_channels: int = Field(ge=1, description="length of the raw count vector a client sends")
+    neurons: tuple[int, ...] = Field(min_length=1, description="kept channels, sorted; rates follow this order")
+    bin_size_s: float = Field(gt=0, allow_inf_nan=False)
+    input_unit: Literal["counts", "hz"]
+    input_scale: float = Field(gt=0, allow_inf_nan=False, description="model input = counts[neurons] * input_scale")
+    input_transform: Literal["identity", "sqrt"] = Field(
+        "identity", description="what the encoder applies to the model input before its first layer")
+    rates_unit: Literal["counts_per_bin", "hz"]
+    content_dim: int = Field(ge=0)
+    style_dim: int = Field(ge=1)
+    direction: Direction
+    opset: int = Field(ge=1)
+    graphs: dict[str, GraphSpec]
+    files: dict[FileName, Sha256]
+    training: TrainingInfo
+    versions: dict[str, str]
+
+    @property
+    def n_neurons(self) -> int:
+        return len(self.neurons)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.content_dim + self.style_dim
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.direction.classes)
+
+    def core(self) -> dict[str, Any]:
+        """The CORE_FIELDS as plain JSON values."""
+        return self.model_dump(mode="json", include=set(CORE_FIELDS))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "BundleManifest":
+        n = self.neurons
+        if any(b <= a for a, b in zip(n, n[1:])) or n[0] < 0 or n[-1] >= self.n_channels:
+            raise ValueError(f"neurons must be sorted, unique and in [0, {self.n_channels}); got {_short(n)}")
+        if set(self.graphs) != set(GRAPH_IO):
+            raise ValueError(f"graphs must be exactly {sorted(GRAPH_IO)}, got {sorted(self.graphs)}")
+        for name, spec in self.graphs.items():
+            if (spec.inputs, spec.outputs) != GRAPH_IO[name]:
+                raise ValueError(f"graph {name!r}: inputs/outputs {spec.inputs}/{spec.outputs}, "
+                                 f"expected {GRAPH_IO[name][0]}/{GRAPH_IO[name][1]}")
+            if spec.file not in self.files:
+                raise ValueError(f"graph {name!r}: file {spec.file!r} has no sha256 in 'files'")
+        if MANIFEST in self.files:
+            raise ValueError(f"'files' cannot list {MANIFEST} itself")
+        expected_unit = "hz" if self.input_unit == "hz" else "counts_per_bin"
+        if self.rates_unit != expected_unit:
+            raise ValueError(f"rates_unit {self.rates_unit!r} does not match input_unit {self.input_unit!r}")
+        if not re.fullmatch(r"\d{4}-\d\d-\d\dT.*", self.created_utc):
+            raise ValueError(f"created_utc must be an ISO timestamp, got {self.created_utc!r}")
+        return self
+
+
+def _short(seq: tuple[int, ...], n: int = 8) -> str:
+    return str(list(seq[:n]))[:-1] + (", ...]" if len(seq) > n else "]")

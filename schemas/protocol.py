@@ -1,0 +1,244 @@
+"""The wire protocol of the decoding service, version 1: numbers, byte layouts and the JSON bodies.
+
+This module is the definition; ``runtime/wire.py`` implements it for the server and the Python
+client, and ``schemas/PROTOCOL.md`` explains it for rig software written in C, C++ or MATLAB.
+It depends on nothing but pydantic, so a rig PC can validate messages without the runtime.
+
+Every message is one ZeroMQ frame: a fixed little-endian header, then a body. Requests have a
+32-byte header, replies a 48-byte one. Decode bodies are raw little-endian arrays; control
+bodies (info, stats, error) are UTF-8 JSON described by the pydantic models below.
+
+``python -m schemas.protocol`` prints the JSON Schema of the headers and control messages
+(committed as ``schemas/protocol.schema.json``; a test keeps the two equal).
+"""
+from __future__ import annotations
+
+import json
+import struct
+from enum import IntEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAGIC = b"SVAE"
+PROTOCOL_VERSION = 1
+
+# (field, struct code) in wire order; "<" = little-endian, no padding. Offsets follow from the
+# codes; the spec's tables are checked against these by tests/test_wire.py.
+REQUEST_LAYOUT: tuple[tuple[str, str], ...] = (
+    ("magic", "4s"),
+    ("version", "B"),
+    ("msg_type", "B"),
+    ("dtype", "B"),  # decode: element type of the body (DType); 0 otherwise
+    ("flags", "B"),  # reserved, send 0; v1 servers ignore it
+    ("seq", "Q"),  # chosen by the client, echoed in the reply
+    ("t_client_ns", "Q"),  # opaque to the server, echoed (by convention the client's monotonic clock)
+    ("n_channels", "I"),  # decode: values per bin; 0 otherwise
+    ("n_bins", "I"),  # decode: rows in the body (1 in closed loop); 0 otherwise
+)
+REPLY_LAYOUT: tuple[tuple[str, str], ...] = (
+    ("magic", "4s"),
+    ("version", "B"),  # the server's protocol version
+    ("msg_type", "B"),  # request type | 0x80, or ERROR (0xFF)
+    ("status", "B"),  # 0 = OK, otherwise an ErrorCode
+    ("flags", "B"),
+    ("seq", "Q"),  # echoed; 0 when the request header could not be read
+    ("t_client_ns", "Q"),  # echoed; 0 when the request header could not be read
+    ("server_ns", "I"),  # server processing time, receipt to reply, ns (saturates at 2**32 - 1)
+    ("n_bins", "I"),  # decode: rows in the body; 0 otherwise
+    ("content_dim", "H"),  # decode: floats per row of each section (0 otherwise)
+    ("style_dim", "H"),
+    ("n_classes", "H"),
+    ("reserved", "H"),
+    ("n_rates", "I"),
+    ("body_bytes", "I"),  # bytes after the header
+)
+REQUEST_FORMAT = "<" + "".join(code for _, code in REQUEST_LAYOUT)
+REPLY_FORMAT = "<" + "".join(code for _, code in REPLY_LAYOUT)
+REQUEST_HEADER_SIZE = struct.calcsize(REQUEST_FORMAT)  # 32
+REPLY_HEADER_SIZE = struct.calcsize(REPLY_FORMAT)  # 48
+
+# The body of a decode reply: these sections in this order, each n_bins rows, row-major. Every
+# element is 4 bytes, so every section starts 4-byte aligned. (name, little-endian dtype, row width field)
+DECODE_SECTIONS: tuple[tuple[str, str, str | None], ...] = (
+    ("content", "<f4", "content_dim"),
+    ("style_mean", "<f4", "style_dim"),
+    ("angle", "<f4", None),  # radians, atan2 of the probability-weighted class vectors
+    ("direction", "<i4", None),  # argmax class
+    ("proba", "<f4", "n_classes"),
+    ("rates", "<f4", "n_rates"),  # denoised rates of the kept neurons, in the model's input unit
+)
+
+MAX_BINS = 4096  # rows per decode request; bigger batches get BAD_SHAPE
+
+
+class MsgType(IntEnum):
+    DECODE = 1
+    INFO = 2
+    STATS = 3
+    PING = 4
+    DECODE_REPLY = 0x81
+    INFO_REPLY = 0x82
+    STATS_REPLY = 0x83
+    PONG = 0x84
+    ERROR = 0xFF
+
+
+REPLY_BIT = 0x80
+
+
+class DType(IntEnum):
+    """Element type of a decode request's body. Every one is converted to float32 counts."""
+    FLOAT32 = 1
+    FLOAT64 = 2  # MATLAB's default
+    UINT8 = 3
+    INT16 = 4  # the type of the recordings in shared/data
+    UINT16 = 5
+    INT32 = 6
+
+
+DTYPE_NUMPY: dict[DType, str] = {
+    DType.FLOAT32: "<f4",
+    DType.FLOAT64: "<f8",
+    DType.UINT8: "u1",
+    DType.INT16: "<i2",
+    DType.UINT16: "<u2",
+    DType.INT32: "<i4",
+}
+
+
+class ErrorCode(IntEnum):
+    OK = 0
+    BAD_HEADER = 1  # frame shorter than the header, or wrong magic
+    BAD_VERSION = 2  # protocol version this server does not speak
+    UNKNOWN_TYPE = 3  # msg_type is not a request type
+    BAD_DTYPE = 4  # dtype code not in DType
+    BAD_SHAPE = 5  # n_channels differs from the bundle's, or n_bins outside 1..MAX_BINS
+    BAD_LENGTH = 6  # body length != n_bins * n_channels * itemsize (truncated or padded frame)
+    BAD_VALUE = 7  # NaN, inf or negative counts
+    INTERNAL = 8  # the engine failed; the server keeps serving
+    BAD_ENVELOPE = 9  # a ROUTER message without a body frame
+
+
+# ----------------------------------------------------------------------------------------------
+# Pydantic views of the headers (for validation, documentation and JSON Schema; the hot path
+# uses struct directly) and the JSON bodies of control messages.
+
+class _Header(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Body(BaseModel):
+    # A v1 client must read replies of a newer v1 server, which may add keys (PROTOCOL.md, 10).
+    model_config = ConfigDict(extra="ignore")
+
+
+class RequestHeader(_Header):
+    """The 32-byte header of every request (little-endian, struct format ``<4sBBBBQQII``)."""
+    magic: Literal[b"SVAE"] = MAGIC
+    version: int = Field(PROTOCOL_VERSION, ge=0, le=0xFF)
+    msg_type: MsgType
+    dtype: int = Field(0, ge=0, le=0xFF, description="DType code for DECODE, else 0")
+    flags: int = Field(0, ge=0, le=0xFF, description="reserved: send 0")
+    seq: int = Field(0, ge=0, le=0xFFFFFFFFFFFFFFFF)
+    t_client_ns: int = Field(0, ge=0, le=0xFFFFFFFFFFFFFFFF)
+    n_channels: int = Field(0, ge=0, le=0xFFFFFFFF)
+    n_bins: int = Field(0, ge=0, le=0xFFFFFFFF)
+
+    def pack(self) -> bytes:
+        return struct.pack(REQUEST_FORMAT, *(getattr(self, k) for k, _ in REQUEST_LAYOUT))
+
+    @classmethod
+    def unpack(cls, frame: bytes) -> "RequestHeader":
+        return cls(**dict(zip((k for k, _ in REQUEST_LAYOUT), struct.unpack_from(REQUEST_FORMAT, frame))))
+
+
+class ReplyHeader(_Header):
+    """The 48-byte header of every reply (little-endian, struct format ``<4sBBBBQQIIHHHHII``)."""
+    magic: Literal[b"SVAE"] = MAGIC
+    version: int = Field(PROTOCOL_VERSION, ge=0, le=0xFF)
+    msg_type: MsgType
+    status: ErrorCode = ErrorCode.OK
+    flags: int = Field(0, ge=0, le=0xFF)
+    seq: int = Field(0, ge=0, le=0xFFFFFFFFFFFFFFFF)
+    t_client_ns: int = Field(0, ge=0, le=0xFFFFFFFFFFFFFFFF)
+    server_ns: int = Field(0, ge=0, le=0xFFFFFFFF)
+    n_bins: int = Field(0, ge=0, le=0xFFFFFFFF)
+    content_dim: int = Field(0, ge=0, le=0xFFFF)
+    style_dim: int = Field(0, ge=0, le=0xFFFF)
+    n_classes: int = Field(0, ge=0, le=0xFFFF)
+    reserved: int = Field(0, ge=0, le=0xFFFF)
+    n_rates: int = Field(0, ge=0, le=0xFFFFFFFF)
+    body_bytes: int = Field(0, ge=0, le=0xFFFFFFFF)
+
+    def pack(self) -> bytes:
+        return struct.pack(REPLY_FORMAT, *(getattr(self, k) for k, _ in REPLY_LAYOUT))
+
+    @classmethod
+    def unpack(cls, frame: bytes) -> "ReplyHeader":
+        return cls(**dict(zip((k for k, _ in REPLY_LAYOUT), struct.unpack_from(REPLY_FORMAT, frame))))
+
+
+class ErrorBody(_Body):
+    """Body of an ERROR reply: the code again, its name, and a message that names the problem."""
+    code: int
+    error: str = Field(description="ErrorCode name, e.g. BAD_SHAPE")
+    message: str
+
+
+class InfoReply(_Body):
+    """Body of an INFO_REPLY: what a client needs to talk to this server, and the bundle manifest."""
+    protocol_version: int = PROTOCOL_VERSION
+    server: str = Field(description="implementation and version, for logs")
+    n_channels: int = Field(description="values per bin that DECODE requests must carry")
+    content_dim: int
+    style_dim: int
+    n_classes: int
+    n_rates: int
+    accepted_dtypes: list[str] = Field(description="DType names the server converts to float32")
+    max_bins: int = MAX_BINS
+    streaming: bool = Field(False, description="whether the SUB -> PUB stream is running")
+    manifest: dict[str, Any] = Field(description="the bundle's manifest.json (schemas/manifest.py)")
+
+
+class LatencySummary(_Body):
+    """Server processing time of DECODE requests over the most recent ``n`` (receipt to reply), us."""
+    n: int
+    mean: float | None = None
+    p50: float | None = None
+    p90: float | None = None
+    p99: float | None = None
+    p999: float | None = None
+    max: float | None = None
+
+
+class StatsReply(_Body):
+    """Body of a STATS_REPLY: counters since start and recent latency percentiles."""
+    protocol_version: int = PROTOCOL_VERSION
+    uptime_s: float
+    requests: int = Field(description="frames received, valid or not, both sockets")
+    decodes: int = Field(description="DECODE requests answered with a result")
+    bins: int = Field(description="bins decoded")
+    errors: dict[str, int] = Field(description="error replies by ErrorCode name")
+    by_type: dict[str, int] = Field(description="valid requests by MsgType name")
+    streamed: int = Field(0, description="decodes published on the stream")
+    prewarms: int = Field(0, description="engine warm-ups run while idle, ahead of an expected bin")
+    coalesced: int = Field(0, description="one-bin decodes that shared an engine call with other queued ones")
+    latency_us: LatencySummary
+    window: int = Field(description="capacity of the latency ring buffer")
+    busy_poll: bool
+    provider: str
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the headers and control bodies, one document with named definitions."""
+    models = (RequestHeader, ReplyHeader, ErrorBody, InfoReply, StatsReply)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": f"swapvae wire protocol v{PROTOCOL_VERSION}",
+        "$defs": {m.__name__: m.model_json_schema(mode="serialization") for m in models},
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(json_schema(), indent=2))

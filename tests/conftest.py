@@ -1,0 +1,53 @@
+"""Shared fixtures: one tiny trained run and its exported bundle, built once per session.
+
+The model is small and trained for a few epochs so the whole suite stays fast on two cores;
+tests that need a realistic size build their own.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def pytest_configure(config):
+    # torch's intra-op threads fight the other processes on a shared 2-core machine: one
+    # thread trains these small models several times faster (the suite: 3 min -> about 1).
+    # SWAPVAE_TEST_TORCH_THREADS=0 keeps torch's default.
+    threads = int(os.environ.get("SWAPVAE_TEST_TORCH_THREADS", "1"))
+    if threads > 0:
+        try:
+            import torch
+        except ImportError:  # a runtime-only install runs the runtime tests
+            return
+        torch.set_num_threads(threads)
+
+
+TINY_CONFIG = {
+    "seed": 0,
+    "device": "cpu",
+    "model": {"content_dim": 8, "style_dim": 8, "hidden": ["d", 32]},
+    "optim": {"epochs": 3, "batch_size": 128, "checkpoint_every": 3},
+    "readout": {"C_grid": [0.1], "cv_folds": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A run directory trained on the simulated session (checkpoint, readout, metrics)."""
+    from schemas.config import SwapVAEConfig
+    from training.run import train_run
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    train_run("simulated", out, SwapVAEConfig.model_validate(TINY_CONFIG), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_run, tmp_path_factory):
+    """``tiny_run`` exported to an ONNX bundle directory (verified by the export itself)."""
+    from training.export import export_bundle
+
+    out = tmp_path_factory.mktemp("tiny_bundle")
+    export_bundle(tiny_run, out)
+    return out

@@ -1,0 +1,193 @@
+"""Export: the bundle's files and manifest, equality with the torch model, loud failures."""
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from pydantic import ValidationError
+
+from schemas.config import SwapVAEConfig
+from schemas.manifest import GRAPH_IO, BundleManifest
+from training.cli import main as cli
+from training.data import load_session, split_session
+from training.estimator import SwapVAEEstimator
+from training.evaluate import Readout, load_readout, save_readout
+from training.export import ExportError, export_bundle
+from training.model import SwapVAE
+
+TOL = 1e-4
+
+
+def _test_counts(run_dir):
+    est = SwapVAEEstimator.load(run_dir)
+    cfg = est.config
+    return est, split_session(load_session("simulated"), cfg.data.train_fraction, cfg.data.static_std).test.counts
+
+
+def _close(got, ref, what):
+    err = np.abs(got.astype(np.float64) - ref) / np.maximum(1.0, np.abs(ref))
+    assert err.max() <= TOL, f"{what}: max error {err.max():.3g}"
+
+
+def test_bundle_has_hashed_checked_graphs_with_dynamic_batch(tiny_bundle):
+    m = BundleManifest.model_validate_json((tiny_bundle / "manifest.json").read_text())
+    assert set(m.files) == {f"{g}.onnx" for g in GRAPH_IO}
+    for name, digest in m.files.items():
+        assert hashlib.sha256((tiny_bundle / name).read_bytes()).hexdigest() == digest
+    for name, spec in m.graphs.items():
+        model = onnx.load(tiny_bundle / spec.file)
+        onnx.checker.check_model(model, full_check=True)
+        assert [i.name for i in model.graph.input] == list(spec.inputs)
+        assert [o.name for o in model.graph.output] == list(spec.outputs)
+        assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+        assert model.opset_import[0].version == m.opset == 17
+        assert not [n for n in model.graph.node if n.op_type == "BatchNormalization"], "BatchNorm must be folded"
+    assert m.n_channels == 120 and m.bin_size_s == 0.1 and m.input_scale == 1.0
+    assert (m.content_dim, m.style_dim) == (8, 8) and m.direction.classes == tuple(range(8))
+    assert m.training.config["model"]["content_dim"] == 8 and "reach_acc" in m.training.metrics
+    assert {"torch", "onnx", "onnxruntime", "numpy"} <= set(m.versions)
+
+
+def test_graphs_reproduce_the_torch_model_on_test_bins(tiny_run, tiny_bundle):
+    """Each graph, run by plain ONNX Runtime, against the estimator and readout."""
+    est, counts = _test_counts(tiny_run)
+    readout = load_readout(tiny_run)
+    sess = {g: ort.InferenceSession(str(tiny_bundle / f"{g}.onnx"), providers=["CPUExecutionProvider"]) for g in GRAPH_IO}
+    c, mu, logvar = sess["encoder"].run(None, {"counts": counts})
+    with torch.no_grad():
+        _, _, ref_logvar = est.model_.encoder(torch.as_tensor(counts[:, est.neurons_]))
+    _close(c, est.transform(counts, "content"), "content")
+    _close(mu, est.transform(counts, "style"), "style mean")
+    _close(logvar, ref_logvar.numpy(), "style log-variance")
+    z = np.concatenate([c, mu], axis=1)
+    (rates,) = sess["decoder"].run(None, {"latent": z})
+    _close(rates, est.reconstruct(counts), "rates")  # g([c, mu]): no sampling
+    angle, direction, proba = sess["readout"].run(None, {"latent": z})
+    zf = est.transform(counts, "full").astype(np.float64)
+    _close(proba, readout.proba(zf), "proba")
+    err = np.abs(np.angle(np.exp(1j * (angle - readout.angle(zf)))))
+    assert np.median(err) < TOL and np.mean(err < TOL) > 0.99
+    np.testing.assert_array_equal(direction, readout.proba(zf).argmax(1))
+    latent, resultant, direction2, proba2, rates2, cmin, csum = sess["decode"].run(None, {"counts": counts})
+    _close(latent, zf, "fused latent")
+    _close(rates2, rates, "fused rates")
+    _close(np.arctan2(resultant[:, 1], resultant[:, 0]), angle, "fused angle")
+    np.testing.assert_array_equal(direction2, direction)
+    np.testing.assert_array_equal(cmin, counts.min(1))
+    np.testing.assert_allclose(csum, counts.sum(1), rtol=1e-6)
+
+
+def _synthetic_run(path, *, input_unit="counts", content_dim=8, classes=(0, 1, 2, 3, 4, 5, 6, 7), seed=0,
+                   input_transform="identity"):
+    """A run dir with random weights and non-trivial BatchNorm statistics, without training."""
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    variant = {"variant": "beta_vae"} if content_dim == 0 else {"model": {"content_dim": content_dim, "style_dim": 6, "hidden": ["d", 24],
+                                                                                   "input_transform": input_transform}}
+    cfg = SwapVAEConfig.model_validate({**variant, "data": {"input_unit": input_unit}})
+    if content_dim == 0:
+        cfg = cfg.with_overrides(model={"content_dim": 0, "style_dim": 6, "hidden": ["d", 24]})
+    est = SwapVAEEstimator(cfg)
+    est.neurons_ = np.sort(rng.choice(120, 90, replace=False))
+    est.n_channels_, est.bin_size_s_ = 120, 0.1
+    m = cfg.model
+    est.model_ = SwapVAE(90, m.hidden_sizes(90), m.content_dim, m.style_dim, m.input_transform)
+    for mod in est.model_.modules():
+        if isinstance(mod, torch.nn.BatchNorm1d):
+            mod.running_mean.uniform_(-1, 1)
+            mod.running_var.uniform_(0.5, 3)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.5, 0.5)
+    est.model_.eval()
+    est.save(path)
+    k = m.content_dim + m.style_dim
+    n_cls = len(classes)
+    save_readout(Readout(rng.normal(size=k), rng.uniform(0.5, 2, k), rng.normal(size=(n_cls, k)), rng.normal(size=n_cls),
+                         2 * np.pi * np.asarray(classes) / 8, 0.1), path)
+    (path / "run.json").write_text(json.dumps({"data": "simulated", "session": "simulated"}))
+    (path / "metrics.json").write_text(json.dumps({"reach_acc": 0.5}))
+    return est
+
+
+@pytest.mark.parametrize("kind", ["hz_input_and_missing_classes", "no_content", "sqrt_input"])
+def test_export_folds_preprocessing_and_batchnorm(tmp_path, kind):
+    from runtime.engine import BundleDecoder
+
+    opts = {"hz_input_and_missing_classes": {"input_unit": "hz", "classes": (0, 2, 3, 5, 7)},
+            "no_content": {"content_dim": 0},
+            "sqrt_input": {"input_unit": "hz", "input_transform": "sqrt"}}[kind]
+    est = _synthetic_run(tmp_path / "run", **opts)
+    manifest = export_bundle(tmp_path / "run", tmp_path / "bundle")
+    assert manifest.neurons == tuple(est.neurons_.tolist())
+    counts = split_session(load_session("simulated")).test.counts[:50]
+    out = BundleDecoder(tmp_path / "bundle").decode(counts)
+    _close(out.rates, est.reconstruct(counts), "rates")
+    _close(np.concatenate([out.content, out.style_mean], 1), est.transform(counts, "full"), "latent")
+    readout = load_readout(tmp_path / "run")
+    ref = readout.proba(est.transform(counts, "full").astype(np.float64))
+    _close(out.proba, ref, "proba")
+    np.testing.assert_array_equal(out.direction, np.asarray(manifest.direction.classes)[ref.argmax(1)])
+    if kind.startswith("hz"):
+        assert manifest.input_scale == pytest.approx(10.0) and manifest.rates_unit == "hz"
+        assert manifest.direction.classes == (0, 2, 3, 5, 7)
+    elif kind == "no_content":
+        assert out.content.shape == (50, 0)
+    else:
+        assert manifest.input_transform == "sqrt"
+
+
+def test_export_that_does_not_reproduce_torch_fails_and_leaves_nothing(tiny_run, tmp_path, monkeypatch):
+    import training.export as export
+
+    real = export.readout_affine
+
+    def off_by_a_bit(r):
+        a = real(r)
+        a.bias = a.bias + np.arange(len(a.bias)) * 1e-2
+        return a
+    monkeypatch.setattr(export, "readout_affine", off_by_a_bit)
+    with pytest.raises(ExportError, match="proba differs"):
+        export_bundle(tiny_run, tmp_path / "bundle")
+    assert list(tmp_path.iterdir()) == []  # no bundle, no staging directory
+
+
+def test_export_refuses_unknown_layers_and_bad_opset(tiny_run, tmp_path):
+    from training.export import fold_sequential
+
+    with pytest.raises(ExportError, match="does not know how to write layer"):
+        fold_sequential(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh()))
+    with pytest.raises(ExportError, match="--opset 11"):
+        export_bundle(tiny_run, tmp_path / "b", opset=11)
+    (tmp_path / "notabundle").mkdir()
+    (tmp_path / "notabundle" / "precious.txt").write_text("x")
+    with pytest.raises(ExportError, match="not a bundle directory"):
+        export_bundle(tiny_run, tmp_path / "notabundle")
+
+
+def test_cli_export(tiny_run, tmp_path, capsys):
+    assert cli(["export", str(tiny_run), "--out", str(tmp_path / "b"), "--opset", "18"]) == 0
+    assert "verified against the torch model" in capsys.readouterr().out
+    assert BundleManifest.model_validate_json((tmp_path / "b" / "manifest.json").read_text()).opset == 18
+    assert cli(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "c")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_manifest_rejects_inconsistent_fields(tiny_bundle):
+    good = json.loads((tiny_bundle / "manifest.json").read_text())
+    BundleManifest.model_validate(good)
+    bad = [
+        ({"neurons": [3, 2]}, "sorted"),
+        ({"neurons": [0, 120]}, "sorted"),
+        ({"files": {**good["files"], "../escape.onnx": "0" * 64}}, "string_pattern_mismatch|pattern"),
+        ({"files": {k: v for k, v in good["files"].items() if k != "decode.onnx"}}, "no sha256"),
+        ({"direction": {"classes": [0, 1, 2], "angles_rad": [0.0, 1.0]}}, "3 classes but 2 angles"),
+        ({"rates_unit": "hz"}, "does not match input_unit"),
+        ({"format_version": 2}, "format_version"),
+        ({"extra": 1}, "extra"),
+    ]
+    for change, message in bad:
+        with pytest.raises(ValidationError, match=message):
+            BundleManifest.model_validate({**good, **change})

@@ -1,0 +1,89 @@
+"""``swapvae report``: every figure is written as a real PNG, for Swap-VAE and for a VAE run."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from schemas import SwapVAEConfig
+from training.cli import main as cli
+from training.data import load_session, split_session
+from training.estimator import SwapVAEEstimator
+from training.report import FIGURES, _pca, example_neurons, load_any_session, write_report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+TINY = {"device": "cpu", "model": {"content_dim": 4, "style_dim": 4, "hidden": ["d", 16]},
+        "optim": {"epochs": 2, "batch_size": 128}}
+
+
+def _run(tmp_path, raw, data="simulated"):
+    session = load_any_session(data)
+    split = split_session(session)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        SwapVAEEstimator(SwapVAEConfig.model_validate(raw)).fit(
+            split.train.counts, split.train.trial, split.train.bin_in_trial, neurons=split.neurons, run_dir=tmp_path,
+            progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    (tmp_path / "run.json").write_text(json.dumps({"data": data}))
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def swap_run(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("swap_run"), TINY)
+
+
+def _is_png(path):
+    return path.read_bytes()[:8] == PNG and path.stat().st_size > 5000  # a drawn figure, not an empty canvas
+
+
+def test_cli_writes_every_figure(swap_run, capsys):
+    assert cli(["report", str(swap_run)]) == 0
+    out = swap_run / "figures"
+    assert sorted(p.name for p in out.iterdir()) == sorted(FIGURES)
+    assert all(_is_png(out / name) for name in FIGURES)
+    assert str(out / "embedding.png") in capsys.readouterr().out
+
+
+def test_vae_run_has_no_generation_figure(tmp_path):
+    run = _run(tmp_path / "vae", {**TINY, "variant": "vae", "model": {"hidden": ["d", 16]}})
+    written = write_report(run, out=tmp_path / "figs")
+    assert sorted(p.name for p in written) == sorted(set(FIGURES) - {"generation.png"})
+    assert all(_is_png(p) for p in written)
+
+
+def test_report_on_the_synthetic_dataset(tmp_path):
+    run = _run(tmp_path / "syn", {**TINY, "readout": {"n_directions": 4}}, data="synthetic:1:50")
+    written = write_report(run)
+    assert len(written) == len(FIGURES) and all(_is_png(p) for p in written)
+
+
+def test_errors_are_reported_without_traceback(tmp_path, swap_run, capsys):
+    (tmp_path / "bare").mkdir()
+    assert cli(["report", str(tmp_path / "bare")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert cli(["report", str(swap_run), "--data", "synthetic:0", "--out", str(tmp_path / "x")]) == 2
+    assert "channels" in capsys.readouterr().err
+
+
+def test_pca_projects_onto_the_largest_variance():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(500, 3)) * [10.0, 1.0, 0.1]
+    xy = _pca(z)(z)
+    assert xy.shape == (500, 2) and xy[:, 0].var() > 50 and xy[:, 1].var() < 2
+    assert _pca(z[:, :1])(z[:, :1]).shape == (500, 2)  # fewer dimensions than the plot: padded
+
+
+def test_example_neurons_are_the_direction_tuned_ones():
+    split = split_session(load_session("simulated"))
+
+    class Est:
+        neurons_ = split.neurons
+
+    picked = example_neurons(Est, split.train, k=4)
+    tr = split.train
+    tuning = np.var([tr.counts[tr.target == d][:, split.neurons].mean(0) for d in range(8)], axis=0)
+    assert set(picked) == set(np.argsort(-tuning)[:4])

@@ -1,0 +1,362 @@
+"""The service end to end over real sockets: export -> ``swapvae serve`` (a subprocess) -> clients.
+
+Every server binds 127.0.0.1 on a port the OS picks and prints it; every wait is bounded and
+every subprocess is stopped at teardown.
+"""
+from __future__ import annotations
+
+import json
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from runtime import wire
+from runtime.client import Client, ServiceError, ServiceTimeout
+from schemas.protocol import DType, ErrorCode, InfoReply, MsgType
+
+ROOT = Path(__file__).resolve().parents[1]
+START_TIMEOUT = 60.0
+
+
+class Service:
+    """``swapvae serve`` in a subprocess; ``endpoints`` from its ready line."""
+
+    def __init__(self, bundle, *extra: str):
+        cmd = [sys.executable, "-m", "training.cli", "serve", str(bundle), "--bind", "tcp://127.0.0.1:*", *extra]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.endpoints = self._ready()
+        self.endpoint = self.endpoints.get("router")
+
+    def _ready(self) -> dict[str, str]:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if select.select([self.proc.stdout], [], [], 0.2)[0]:
+                line = self.proc.stdout.readline()
+                if line.startswith("ready "):
+                    return dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
+            if self.proc.poll() is not None:
+                break
+        self.stop()
+        pytest.fail(f"service did not start: {self.proc.stderr.read()[-3000:]}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        for f in (self.proc.stdout, self.proc.stderr):
+            f.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def service(tiny_bundle):
+    s = Service(tiny_bundle)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_bundle):
+    from runtime.engine import BundleDecoder
+
+    return BundleDecoder(tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def bins(engine):
+    rng = np.random.default_rng(0)
+    return rng.poisson(1.5, (20, engine.n_channels)).astype(np.float32)
+
+
+def test_info_ping_and_decodes_equal_the_in_process_engine(service, tiny_bundle, engine, bins):
+    with Client(service.endpoint, timeout_ms=2000) as c:
+        assert c.ping() > 0
+        info = c.info()
+        manifest = json.loads((Path(tiny_bundle) / "manifest.json").read_text())
+        assert info.manifest == manifest
+        assert info.n_channels == engine.n_channels == manifest["n_channels"]
+        for x in bins:
+            got = c.decode(x)
+            ref = engine.decode(x)
+            for k in ("content", "style_mean", "angle", "proba", "rates"):
+                np.testing.assert_array_equal(getattr(got, k), getattr(ref, k), err_msg=k)  # bit for bit
+            assert got.direction[0] == ref.direction[0]
+            assert 0 < got.server_ns < got.rtt_ns
+        for x in bins[:10]:  # paced: the server pre-warms between bins, outputs must not change
+            time.sleep(0.01)
+            np.testing.assert_array_equal(c.decode(x).rates, engine.decode(x).rates)
+        batch = c.decode(bins[:5].astype(np.int16))
+        assert batch.angle.shape == (5,)
+        np.testing.assert_allclose(batch.angle, engine.decode(bins[:5]).angle, atol=1e-5)
+
+
+def _raw(endpoint: str, frames: list[bytes], timeout_ms: int = 2000) -> tuple[wire.ReplyHeader, dict]:
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVTIMEO, timeout_ms)
+    s.connect(endpoint)
+    try:
+        s.send_multipart(frames)
+        head, body = wire.parse_reply(s.recv())
+    finally:
+        s.close()
+    return head, (json.loads(bytes(body)) if head.msg_type == MsgType.ERROR else {})
+
+
+def test_malformed_requests_get_error_replies_and_the_server_keeps_serving(service, engine, bins):
+    n = engine.n_channels
+    good = wire.pack_request(MsgType.DECODE, 1, 2, bins[0])
+    cases = {
+        "wrong channel count": ([wire.pack_request(MsgType.DECODE, 5, 0, bins[0][:-1])], ErrorCode.BAD_SHAPE, f"expects {n}"),
+        "wrong dtype": ([good[:6] + bytes([42]) + good[7:]], ErrorCode.BAD_DTYPE, "dtype code 42"),
+        "float64 labelled float32": ([good[:32] + bins[0].astype(np.float64).tobytes()], ErrorCode.BAD_LENGTH,
+                                     f"expected {4 * n}"),
+        "NaN": ([wire.pack_request(MsgType.DECODE, 5, 0, np.where(np.arange(n) == 3, np.nan, bins[0]).astype(np.float32))],
+                ErrorCode.BAD_VALUE, "NaN"),
+        "negative": ([wire.pack_request(MsgType.DECODE, 5, 0, -bins[0] - 1)], ErrorCode.BAD_VALUE, "negative"),
+        "truncated body": ([good[:-5]], ErrorCode.BAD_LENGTH, f"{4 * n - 5} bytes"),
+        "truncated header": ([good[:20]], ErrorCode.BAD_HEADER, "20 bytes"),
+        "empty frame": ([b""], ErrorCode.BAD_HEADER, "0 bytes"),
+        "unknown message type": ([wire.pack_request(77, 5, 0)], ErrorCode.UNKNOWN_TYPE, "message type 77"),
+        "bad magic": ([b"GET / HTTP/1.1\r\n" + bytes(40)], ErrorCode.BAD_HEADER, "magic"),
+        "two frames": ([good[:32], good[32:]], ErrorCode.BAD_ENVELOPE, "2 frames"),
+    }
+    with Client(service.endpoint, timeout_ms=2000) as c:
+        before = c.stats()
+        for name, (frames, code, text) in cases.items():
+            head, err = _raw(service.endpoint, frames)
+            assert (head.msg_type, head.status) == (MsgType.ERROR, code), name
+            assert err["error"] == code.name and text in err["message"], (name, err)
+            got = c.decode(bins[1])  # still answering valid requests
+            np.testing.assert_array_equal(got.angle, engine.decode(bins[1]).angle)
+        after = c.stats()
+    assert sum(after.errors.values()) - sum(before.errors.values()) == len(cases)
+    assert after.latency_us.n > 0 and after.latency_us.p99 >= after.latency_us.p50 > 0
+
+
+def test_an_oversized_frame_drops_only_its_connection(service, engine, bins):
+    huge = bytes(32 + 4096 * 8 * engine.n_channels + 1)
+    with pytest.raises(zmq.Again):
+        _raw(service.endpoint, [huge], timeout_ms=500)
+    with Client(service.endpoint, timeout_ms=2000) as c:
+        np.testing.assert_array_equal(c.decode(bins[0]).angle, engine.decode(bins[0]).angle)
+
+
+def test_client_raises_service_error_with_the_code(service, bins):
+    with Client(service.endpoint, timeout_ms=2000) as c:
+        with pytest.raises(ServiceError, match="BAD_SHAPE: n_channels is 3") as e:
+            c.decode(np.ones(3, np.float32))
+        assert e.value.code == ErrorCode.BAD_SHAPE
+        assert c.decode(bins[0]).angle.shape == (1,)
+
+
+def test_req_clients_and_many_dealers_at_once(service, engine, bins):
+    ctx = zmq.Context.instance()
+    req = ctx.socket(zmq.REQ)
+    req.setsockopt(zmq.LINGER, 0)
+    req.setsockopt(zmq.RCVTIMEO, 2000)
+    req.connect(service.endpoint)
+    req.send(wire.pack_request(MsgType.DECODE, 99, 0, bins[2].astype(np.uint16)))
+    head, body = wire.parse_reply(req.recv())
+    req.close()
+    assert (head.msg_type, head.seq) == (MsgType.DECODE_REPLY, 99)
+    np.testing.assert_array_equal(wire.decode_arrays(head, body)["angle"], engine.decode(bins[2]).angle)
+
+    expected = [float(engine.decode(x).angle[0]) for x in bins]
+    failures: list[str] = []
+
+    def worker(k: int) -> None:
+        try:
+            with Client(service.endpoint, timeout_ms=5000) as c:
+                for i in range(40):
+                    j = (i + k) % len(bins)
+                    # queued requests may share an engine call: equal up to float rounding
+                    if abs(float(c.decode(bins[j]).angle[0]) - expected[j]) > 1e-5:
+                        failures.append(f"client {k} bin {j}")
+        except Exception as e:  # noqa: BLE001 - reported below
+            failures.append(f"client {k}: {e!r}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads) and failures == []
+
+
+def test_a_client_that_never_reads_its_replies_wedges_no_one(service, bins):
+    ctx = zmq.Context.instance()
+    rude = ctx.socket(zmq.DEALER)
+    rude.setsockopt(zmq.LINGER, 0)
+    rude.connect(service.endpoint)
+    for i in range(50):
+        rude.send(wire.pack_request(MsgType.DECODE, i, 0, bins[i % len(bins)]))
+    rude.close()  # gone with its replies in flight
+    with Client(service.endpoint, timeout_ms=2000) as c:
+        for x in bins[:5]:
+            assert c.decode(x).angle.shape == (1,)
+
+
+def test_client_times_out_instead_of_hanging_when_no_server():
+    ctx = zmq.Context.instance()
+    probe = ctx.socket(zmq.ROUTER)
+    port = probe.bind_to_random_port("tcp://127.0.0.1")
+    probe.close(linger=0)  # a port where nothing listens now
+    with Client(f"tcp://127.0.0.1:{port}", timeout_ms=200) as c:
+        for call in (c.ping, lambda: c.decode(np.ones(4, np.float32))):
+            t = time.monotonic()
+            with pytest.raises(ServiceTimeout):
+                call()
+            assert time.monotonic() - t < 2.0
+    with pytest.raises(ValueError):
+        Client("tcp://127.0.0.1:1", timeout_ms=0)
+
+
+def test_busy_poll_service_answers_then_stops_on_sigterm_and_clients_time_out(tiny_bundle, engine, bins):
+    svc = Service(tiny_bundle, "--busy-poll")
+    try:
+        with Client(svc.endpoint, timeout_ms=2000) as c:
+            np.testing.assert_array_equal(c.decode(bins[0]).angle, engine.decode(bins[0]).angle)
+            assert c.stats().busy_poll
+            t = time.monotonic()
+            code = svc.stop()
+            assert code == 0 and time.monotonic() - t < 5.0
+        with Client(svc.endpoint, timeout_ms=300) as c:
+            t = time.monotonic()
+            with pytest.raises(ServiceTimeout):
+                c.decode(bins[0])
+            assert time.monotonic() - t < 2.0
+    finally:
+        svc.stop()
+
+
+def test_streaming_sub_to_pub(tiny_bundle, engine, bins):
+    ctx = zmq.Context.instance()
+    source = ctx.socket(zmq.PUB)
+    source.setsockopt(zmq.LINGER, 0)
+    port = source.bind_to_random_port("tcp://127.0.0.1")
+    svc = Service(tiny_bundle, "--sub", f"tcp://127.0.0.1:{port}", "--pub", "tcp://127.0.0.1:*")
+    sink = ctx.socket(zmq.SUB)
+    sink.setsockopt(zmq.LINGER, 0)
+    sink.setsockopt(zmq.SUBSCRIBE, b"")
+    sink.connect(svc.endpoints["pub"])
+    try:
+        # PUB/SUB joins asynchronously: publish until the first decode comes back, bounded.
+        deadline, first = time.monotonic() + 20, None
+        while first is None and time.monotonic() < deadline:
+            source.send(wire.pack_request(MsgType.DECODE, 0, 0, bins[0]))
+            if sink.poll(100):
+                first = sink.recv()
+        assert first is not None, "no decode published within 20 s"
+        while sink.poll(200):  # drop the extra copies of the join probe
+            sink.recv()
+        for i, x in enumerate(bins, start=1):
+            source.send(wire.pack_request(MsgType.DECODE, i, 0, x))
+        source.send(wire.pack_request(MsgType.DECODE, 1000, 0, np.ones(3, np.float32)))
+        got = {}
+        while len(got) < len(bins) + 1 and sink.poll(2000):
+            head, body = wire.parse_reply(sink.recv())
+            got[head.seq] = (head, body)
+        for i, x in enumerate(bins, start=1):
+            head, body = got[i]
+            np.testing.assert_array_equal(wire.decode_arrays(head, body)["angle"], engine.decode(x).angle)
+        assert got[1000][0].status == ErrorCode.BAD_SHAPE
+        with Client(svc.endpoint, timeout_ms=2000) as c:  # the ROUTER answers alongside
+            info, stats = c.info(), c.stats()
+        assert info.streaming and stats.streamed >= len(bins) + 1
+    finally:
+        sink.close()
+        source.close()
+        svc.stop()
+
+
+def test_replay_accuracy_equals_offline_evaluation(service, tiny_bundle, tiny_run):
+    from runtime.replay import offline_reach
+
+    out = subprocess.run([sys.executable, "-m", "training.cli", "replay", str(tiny_bundle), "--data", "simulated",
+                          "--endpoint", service.endpoint, "--json"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=180)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    offline = offline_reach(tiny_bundle, "simulated")
+    assert got["reach_acc"] == offline["reach_acc"]
+    assert (got["n_bins"], got["n_scored"]) == (offline["n_bins"], offline["n_scored"])
+    assert set(got["latency_us"]) >= {"p50", "p99", "p999"} and 0 < got["latency_us"]["p50"] <= got["latency_us"]["p999"]
+    # ... and the torch evaluation written at training time, up to float32 ties at sector edges
+    metrics = json.loads((Path(tiny_run) / "metrics.json").read_text())
+    assert metrics["n_test_bins"] == got["n_scored"]
+    assert abs(got["reach_acc"] - metrics["reach_acc"]) <= 1.0 / got["n_scored"] + 1e-12
+
+
+def test_replay_refuses_another_bundles_service(service, tmp_path, tiny_bundle):
+    import shutil
+
+    from runtime.replay import replay
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_bundle, other)
+    m = json.loads((other / "manifest.json").read_text())
+    m["files"] = {k: "f" * 64 for k in m["files"]}
+    (other / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="different bundle"):
+        replay(other, "simulated", service.endpoint)
+
+
+def test_stats_reply_validates(service):
+    with Client(service.endpoint, timeout_ms=2000) as c:
+        s = c.stats()
+        info = c.info()
+    assert isinstance(info, InfoReply) and set(info.accepted_dtypes) == {d.name.lower() for d in DType}
+    assert s.requests >= s.decodes and s.provider == "cpu" and not s.busy_poll
+
+
+def _c_client(tmp_path_factory) -> Path | None:
+    import shutil
+    import sysconfig
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    include = [Path("/usr/include/zmq.h"), Path("/usr/local/include/zmq.h"),
+               Path(sysconfig.get_paths()["include"]) / "zmq.h"]
+    if cc is None or not any(p.exists() for p in include):
+        return None
+    src = ROOT / "runtime" / "clients" / "c"
+    exe = tmp_path_factory.mktemp("c_client") / "svae_demo"
+    out = subprocess.run([cc, "-O2", "-Wall", "-Wextra", "-Werror", "-std=c99", "-D_POSIX_C_SOURCE=200809L",
+                          "-o", str(exe), str(src / "svae_demo.c"), "-lzmq"], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        if "zmq" in out.stderr and ("No such file" in out.stderr or "cannot find" in out.stderr):
+            return None  # header or library missing: not a failure of the client
+        pytest.fail(f"the C client does not compile:\n{out.stderr}")
+    return exe
+
+
+def test_c_client_written_from_the_spec(service, engine, bins, tmp_path_factory):
+    exe = _c_client(tmp_path_factory)
+    if exe is None:
+        pytest.skip("no C compiler or no libzmq headers (apt-get install libzmq3-dev)")
+    stdin = "\n".join(" ".join(str(int(v)) for v in x) for x in bins[:8]) + "\n"
+    out = subprocess.run([str(exe), service.endpoint, "2000"], input=stdin, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("pong rtt_ns=") and lines[1] == f"info n_channels={engine.n_channels}"
+    decodes = [dict(kv.split("=") for kv in ln.split()[1:]) for ln in lines if ln.startswith("decode ")]
+    assert len(decodes) == 8
+    for d, x in zip(decodes, bins[:8]):
+        ref = engine.decode(x)
+        assert np.float32(float(d["angle"])) == ref.angle[0] and int(d["direction"]) == ref.direction[0]
+        assert 0 < int(d["server_ns"]) < int(d["rtt_ns"])
+    err = lines[-1]
+    assert err.startswith("error ") and "status=5" in err and '"error":"BAD_SHAPE"' in err

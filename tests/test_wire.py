@@ -1,0 +1,433 @@
+"""The wire format without sockets: layouts, round trips, every error code, and the server's
+request handler (``Server.handle``) on a fake engine, so these run in milliseconds."""
+from __future__ import annotations
+
+import json
+import re
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime import wire
+from schemas import protocol as P
+from schemas.protocol import DType, ErrorCode, MsgType
+
+SPEC = Path(__file__).resolve().parents[1] / "schemas" / "PROTOCOL.md"
+
+
+# -- a stand-in engine with the BundleDecoder interface --------------------------------------------
+
+@dataclass
+class FakeOutput:
+    content: np.ndarray
+    style_mean: np.ndarray
+    angle: np.ndarray
+    direction: np.ndarray
+    proba: np.ndarray
+    rates: np.ndarray
+
+
+class FakeManifest:
+    def model_dump_json(self) -> str:
+        return json.dumps({"n_channels": 6, "files": {"decode.onnx": "0" * 64}})
+
+
+class FakeEngine:
+    """Deterministic outputs from the counts; batch-1 outputs are views of reused buffers."""
+    n_channels = 6
+    manifest = FakeManifest()
+
+    def __init__(self, fail: Exception | None = None):
+        self.fail = fail
+        self._one = FakeOutput(np.zeros((1, 3), np.float32), np.zeros((1, 2), np.float32), np.zeros(1, np.float32),
+                               np.zeros(1, np.int64), np.zeros((1, 4), np.float32), np.zeros((1, 5), np.float32))
+
+    def decode(self, counts):
+        if self.fail is not None:
+            raise self.fail
+        x = np.asarray(counts, np.float32)
+        if x.shape[-1] != self.n_channels:
+            raise ValueError(f"counts must have {self.n_channels} channels, got shape {x.shape}")
+        if not np.isfinite(x).all() or (x < 0).any():
+            raise ValueError("counts must be finite and >= 0")
+        x2 = x.reshape(-1, self.n_channels)
+        s = x2.sum(1)
+        out = FakeOutput(x2[:, :3] * 2, x2[:, 3:5] + 1, s / 10, (s % 4).astype(np.int64),
+                         np.tile([0.1, 0.2, 0.3, 0.4], (len(x2), 1)).astype(np.float32), x2[:, 1:6] * 3)
+        if x.ndim == 1:
+            for k in ("content", "style_mean", "angle", "direction", "proba", "rates"):
+                getattr(self._one, k)[...] = getattr(out, k)
+            return self._one
+        return out
+
+
+def expected(x: np.ndarray) -> FakeOutput:
+    return FakeEngine().decode(np.asarray(x, np.float32).reshape(-1, 6))
+
+
+# -- layouts -------------------------------------------------------------------------------------
+
+def _offsets(layout):
+    off, rows = 0, []
+    for name, code in layout:
+        size = struct.calcsize("<" + code)
+        rows.append((off, size, name))
+        off += size
+    return rows
+
+
+def _spec_table(title: str) -> list[tuple[int, int, str]]:
+    text = SPEC.read_text()
+    section = text[text.index(title):]
+    section = section[:section.index("\n## ", 1)]
+    return [(int(m[1]), int(m[2]), m[3]) for m in re.finditer(r"^\| (\d+) \| (\d+) \| [^|]+ \| (\w+) \|", section, re.M)]
+
+
+def test_header_sizes_and_spec_tables_agree_with_the_definition():
+    assert P.REQUEST_HEADER_SIZE == 32 and P.REPLY_HEADER_SIZE == 48
+    assert _spec_table("## 3. Request header") == _offsets(P.REQUEST_LAYOUT)
+    assert _spec_table("## 4. Reply header") == _offsets(P.REPLY_LAYOUT)
+    spec = SPEC.read_text()
+    assert f"`{P.REQUEST_FORMAT}`" in spec and f"`{P.REPLY_FORMAT}`" in spec
+    for code in ErrorCode:
+        if code:
+            assert f"| {int(code)} | {code.name} |" in spec, code
+    for d in DType:
+        assert f"| {int(d)} | {d.name.lower()} |" in spec, d
+
+
+def test_spec_hex_examples_are_what_the_implementation_writes():
+    spec = SPEC.read_text()
+    hexes = [" ".join(block.split()) for block in re.findall(r"```\n([0-9a-f ][0-9a-f \n]+)```", spec)]
+    ping = wire.pack_request(MsgType.PING, 7, 123)
+    pong = wire.pack_reply(MsgType.PONG, 7, 123)
+    decode = wire.pack_request(MsgType.DECODE, 1, 1000, np.array([0, 2, 1], np.float32))
+    assert hexes == [ping.hex(" "), pong.hex(" "), decode.hex(" ")]
+
+
+def test_pydantic_headers_pack_the_same_bytes():
+    x = np.arange(12, dtype=np.int16).reshape(2, 6)
+    frame = wire.pack_request(MsgType.DECODE, 9, 42, x)
+    head = P.RequestHeader.unpack(frame)
+    assert head == P.RequestHeader(msg_type=MsgType.DECODE, dtype=DType.INT16, seq=9, t_client_ns=42, n_channels=6, n_bins=2)
+    assert head.pack() == frame[:32]
+    rep = wire.pack_error(ErrorCode.BAD_SHAPE, "x", 3, 4)
+    assert P.ReplyHeader.unpack(rep).pack() == bytes(rep[:48])
+
+
+def test_json_schema_covers_headers_and_control_bodies():
+    schema = P.json_schema()
+    assert set(schema["$defs"]) == {"RequestHeader", "ReplyHeader", "ErrorBody", "InfoReply", "StatsReply"}
+    committed = json.loads((SPEC.parent / "protocol.schema.json").read_text())
+    assert committed == json.loads(json.dumps(schema)), "regenerate: python -m schemas.protocol > schemas/protocol.schema.json"
+
+
+# -- requests ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint8, np.int16, np.uint16, np.int32])
+def test_request_round_trip_every_dtype_without_copy(dtype):
+    x = (np.arange(18) % 7).astype(dtype).reshape(3, 6)
+    frame = wire.pack_request(MsgType.DECODE, 5, 6, x)
+    req = wire.parse_request(frame, 6)
+    assert (req.msg_type, req.seq, req.t_client_ns) == (MsgType.DECODE, 5, 6)
+    np.testing.assert_array_equal(req.counts, x)
+    assert req.counts.dtype == np.dtype(dtype).newbyteorder("<")
+    assert np.shares_memory(req.counts, np.frombuffer(frame, np.uint8))  # a view, not a copy
+
+
+def test_request_buffer_is_one_preallocated_frame():
+    buf = wire.RequestBuffer(6)
+    buf.counts[:] = [1, 2, 3, 4, 5, 6]
+    frame = buf.stamp(11, 12)
+    assert bytes(frame) == wire.pack_request(MsgType.DECODE, 11, 12, np.arange(1, 7, dtype=np.float32))
+    assert buf.stamp(13, 14) is frame
+
+
+def test_dtype_without_a_wire_code_is_refused_by_the_client_side():
+    with pytest.raises(ValueError, match="no wire code"):
+        wire.pack_request(MsgType.DECODE, 1, 0, np.zeros(6, np.complex64))
+
+
+def _hdr(**kw) -> bytes:
+    f = dict(magic=b"SVAE", version=1, msg_type=1, dtype=1, flags=0, seq=77, t=88, n_channels=6, n_bins=1)
+    f.update(kw)
+    return wire.REQ.pack(f["magic"], f["version"], f["msg_type"], f["dtype"], f["flags"], f["seq"], f["t"],
+                         f["n_channels"], f["n_bins"])
+
+
+BAD_FRAMES = {
+    "empty": (b"", ErrorCode.BAD_HEADER, "shorter than the 32-byte"),
+    "short": (b"SVAE\x01\x01", ErrorCode.BAD_HEADER, "6 bytes"),
+    "magic": (_hdr(magic=b"HTTP") + bytes(24), ErrorCode.BAD_HEADER, "magic"),
+    "version": (_hdr(version=2) + bytes(24), ErrorCode.BAD_VERSION, "version 2"),
+    "type": (_hdr(msg_type=0x81), ErrorCode.UNKNOWN_TYPE, "message type 129"),
+    "dtype": (_hdr(dtype=9) + bytes(24), ErrorCode.BAD_DTYPE, "dtype code 9"),
+    "channels": (_hdr(n_channels=5) + bytes(20), ErrorCode.BAD_SHAPE, "n_channels is 5, this bundle expects 6"),
+    "zero bins": (_hdr(n_bins=0), ErrorCode.BAD_SHAPE, "n_bins is 0"),
+    "huge batch": (_hdr(n_bins=10**6), ErrorCode.BAD_SHAPE, "n_bins is 1000000"),
+    "truncated": (_hdr() + bytes(23), ErrorCode.BAD_LENGTH, "23 bytes, expected 24"),
+    "padded": (_hdr() + bytes(25), ErrorCode.BAD_LENGTH, "25 bytes, expected 24"),
+    "float64 sent as float32": (_hdr(dtype=1) + np.zeros(6).tobytes(), ErrorCode.BAD_LENGTH, "48 bytes"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_FRAMES)
+def test_parse_request_names_the_problem(name):
+    frame, code, text = BAD_FRAMES[name]
+    with pytest.raises(wire.ProtocolError, match=re.escape(text)) as e:
+        wire.parse_request(frame, 6)
+    assert e.value.code == code
+    if code not in (ErrorCode.BAD_HEADER,):
+        assert (e.value.seq, e.value.t_client_ns) == (77, 88)  # echoed so the client can match it
+
+
+# -- replies -------------------------------------------------------------------------------------
+
+def test_decode_reply_one_bin_and_batch_round_trip():
+    writer = wire.DecodeReplyWriter(wire.DecodeLayout(3, 2, 4, 5))
+    eng = FakeEngine()
+    x = np.array([1, 2, 3, 4, 5, 6], np.float32)
+    one = eng.decode(x)
+    assert writer.check(one)
+    frame = writer.write_one(21, 22, 5000, one)
+    head, body = wire.parse_reply(frame)
+    assert (head.msg_type, head.status, head.seq, head.t_client_ns, head.server_ns, head.n_bins) == (0x81, 0, 21, 22, 5000, 1)
+    assert len(frame) == 48 + 4 * (3 + 2 + 1 + 1 + 4 + 5) == 48 + head.body_bytes
+    arrays = wire.decode_arrays(head, body)
+    ref = expected(x)
+    for k, v in arrays.items():
+        np.testing.assert_array_equal(v, getattr(ref, k), err_msg=k)
+    assert arrays["direction"].dtype == np.int32
+
+    xb = np.arange(18, dtype=np.float32).reshape(3, 6)
+    frame = wire.finish(writer.write(31, 32, eng.decode(xb)), 2**40)  # saturates
+    head, body = wire.parse_reply(frame)
+    assert (head.seq, head.n_bins, head.server_ns) == (31, 3, 2**32 - 1)
+    ref = expected(xb)
+    for k, v in wire.decode_arrays(head, body).items():
+        np.testing.assert_array_equal(v, getattr(ref, k), err_msg=k)
+
+
+def test_writer_refuses_outputs_it_cannot_join():
+    writer = wire.DecodeReplyWriter(wire.DecodeLayout(3, 2, 4, 5))
+    out = FakeEngine().decode(np.ones(6, np.float32))
+    bad = FakeOutput(out.content.astype(np.float64), out.style_mean, out.angle, out.direction, out.proba, out.rates)
+    assert not writer.check(bad)
+    wide = FakeOutput(np.zeros((1, 6), np.float32)[:, ::2], out.style_mean, out.angle, out.direction, out.proba, out.rates)
+    assert not writer.check(wide)
+
+
+def test_error_reply_carries_code_and_json_message():
+    frame = wire.pack_error(ErrorCode.BAD_VALUE, "counts contain NaN", 5, 6)
+    head, body = wire.parse_reply(frame)
+    assert (head.msg_type, head.status, head.seq, head.t_client_ns) == (0xFF, 7, 5, 6)
+    assert json.loads(bytes(body)) == {"code": 7, "error": "BAD_VALUE", "message": "counts contain NaN"}
+
+
+def test_parse_reply_rejects_garbage():
+    with pytest.raises(ValueError, match="shorter"):
+        wire.parse_reply(b"SVAE")
+    frame = wire.pack_reply(MsgType.PONG, 1, 2)
+    with pytest.raises(ValueError, match="body"):
+        wire.parse_reply(bytes(frame) + b"x")
+
+
+# -- the server's handler, no sockets --------------------------------------------------------------
+
+@pytest.fixture()
+def server():
+    from runtime.server import Server
+
+    s = Server(FakeEngine(), bind=None, sub="inproc://unused-sub", pub="inproc://unused-pub", warmup=2)
+    yield s
+    s.close()
+
+
+def _reply(frame):
+    head, body = wire.parse_reply(frame)
+    return head, body
+
+
+def test_handle_decodes_every_dtype_and_batches(server):
+    x = np.array([3, 0, 1, 2, 5, 4])
+    for dtype in (np.float32, np.float64, np.uint8, np.int16, np.uint16, np.int32):
+        head, body = _reply(server.handle(wire.pack_request(MsgType.DECODE, 1, 2, x.astype(dtype))))
+        assert head.msg_type == MsgType.DECODE_REPLY, bytes(body)
+        np.testing.assert_array_equal(wire.decode_arrays(head, body)["angle"], expected(x).angle)
+    xb = np.stack([x, x + 1]).astype(np.uint16)
+    head, body = _reply(server.handle(wire.pack_request(MsgType.DECODE, 1, 2, xb)))
+    assert head.n_bins == 2
+    np.testing.assert_array_equal(wire.decode_arrays(head, body)["rates"], expected(xb).rates)
+
+
+@pytest.mark.parametrize("name", BAD_FRAMES)
+def test_handle_answers_bad_frames_with_errors_and_keeps_serving(server, name):
+    frame, code, text = BAD_FRAMES[name]
+    head, body = _reply(server.handle(frame))
+    assert (head.msg_type, head.status) == (MsgType.ERROR, code)
+    assert text in json.loads(bytes(body))["message"]
+    head, _ = _reply(server.handle(wire.pack_request(MsgType.DECODE, 3, 0, np.ones(6, np.float32))))
+    assert (head.msg_type, head.seq) == (MsgType.DECODE_REPLY, 3)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -1.0])
+def test_handle_bad_values(server, bad):
+    x = np.ones(6, np.float32)
+    x[2] = bad
+    for counts in (x, np.stack([x, x])):
+        head, body = _reply(server.handle(wire.pack_request(MsgType.DECODE, 4, 0, counts)))
+        assert (head.status, head.seq) == (ErrorCode.BAD_VALUE, 4)
+    assert server.stats().errors == {"BAD_VALUE": 2}
+
+
+def test_engine_failure_is_an_internal_error_not_a_crash():
+    from runtime.server import Server
+
+    eng = FakeEngine()
+    s = Server(eng, bind=None, sub="inproc://a", pub="inproc://b", warmup=0)
+    try:
+        eng.fail = RuntimeError("device lost")
+        head, body = _reply(s.handle(wire.pack_request(MsgType.DECODE, 8, 0, np.ones(6, np.float32))))
+        assert head.status == ErrorCode.INTERNAL and "device lost" in bytes(body).decode()
+        eng.fail = None
+        head, _ = _reply(s.handle(wire.pack_request(MsgType.DECODE, 9, 0, np.ones(6, np.float32))))
+        assert head.status == 0
+    finally:
+        s.close()
+
+
+def test_handle_control_messages(server):
+    head, body = _reply(server.handle(wire.pack_request(MsgType.PING, 5, 6)))
+    assert (head.msg_type, head.seq, head.t_client_ns, len(body)) == (MsgType.PONG, 5, 6, 0)
+    head, body = _reply(server.handle(wire.pack_request(MsgType.INFO, 1, 0)))
+    info = P.InfoReply.model_validate_json(bytes(body))
+    assert (info.n_channels, info.content_dim, info.style_dim, info.n_classes, info.n_rates) == (6, 3, 2, 4, 5)
+    assert info.manifest["files"] == {"decode.onnx": "0" * 64}
+    for _ in range(5):
+        server.handle(wire.pack_request(MsgType.DECODE, 1, 0, np.ones(6, np.float32)))
+    server.handle(b"junk")
+    head, body = _reply(server.handle(wire.pack_request(MsgType.STATS, 1, 0)))
+    stats = P.StatsReply.model_validate_json(bytes(body))
+    assert stats.decodes == 5 and stats.bins == 5 and stats.errors == {"BAD_HEADER": 1}
+    assert stats.latency_us.n == 5 and 0 < stats.latency_us.p50 <= stats.latency_us.max
+    assert stats.requests == 9 and stats.by_type == {"PING": 1, "INFO": 1, "STATS": 1, "DECODE": 5}
+
+
+def test_latency_ring_wraps(server):
+    from runtime.server import Server
+
+    s = Server(FakeEngine(), bind=None, sub="inproc://c", pub="inproc://d", warmup=0, window=8)
+    try:
+        for _ in range(20):
+            s.handle(wire.pack_request(MsgType.DECODE, 1, 0, np.ones(6, np.float32)))
+        st = s.stats()
+        assert st.decodes == 20 and st.latency_us.n == 8 and st.window == 8
+    finally:
+        s.close()
+
+
+def test_prewarm_is_planned_only_for_steady_streams_with_long_gaps():
+    from runtime.server import Server
+
+    class WarmEngine(FakeEngine):
+        warms = 0
+
+        def warm(self):
+            self.warms += 1
+
+    eng = WarmEngine()
+    s = Server(eng, bind=None, sub="inproc://e", pub="inproc://f", warmup=0)
+    try:
+        assert eng.warms == 20  # timing the warm-up at start
+        lead = s._warm_lead_ns
+        now = time.perf_counter_ns()
+
+        def arrivals(times):
+            for t in times:
+                s._t_arrival = t
+                s._schedule_warm()
+
+        arrivals([now - 40_000_000 + k * 10_000_000 for k in range(5)])  # 100 Hz, last one now
+        assert s._warm_at == now + 10_000_000 - lead
+        arrivals([now + 20_000, now + 40_000, now + 60_000])  # back to back: nothing to warm
+        assert s._warm_at == 0
+        arrivals([now + 10_000_000 * k for k in range(10, 14)] + [now + 200_000_000])  # a stall
+        assert s._warm_at == 0
+        s._warm_period_ns = 10e6
+        s._warm_early()
+        assert s._warm_lead_ns == int(1.5 * lead)
+        s._warm_now()
+        assert eng.warms == 21 and s.prewarms == 1 and s._warm_lead_ns >= s._warm_min_lead_ns
+    finally:
+        s.close()
+
+
+def test_queued_requests_share_one_engine_call_and_each_gets_its_reply():
+    import threading
+
+    import zmq
+
+    from runtime.server import Server
+
+    class CountingEngine(FakeEngine):
+        batch_calls = 0
+
+        def decode(self, counts):
+            if np.ndim(counts) == 2:
+                self.batch_calls += 1
+            return super().decode(counts)
+
+    eng = CountingEngine()
+    s = Server(eng, bind="tcp://127.0.0.1:*", warmup=0, prewarm=False)
+    ctx = zmq.Context.instance()
+    c = ctx.socket(zmq.DEALER)
+    c.setsockopt(zmq.LINGER, 0)
+    c.setsockopt(zmq.RCVTIMEO, 5000)
+    c.connect(s.endpoints["router"])
+    xs = [np.full(6, i, np.float32) for i in range(12)]
+    xs[5] = np.full(6, np.nan, np.float32)  # spoils the batch call: must fall back to one by one
+    try:
+        for i, x in enumerate(xs):  # all queued before the loop starts
+            c.send(wire.pack_request(MsgType.DECODE, i, 0, x))
+        c.send(wire.pack_request(MsgType.PING, 100, 0))
+        time.sleep(0.3)
+        t = threading.Thread(target=s.run)
+        t.start()
+        replies = {}
+        for _ in range(len(xs) + 1):
+            head, body = wire.parse_reply(c.recv())
+            replies[head.seq] = (head, body)
+        for i in range(12, 20):  # a second queue, all valid: one batched call
+            xs.append(np.full(6, i, np.float32))
+        s.stop()
+        t.join(5)
+        s._stop = False
+        for i in range(12, 20):
+            c.send(wire.pack_request(MsgType.DECODE, i, 0, xs[i]))
+        time.sleep(0.3)
+        t = threading.Thread(target=s.run)
+        t.start()
+        for _ in range(8):
+            head, body = wire.parse_reply(c.recv())
+            replies[head.seq] = (head, body)
+        s.stop()
+        t.join(5)
+    finally:
+        c.close()
+        s.close()
+    assert replies[100][0].msg_type == MsgType.PONG
+    assert replies[5][0].status == ErrorCode.BAD_VALUE
+    for i, x in enumerate(xs):
+        if i == 5:
+            continue
+        head, body = replies[i]
+        assert head.msg_type == MsgType.DECODE_REPLY and head.n_bins == 1
+        got = wire.decode_arrays(head, body)
+        ref = expected(x)
+        for k in got:
+            np.testing.assert_allclose(got[k], getattr(ref, k), rtol=1e-6, err_msg=k)
+    assert eng.batch_calls >= 2 and s.coalesced >= 8
