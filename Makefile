@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 RUN ?= runs/demo
 BUNDLE ?= bundles/demo
+ENDPOINT ?= tcp://127.0.0.1:5555
 
 .PHONY: demo test install bench clean
 
@@ -23,6 +24,9 @@ demo: install
 	$(VENV)/bin/swapvae train --data simulated --out $(RUN) --seed 0
 	$(VENV)/bin/swapvae evaluate $(RUN)
 	$(VENV)/bin/swapvae export $(RUN) --out $(BUNDLE)
+	@$(VENV)/bin/swapvae serve $(BUNDLE) --bind $(ENDPOINT) & pid=$$!; \
+	  $(VENV)/bin/swapvae replay $(BUNDLE) --data simulated --endpoint $(ENDPOINT); rc=$$?; \
+	  kill $$pid; wait $$pid; exit $$rc
 
 test: install
 	$(PY) -m pytest -q
@@ -30,6 +34,7 @@ test: install
 bench: install
 	$(PY) benchmarks/reach_accuracy.py
 	$(PY) benchmarks/engine_latency.py
+	$(PY) benchmarks/latency.py
 
 clean:
 	rm -rf $(VENV) runs bundles results

@@ -34,7 +34,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from schemas import SwapVAEConfig  # noqa: E402
+from schemas import ModelConfig, SwapVAEConfig  # noqa: E402
 from training.data import Split, load_session, split_session  # noqa: E402
 from training.estimator import SwapVAEEstimator  # noqa: E402
 from training.evaluate import readout_scores  # noqa: E402
@@ -54,7 +54,10 @@ CHEWIE = Path(__file__).resolve().parents[1] / "../shared/data/reaching/chewie-2
 CHEWIE_MODELS: dict[str, dict] = {
     "swap_vae": {},
     "swap_vae_paper": {"data": {"input_unit": "hz", "jitter": 5, "dropout_max": 0.0},
-                       "model": {"input_transform": "identity"}},
+                       "model": {"content_dim": 64, "style_dim": 64, "hidden": ["d", 128],
+                                 **({"input_transform": "identity"} if "input_transform" in ModelConfig.model_fields else {})},
+                       "loss": {"swap": True, "kl_weight": 10.0, "align_weight": 1.0},
+                       "optim": {"lr": 5e-4, "batch_size": 256, "epochs": 225, "weight_decay": 0.0}},
     "vae": {"variant": "vae"},
     "beta_vae": {"variant": "beta_vae"},
     "no_align": {"variant": "no_align"},  # = swap_only: the config defines them identically

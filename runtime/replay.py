@@ -79,12 +79,16 @@ def percentiles_us(ns: np.ndarray) -> dict[str, float]:
     return {"p50": p50, "p90": p90, "p99": p99, "p999": p999, "mean": float(us.mean()), "max": float(us.max())}
 
 
-def replay(bundle: str | Path, data: str, endpoint: str, rate: float = 0.0, timeout_ms: int = 1000,
+def replay(bundle: str | Path, data: str | None, endpoint: str, rate: float = 0.0, timeout_ms: int = 1000,
            wait_s: float = 30.0) -> dict:
     """Stream the test bins through the service at ``endpoint``; scores and latencies.
 
     Waits up to ``wait_s`` for the service to answer, so a script can start both at once."""
     manifest = read_manifest(bundle)
+    if data is None:
+        data = manifest.training.data
+        if data is None:
+            raise ValueError(f"{bundle}: the manifest does not say which data it was trained on; pass --data")
     bins = replay_bins(manifest, data)
     with Client(endpoint, timeout_ms=timeout_ms) as client:
         deadline = time.monotonic() + wait_s

@@ -492,7 +492,7 @@ def serve_command(args) -> int:
 
     engine = BundleDecoder(args.bundle, provider=args.provider, spin=args.busy_poll)
     server = Server(engine, bind=args.bind, sub=args.sub, pub=args.pub, busy_poll=args.busy_poll,
-                    provider=args.provider)
+                    provider=args.provider, prewarm=not args.no_prewarm)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: server.stop())
     where = " ".join(f"{k}={v}" for k, v in server.endpoints.items())

@@ -40,12 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--sub", help="streaming mode: SUB endpoint to read bins from")
     s.add_argument("--pub", help="streaming mode: PUB endpoint to publish decodes on")
     s.add_argument("--busy-poll", action="store_true", help="spin instead of sleeping (dedicated core)")
+    s.add_argument("--no-prewarm", action="store_true",
+                   help="do not warm the engine just before a steady stream's next bin is due")
     s.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     s.set_defaults(run="runtime.server:serve_command")
 
     r = sub.add_parser("replay", help="stream a recording's test bins through a running service")
     r.add_argument("bundle")
-    r.add_argument("--data", default="simulated")
+    r.add_argument("--data", help="recording whose test bins to stream (default: the bundle's training data)")
     r.add_argument("--endpoint", default="tcp://127.0.0.1:5555")
     r.add_argument("--rate", type=float, default=0.0, help="bins per second (0: back to back)")
     r.add_argument("--json", action="store_true")

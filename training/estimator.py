@@ -117,8 +117,8 @@ class SwapVAEEstimator:
             if bar is not None:
                 bar.set_postfix_str(_fmt(epoch_terms), refresh=False)
                 bar.update()
-            if run_dir is not None and (epoch % cfg.optim.checkpoint_every == 0 or epoch == cfg.optim.epochs):
-                self.save(run_dir)
+            if run_dir is not None and epoch % cfg.optim.checkpoint_every == 0 and epoch < cfg.optim.epochs:
+                self.save(run_dir)  # the final one is saved below, with the training time
         if bar is not None:
             bar.close()
         self.train_seconds_ = time.perf_counter() - start

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from schemas import SwapVAEConfig
+from schemas import ModelConfig, SwapVAEConfig
 from training.data import Session
 
 N_CLUSTERS = 4
@@ -113,10 +113,19 @@ def make_synthetic(n_sequences: int = 1250, n_neurons: int = 100, seed: int = 0)
 
 
 def synthetic_config(**overrides) -> SwapVAEConfig:
-    """The paper's synthetic recipe: latent 16 content + 16 style, hidden [100, 32], jitter 3,
-    4-way readout. ``variant`` and other fields can be given as in ``SwapVAEConfig``."""
-    raw = {"model": {"content_dim": 16, "style_dim": 16, "hidden": ["d", 32]},
-           "data": {"jitter": 3}, "readout": {"n_directions": N_CLUSTERS}, "optim": {"epochs": 30}}
+    """The paper's synthetic recipe (released synthetic_main.py): latent 16 content + 16 style,
+    hidden [100, 32], jitter 3, counts as input, KL weight 10, alignment weight 1, Adam 5e-4,
+    batch 256; 30 epochs (fixed in advance) and a 4-way readout. Every field is pinned here, so
+    the recipe does not move with the project's Chewie-1 defaults. ``variant`` and other fields
+    can be given as in ``SwapVAEConfig``; a variant's own loss settings are kept."""
+    model = {"content_dim": 16, "style_dim": 16, "hidden": ["d", 32]}
+    if "input_transform" in ModelConfig.model_fields:
+        model["input_transform"] = "identity"
+    raw = {"model": model, "data": {"input_unit": "counts", "jitter": 3, "dropout_max": 0.0},
+           "optim": {"epochs": 30, "lr": 5e-4, "batch_size": 256, "weight_decay": 0.0},
+           "readout": {"n_directions": N_CLUSTERS}}
+    if overrides.get("variant", "swap_vae") == "swap_vae":
+        raw["loss"] = {"swap": True, "kl_weight": 10.0, "align_weight": 1.0}
     for key, value in overrides.items():
         raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
     if raw.get("variant") in ("vae", "beta_vae"):  # the whole latent is style for a VAE
