@@ -45,7 +45,7 @@ def test_bundle_has_hashed_checked_graphs_with_dynamic_batch(tiny_bundle):
         assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
         assert model.opset_import[0].version == m.opset == 17
         assert not [n for n in model.graph.node if n.op_type == "BatchNormalization"], "BatchNorm must be folded"
-    assert m.n_channels == 120 and m.bin_size_s == 0.1 and m.input_scale == 1.0
+    assert m.n_channels == 120 and m.bin_size_s == 0.1 and m.input_scale == pytest.approx(10.0)  # Hz by default
     assert (m.content_dim, m.style_dim) == (8, 8) and m.direction.classes == tuple(range(8))
     assert m.training.config["model"]["content_dim"] == 8 and "reach_acc" in m.training.metrics
     assert {"torch", "onnx", "onnxruntime", "numpy"} <= set(m.versions)
@@ -58,7 +58,7 @@ def test_graphs_reproduce_the_torch_model_on_test_bins(tiny_run, tiny_bundle):
     sess = {g: ort.InferenceSession(str(tiny_bundle / f"{g}.onnx"), providers=["CPUExecutionProvider"]) for g in GRAPH_IO}
     c, mu, logvar = sess["encoder"].run(None, {"counts": counts})
     with torch.no_grad():
-        _, _, ref_logvar = est.model_.encoder(torch.as_tensor(counts[:, est.neurons_]))
+        _, _, ref_logvar = est.model_.encoder(torch.as_tensor(counts[:, est.neurons_] * est.input_scale))
     _close(c, est.transform(counts, "content"), "content")
     _close(mu, est.transform(counts, "style"), "style mean")
     _close(logvar, ref_logvar.numpy(), "style log-variance")
@@ -184,7 +184,7 @@ def test_manifest_rejects_inconsistent_fields(tiny_bundle):
         ({"files": {**good["files"], "../escape.onnx": "0" * 64}}, "string_pattern_mismatch|pattern"),
         ({"files": {k: v for k, v in good["files"].items() if k != "decode.onnx"}}, "no sha256"),
         ({"direction": {"classes": [0, 1, 2], "angles_rad": [0.0, 1.0]}}, "3 classes but 2 angles"),
-        ({"rates_unit": "hz"}, "does not match input_unit"),
+        ({"rates_unit": "counts_per_bin" if good["input_unit"] == "hz" else "hz"}, "does not match input_unit"),
         ({"format_version": 2}, "format_version"),
         ({"extra": 1}, "extra"),
     ]
