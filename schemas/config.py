@@ -78,6 +78,10 @@ class OptimConfig(_Section):
     batch_size: int = Field(256, ge=2, description="pairs per step")
     epochs: int = Field(225, ge=1, description="each epoch is max(1, n_train_bins // batch_size) steps")
     checkpoint_every: int = Field(25, ge=1, description="epochs between checkpoints")
+    # Torch CPU threads while training (0: torch's default, one per core). The matrices here
+    # are small, so a second thread gains little on an idle CPU, while on a busy one OpenMP's
+    # spinning barriers made a 2-thread epoch up to 15x slower than a 1-thread one.
+    cpu_threads: int = Field(1, ge=0)
 
 
 class ReadoutConfig(_Section):

@@ -5,22 +5,7 @@ tests that need a realistic size build their own.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
-
-
-def pytest_configure(config):
-    # torch's intra-op threads fight the other processes on a shared 2-core machine: one
-    # thread trains these small models several times faster (the suite: 3 min -> about 1).
-    # SWAPVAE_TEST_TORCH_THREADS=0 keeps torch's default.
-    threads = int(os.environ.get("SWAPVAE_TEST_TORCH_THREADS", "1"))
-    if threads > 0:
-        try:
-            import torch
-        except ImportError:  # a runtime-only install runs the runtime tests
-            return
-        torch.set_num_threads(threads)
 
 
 TINY_CONFIG = {

@@ -106,3 +106,10 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     bad.write_text(json.dumps({"optim": {"lr": -1}}))
     assert cli(["train", "--out", str(tmp_path / "r"), "--config", str(bad)]) == 2
     assert "lr" in capsys.readouterr().err
+
+
+def test_training_thread_setting_is_scoped(split):
+    before = torch.get_num_threads()
+    config = SwapVAEConfig.model_validate({**FAST, "optim": {**FAST["optim"], "cpu_threads": 1}})
+    _fit(split, config)
+    assert torch.get_num_threads() == before

@@ -91,6 +91,20 @@ class SwapVAEEstimator:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / CONFIG).write_text(cfg.model_dump_json(indent=2))
         self.history_ = []
+        threads = torch.get_num_threads()
+        if device.type == "cpu" and cfg.optim.cpu_threads:
+            torch.set_num_threads(cfg.optim.cpu_threads)
+        try:
+            self._train(x, pairs, gen, opt, steps_per_epoch, run_dir, progress)
+        finally:
+            torch.set_num_threads(threads)
+        self.model_.eval()
+        if run_dir is not None:
+            self.save(run_dir)
+        return self
+
+    def _train(self, x, pairs, gen, opt, steps_per_epoch, run_dir, progress) -> None:
+        cfg, device = self.config, x.device
         bar = _progress(cfg.optim.epochs, progress)
         terms = ("loss", "rec", "kl", "align")
         start = time.perf_counter()
@@ -122,10 +136,6 @@ class SwapVAEEstimator:
         if bar is not None:
             bar.close()
         self.train_seconds_ = time.perf_counter() - start
-        self.model_.eval()
-        if run_dir is not None:
-            self.save(run_dir)
-        return self
 
     # -- inference -----------------------------------------------------------------------------
     @torch.no_grad()
