@@ -79,14 +79,15 @@ def main(argv=None) -> int:
             print(f"{name:<24}{a['mean']:>8.3f} +- {a['std']:.3f}{d['mean']:>10.3f} +- {d['std']:.3f}")
     print(f"{'raw rates (logistic)':<24}{baseline['reach_acc']:>8.3f}{'':>9}{baseline['reach_delta_acc']:>10.3f}")
     t = summary["train_seconds"]
-    print(f"training time per seed: {t['mean']:.1f} +- {t['std']:.1f} s (torch threads {torch.get_num_threads()})")
+    threads = config.optim.cpu_threads or torch.get_num_threads()
+    print(f"training time per seed: {t['mean']:.1f} +- {t['std']:.1f} s (torch CPU threads {threads})")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"data": args.data, "scored_on": scored_on, "config": config.model_dump(mode="json"),
                                "seeds": runs, "summary": summary, "baseline_raw": baseline,
                                "machine": {"python": sys.version.split()[0], "torch": torch.__version__,
-                                           "threads": torch.get_num_threads(), "platform": platform.platform()},
+                                           "threads": threads, "platform": platform.platform()},
                                "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
     print(f"wrote {out}")
     return 0
