@@ -90,3 +90,10 @@ def test_simulated_session_is_valid_and_seeded():
     assert np.array_equal(simulate_reaching(seed=3).counts, s.counts)
     assert not np.array_equal(simulate_reaching(seed=4).counts, s.counts)
     assert (s.counts.std(0) == 0).any()  # silent neurons exercise the static filter
+
+
+def test_synthetic_dataset_loads_by_name():
+    s = load_session("synthetic:3:20")
+    assert len(s.trials) == 4 * 20 and set(np.unique(s.target)) == {0, 1, 2, 3}
+    with pytest.raises(DataError, match="synthetic"):
+        load_session("synthetic:x")

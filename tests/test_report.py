@@ -9,7 +9,8 @@ from schemas import SwapVAEConfig
 from training.cli import main as cli
 from training.data import load_session, split_session
 from training.estimator import SwapVAEEstimator
-from training.report import FIGURES, _pca, example_neurons, load_any_session, write_report
+from training.data import load_session
+from training.report import FIGURES, _pca, example_neurons, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = {"device": "cpu", "model": {"content_dim": 4, "style_dim": 4, "hidden": ["d", 16]},
@@ -17,7 +18,7 @@ TINY = {"device": "cpu", "model": {"content_dim": 4, "style_dim": 4, "hidden": [
 
 
 def _run(tmp_path, raw, data="simulated"):
-    session = load_any_session(data)
+    session = load_session(data)
     split = split_session(session)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -110,11 +110,20 @@ def validate(arrays: dict[str, np.ndarray], name: str, min_trials: int = 4) -> S
 
 
 def load_session(path: str | Path, min_trials: int = 4, seed: int = 0) -> Session:
-    """Load ``path`` (.npz recording) or the built-in simulated session (``"simulated"``)."""
+    """Load ``path``: a .npz recording, the built-in simulated session (``"simulated"``), or the
+    paper's synthetic dataset (``"synthetic[:SEED[:SEQUENCES]]"``, SEQUENCES per cluster)."""
     if str(path) == "simulated":
         from training.simulate import simulate_reaching
 
         return simulate_reaching(seed=seed)
+    if str(path).split(":")[0] == "synthetic":
+        from training.synthetic import make_synthetic
+
+        parts = str(path).split(":")[1:]
+        if len(parts) > 2 or not all(p.isdigit() for p in parts):
+            raise DataError(f"{path}: expected synthetic[:SEED[:SEQUENCES]] with integers")
+        seed_, *n = [int(p) for p in parts] or [seed]
+        return make_synthetic(*n, seed=seed_).session
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file (use 'simulated' for the built-in session)")

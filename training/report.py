@@ -24,19 +24,6 @@ from training.metrics import TEMPORAL_BINS, trial_average
 FIGURES = ("embedding.png", "trajectories.png", "reconstruction.png", "generation.png", "training_curves.png")
 
 
-def load_any_session(data: str, min_trials: int = 4) -> Session:
-    """A recording, ``simulated``, or ``synthetic[:SEED[:SEQUENCES]]`` (the paper's synthetic
-    dataset; SEQUENCES per cluster, default 1250)."""
-    if str(data).split(":")[0] == "synthetic":
-        from training.synthetic import make_synthetic
-
-        parts = [int(p) for p in str(data).split(":")[1:]]
-        if len(parts) > 2:
-            raise ValueError(f"{data}: expected synthetic[:SEED[:SEQUENCES]]")
-        return make_synthetic(*([parts[1]] if len(parts) == 2 else []), seed=parts[0] if parts else 0).session
-    return load_session(data, min_trials=min_trials)
-
-
 def _plt():
     import matplotlib
 
@@ -221,7 +208,7 @@ def write_report(run_dir: str | Path, data: str | None = None, out: str | Path |
             raise FileNotFoundError(f"{run_file}: no run.json; pass --data")
         data = json.loads(run_file.read_text())["data"]
     cfg = est.config
-    session = load_any_session(data, cfg.data.min_trials)
+    session = load_session(data, cfg.data.min_trials)
     if session.n_neurons != est.n_channels_:
         raise ValueError(f"{data} has {session.n_neurons} channels but the run was trained on {est.n_channels_}")
     split = split_session(session, cfg.data.train_fraction, cfg.data.static_std)
