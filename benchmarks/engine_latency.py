@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _machine import cpu_name  # benchmarks/ is on sys.path when run as a script
+
 CHEWIE = Path(__file__).resolve().parents[1] / "../shared/data/reaching/chewie-2013-10-03.npz"
 
 
@@ -152,7 +154,7 @@ def main(argv=None) -> int:
             "n_neurons": len(manifest["neurons"]), "hidden": manifest["training"]["config"]["model"]["hidden"],
             "data": manifest["training"].get("data")},
         "settings": {"n": args.n, "rounds": args.rounds, "gap_ms": args.gap_ms, "gap_n": args.gap_n},
-        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "load_avg": os.getloadavg(), "python": platform.python_version(),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "load_avg": os.getloadavg(), "python": platform.python_version(),
                     "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
         "results": rows,
     }
@@ -161,16 +163,6 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(result, indent=2))
     print(f"written to {out}")
     return 0
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _machine import cpu_name  # benchmarks/ is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 CHEWIE = (ROOT / "../shared/data/reaching/chewie-2013-10-03.npz").resolve()
@@ -424,7 +426,7 @@ def main(argv=None) -> int:
                 "throughput with 32 requests in flight",
         "settings": {k: getattr(args, k) for k in ("n", "paced_seconds", "rounds", "warmup", "throughput_n",
                                                    "throughput_seconds", "pin")},
-        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "load_avg_before": load_before,
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "load_avg_before": load_before,
                     "load_avg_after": os.getloadavg(), "python": platform.python_version(),
                     "onnxruntime": onnxruntime.__version__, "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version()},
         "results": runs,
@@ -435,16 +437,6 @@ def main(argv=None) -> int:
     print(f"\nload average before/after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; "
           f"written to {out}")
     return 0
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":
