@@ -139,6 +139,12 @@ class SwapVAEEstimator:
 
     # -- inference -----------------------------------------------------------------------------
     @torch.no_grad()
+    def encode(self, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The encoder's outputs for each bin: content c, style mean mu, style log-variance."""
+        self.model_.eval()
+        return tuple(t.cpu().numpy() for t in self.model_.encoder(self._inputs(counts)))
+
+    @torch.no_grad()
     def transform(self, counts: np.ndarray, space: str = "full") -> np.ndarray:
         """Frozen representation of each bin: ``full`` = [c, mu], ``content`` = c, ``style`` = mu."""
         if space not in SPACES:

@@ -363,16 +363,13 @@ def compare_outputs(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], tol:
     return problems
 
 
-@torch.no_grad()
 def _reference(est: SwapVAEEstimator, readout: Readout, counts: np.ndarray) -> dict[str, np.ndarray]:
-    x = torch.as_tensor(counts[:, est.neurons_] * est.input_scale, dtype=torch.float32)
-    _, _, logvar = est.model_.encoder(x)
-    z = est.transform(counts, "full").astype(np.float64)
-    k = est.config.model.content_dim
+    c, mu, logvar = (a.astype(np.float64) for a in est.encode(counts))
+    z = np.concatenate([c, mu], axis=1)
     p = readout.proba(z)
     resultant = np.stack([p @ np.cos(readout.class_angles), p @ np.sin(readout.class_angles)], axis=1)
     classes = np.rint(readout.class_angles * est.config.readout.n_directions / (2 * np.pi)).astype(np.int64)
-    return {"latent": z, "content": z[:, :k], "style_mean": z[:, k:], "style_logvar": logvar.numpy().astype(np.float64),
+    return {"latent": z, "content": c, "style_mean": mu, "style_logvar": logvar,
             "rates": est.reconstruct(counts).astype(np.float64), "proba": p, "direction": classes[p.argmax(1)],
             "angle": readout.angle(z), "resultant": resultant, "resultant_length": np.hypot(*resultant.T),
             "count_min": counts.min(axis=1).astype(np.float64), "count_sum": counts.sum(axis=1, dtype=np.float64)}
