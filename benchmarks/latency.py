@@ -16,6 +16,8 @@ with the same request loop for every server:
                  pre-warms the engine shortly before the next bin of a periodic stream
     ours no-prewarm  (``--no-prewarm``, diagnostic) the same without pre-warming
     ours busy    ``swapvae serve --busy-poll``: spins on the socket (dedicated core)
+    ours fp32    where ``ours`` serves an int8 bundle (d >= --int8-from): the same model
+                 exported with fp32 weights, back to back
 
 each back to back, and paced at 100 Hz and 1 kHz (a pause before each request: the server
 goes idle, as in a closed loop; paced requests expose wake-up latency). Sustained throughput
@@ -52,7 +54,7 @@ RATES = {"b2b": 0.0, "100Hz": 100.0, "1kHz": 1000.0}
 
 # -- models to serve -------------------------------------------------------------------------------
 
-def build_bundle(d: int, workdir: Path) -> tuple[Path, Path]:
+def build_bundle(d: int, workdir: Path, weights: str = "fp32") -> tuple[Path, Path]:
     """A default-config model for ``d`` channels: Chewie-1 for 174, a simulated session otherwise.
     Kept in ``workdir``: a later run reuses the run directory, and the bundle if it still loads."""
     import shutil
@@ -64,7 +66,7 @@ def build_bundle(d: int, workdir: Path) -> tuple[Path, Path]:
     from training.export import export_bundle
     from training.run import train_run
 
-    run, bundle = workdir / f"run{d}", workdir / f"bundle{d}"
+    run, bundle = workdir / f"run{d}", workdir / (f"bundle{d}" if weights == "fp32" else f"bundle{d}_{weights}")
     if (bundle / "manifest.json").exists():
         try:
             BundleDecoder(bundle)
@@ -85,7 +87,7 @@ def build_bundle(d: int, workdir: Path) -> tuple[Path, Path]:
         cfg = SwapVAEConfig.model_validate({"device": "cpu", "optim": {"epochs": 2},
                                             "readout": {"C_grid": [0.1], "cv_folds": 2}})
         train_run(data, run, cfg, progress=False)
-    export_bundle(run, bundle)
+    export_bundle(run, bundle, weights=weights)
     return run, bundle
 
 
@@ -272,7 +274,8 @@ def summarize(ns: list[np.ndarray]) -> dict:
 
 
 def measure_channels(d: int, workdir: Path, args) -> dict:
-    run, bundle = build_bundle(d, workdir)
+    weights = "int8" if d >= args.int8_from else "fp32"
+    run, bundle = build_bundle(d, workdir, weights)
     rng = np.random.default_rng(0)
     x = rng.poisson(2.0, d).astype(np.float32)
     server_cpu = 1 if args.pin else None
@@ -290,6 +293,9 @@ def measure_channels(d: int, workdir: Path, args) -> dict:
         probe.close()
         procs["echo"] = Proc("echo", [py, me, "--_serve", "echo", "--_reply-bytes", str(reply_bytes)], server_cpu)
         procs["torch eager"] = Proc("torch eager", [py, me, "--_serve", "torch", "--_run", str(run)], server_cpu)
+        if weights != "fp32":  # the same model with fp32 weights: what the int8 bundle gains
+            _, fp32_bundle = build_bundle(d, workdir, "fp32")
+            procs["ours fp32"] = Proc("ours fp32", [*ours_cmd[:4], str(fp32_bundle), *ours_cmd[5:]], server_cpu)
         if args.no_prewarm:
             procs["ours no-prewarm"] = Proc("ours no-prewarm", [py, me, "--_serve", "no-prewarm", "--_bundle", str(bundle)],
                                             server_cpu)
@@ -299,7 +305,7 @@ def measure_channels(d: int, workdir: Path, args) -> dict:
         for r in range(args.rounds):
             for name, probe in probes.items():
                 for mode in MODES:
-                    if name == "torch eager" and mode != "b2b" and not args.torch_paced:
+                    if name in ("torch eager", "ours fp32") and mode != "b2b" and not args.torch_paced:
                         continue
                     probe.run(args.warmup, 0)  # re-warm after the other servers ran
                     n = args.n if mode == "b2b" else max(1, int(args.paced_seconds * RATES[mode]))
@@ -338,7 +344,7 @@ def measure_channels(d: int, workdir: Path, args) -> dict:
         probe.close()
     finally:
         busy.stop()
-    return {"d": d, "reply_bytes": reply_bytes, "request_bytes": 32 + 4 * d, "bundle": str(bundle),
+    return {"d": d, "weights": weights, "reply_bytes": reply_bytes, "request_bytes": 32 + 4 * d, "bundle": str(bundle),
             "servers": results, "targets": targets(results, d)}
 
 
@@ -360,8 +366,8 @@ def targets(r: dict, d: int) -> dict:
 
 
 def print_table(res: dict) -> None:
-    print(f"\nd = {res['d']} channels (request {res['request_bytes']} B, reply {res['reply_bytes']} B), "
-          f"round trip in us, loopback tcp, batch 1")
+    print(f"\nd = {res['d']} channels, ours with {res['weights']} weights (request {res['request_bytes']} B, "
+          f"reply {res['reply_bytes']} B), round trip in us, loopback tcp, batch 1")
     head = f"{'server':<15} " + " ".join(f"{m + ' ' + q:>11}" for m in MODES for q in ("p50", "p99", "p99.9"))
     print(head + f" {'seq/s':>7} {'thru/s':>7}")
     for name, r in res["servers"].items():
@@ -383,7 +389,10 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--throughput-n", type=int, default=20000)
     p.add_argument("--throughput-seconds", type=float, default=3.0)
-    p.add_argument("--torch-paced", action="store_true", help="also pace the torch server (slower run)")
+    p.add_argument("--torch-paced", action="store_true", help="also pace the torch and fp32 servers (slower run)")
+    p.add_argument("--int8-from", type=int, default=512,
+                   help="serve int8 bundles (swapvae export --weights int8) from this many channels up; "
+                        "'ours fp32' is then measured beside them")
     p.add_argument("--no-prewarm", action="store_true", help="also measure ours without pre-warming (diagnostic)")
     p.add_argument("--pin", action="store_true", help="server on CPU 1, client on CPU 0")
     p.add_argument("--quick", action="store_true", help="a smoke run: few samples")

@@ -78,10 +78,12 @@ class OptimConfig(_Section):
     batch_size: int = Field(256, ge=2, description="pairs per step")
     epochs: int = Field(225, ge=1, description="each epoch is max(1, n_train_bins // batch_size) steps")
     checkpoint_every: int = Field(25, ge=1, description="epochs between checkpoints")
-    # Torch CPU threads while training (0: torch's default, one per core). The matrices here
-    # are small, so a second thread gains little on an idle CPU, while on a busy one OpenMP's
-    # spinning barriers made a 2-thread epoch up to 15x slower than a 1-thread one.
-    cpu_threads: int = Field(1, ge=0)
+    # Torch CPU threads while training (0: one per core, torch's default). Chewie-1 on the
+    # 2-core EPYC, seconds for the 1 125 steps (benchmarks/reach_accuracy.py, 5 seeds): idle,
+    # 1 thread 33.7, 2 threads 23.6. But OpenMP's barriers wait for a descheduled thread: next
+    # to one equal-priority busy process, 2 threads took 71 s against 36 for 1, and on an
+    # oversubscribed CPU a 2-thread run took 309 s. Use 1 on a CPU shared with other work.
+    cpu_threads: int = Field(0, ge=0)
 
 
 class ReadoutConfig(_Section):

@@ -87,6 +87,20 @@ class TrainingInfo(_Frozen):
     epochs_done: int | None = None
 
 
+class Quantization(_Frozen):
+    """How far an int8 ``decode`` graph is from the fp32 model, measured by the export on the
+    run's test bins: errors are max |int8 - fp32| over bins, divided by the largest |fp32|
+    value of that output."""
+    weights: Literal["int8"] = "int8"
+    scheme: str
+    n_bins: int = Field(ge=1)
+    latent_err: float = Field(ge=0)
+    rates_err: float = Field(ge=0)
+    proba_err: float = Field(ge=0)
+    direction_agreement: float = Field(ge=0, le=1)
+    angle_err_p99_rad: float = Field(ge=0)
+
+
 class BundleManifest(_Frozen):
     format_version: Literal[1] = FORMAT_VERSION
     created_utc: str
@@ -102,6 +116,11 @@ class BundleManifest(_Frozen):
     style_dim: int = Field(ge=1)
     direction: Direction
     opset: int = Field(ge=1)
+    # "int8": decode.onnx (the graph the runtime serves) has int8 weights, for models whose
+    # fp32 weights do not fit the CPU cache; encoder/decoder/readout.onnx stay fp32. Its first
+    # layer takes the counts as whole numbers: they are rounded, and clipped at 127 per bin.
+    weights: Literal["fp32", "int8"] = "fp32"
+    quantization: Quantization | None = None
     graphs: dict[str, GraphSpec]
     files: dict[FileName, Sha256]
     training: TrainingInfo
@@ -136,6 +155,8 @@ class BundleManifest(_Frozen):
                                  f"expected {GRAPH_IO[name][0]}/{GRAPH_IO[name][1]}")
             if spec.file not in self.files:
                 raise ValueError(f"graph {name!r}: file {spec.file!r} has no sha256 in 'files'")
+        if (self.weights == "int8") != (self.quantization is not None):
+            raise ValueError("weights 'int8' and a 'quantization' record go together")
         if MANIFEST in self.files:
             raise ValueError(f"'files' cannot list {MANIFEST} itself")
         expected_unit = "hz" if self.input_unit == "hz" else "counts_per_bin"

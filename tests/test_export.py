@@ -190,3 +190,38 @@ def test_manifest_rejects_inconsistent_fields(tiny_bundle):
     for change, message in bad:
         with pytest.raises(ValidationError, match=message):
             BundleManifest.model_validate({**good, **change})
+
+
+def test_int8_export_quantizes_the_served_graph_and_records_its_error(tiny_run, tmp_path):
+    from runtime.engine import BundleDecoder
+
+    m = export_bundle(tiny_run, tmp_path / "b8", weights="int8")
+    assert m.weights == "int8" and m.quantization is not None
+    q = m.quantization
+    assert q.n_bins > 100 and q.direction_agreement >= 0.95 and q.latent_err <= 0.05 and q.rates_err <= 0.05
+    assert q.latent_err > 0  # it did quantize: int8 is not exact
+    ops = lambda g: {n.op_type for n in onnx.load(tmp_path / "b8" / f"{g}.onnx").graph.node}  # noqa: E731
+    assert "MatMulInteger" in ops("decode") and "MatMulInteger" not in ops("encoder")  # the per-part graphs stay fp32
+    # the readout stays fp32: the same latent gives the same direction through both bundles' readouts
+    est, counts = _test_counts(tiny_run)
+    out = BundleDecoder(tmp_path / "b8").decode(counts)
+    ref = est.reconstruct(counts)
+    assert np.abs(out.rates - ref).max() <= 0.05 * np.abs(ref).max()
+
+
+def test_int8_export_beyond_its_limits_fails_and_leaves_nothing(tiny_run, tmp_path, monkeypatch):
+    import training.export as export
+
+    monkeypatch.setitem(export.INT8_LIMITS, "latent_err", 0.0)
+    with pytest.raises(ExportError, match="too far.*latent_err"):
+        export_bundle(tiny_run, tmp_path / "bundle", weights="int8")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ExportError, match="weights must be one of"):
+        export_bundle(tiny_run, tmp_path / "bundle", weights="fp16")
+
+
+def test_manifest_int8_weights_need_a_quantization_record(tiny_bundle):
+    good = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert good["weights"] == "fp32" and good["quantization"] is None
+    with pytest.raises(ValidationError, match="go together"):
+        BundleManifest.model_validate({**good, "weights": "int8"})

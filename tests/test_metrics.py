@@ -4,7 +4,7 @@ import pytest
 
 from schemas import ReadoutConfig
 from training.data import Session
-from training.metrics import (bits_per_spike, disentanglement_score, label_variances, mean_std,
+from training.metrics import (bits_per_spike, disentanglement_per_latent, disentanglement_score, label_variances, mean_std,
                               reconstruction_rmse, temporal_scores, trial_average)
 
 FAST_READOUT = ReadoutConfig(C_grid=(0.1, 1.0), cv_folds=3)
@@ -106,3 +106,49 @@ def test_mean_std():
     assert mean_std([1.0, 3.0]) == pytest.approx((2.0, np.sqrt(2)))
     assert mean_std([4.0]) == (4.0, 0.0)
     assert np.isnan(mean_std([])[0]) and mean_std([1.0, float("nan"), 3.0])[0] == 2.0
+
+
+def _toy_cells(columns, n_per_cell=3):
+    """2 content x 2 style labels; ``columns`` maps (c, s) -> value for each latent."""
+    yc = np.repeat([0, 0, 1, 1], n_per_cell)
+    ys = np.repeat([0, 1, 0, 1], n_per_cell)
+    z = np.stack([[f(c, s) for c, s in zip(yc, ys)] for f in columns], 1).astype(float)
+    return z, yc, ys
+
+
+def test_label_variances_hand_computed():
+    # z0 = c: standardised to -1/+1 -> (1) = var(-1, 1) = 1, (2) = 0.
+    # z1 = 2c + s: cells 0, 1, 2, 3, variance 1.25 -> (1) = 1 / 1.25 = 0.8, (2) = 0.25 / 1.25 = 0.2.
+    z, yc, ys = _toy_cells([lambda c, s: c, lambda c, s: 2 * c + s])
+    v_c, v_s = label_variances(z, yc, ys)
+    np.testing.assert_allclose(v_c, [1.0, 0.8])
+    np.testing.assert_allclose(v_s, [0.0, 0.2], atol=1e-12)
+
+
+def test_both_readings_of_the_score_hand_computed():
+    z, yc, ys = _toy_cells([lambda c, s: c, lambda c, s: 2 * c + s])
+    # shares: p = (1, 0.8) / 1.8, q = (0, 1); TV = 0.5 * (5/9 + 5/9) = 5/9
+    assert disentanglement_score(z, yc, ys) == pytest.approx(5 / 9)
+    # per latent: |1 - 0| / 1 = 1 and |0.8 - 0.2| / 1 = 0.6, mean 0.8
+    assert disentanglement_per_latent(z, yc, ys) == pytest.approx(0.8)
+    # pure content + pure style latents: both readings give 1
+    pure, yc, ys = _toy_cells([lambda c, s: c, lambda c, s: s])
+    assert disentanglement_score(pure, yc, ys) == pytest.approx(1) and disentanglement_per_latent(pure, yc, ys) == pytest.approx(1)
+    # every latent mixes both labels in the same proportion (content-dominated): the shares reading
+    # says 0, the per-latent reading says each latent is mostly content (0.6)
+    same, yc, ys = _toy_cells([lambda c, s: 2 * c + s, lambda c, s: -4 * c - 2 * s + 1])
+    assert disentanglement_score(same, yc, ys) == pytest.approx(0, abs=1e-12)
+    assert disentanglement_per_latent(same, yc, ys) == pytest.approx(0.6)
+    # a constant latent carries no label: 0 per latent, not a division by zero
+    const, yc, ys = _toy_cells([lambda c, s: c, lambda c, s: 7.0])
+    assert disentanglement_per_latent(const, yc, ys) == pytest.approx(0.5)
+
+
+def test_per_latent_reading_ignores_units_and_orders_like_the_shares_on_clean_cases():
+    yc, ys, rng = _labels()
+    blocks = np.hstack([np.stack([yc, yc ** 2], 1), np.stack([ys, np.sqrt(ys)], 1)]).astype(float)
+    z = blocks + 0.01 * rng.normal(size=blocks.shape)
+    assert disentanglement_per_latent(z, yc, ys) > 0.97
+    assert disentanglement_per_latent(z * [3, 0.1, 50, 1e-3], yc, ys) == pytest.approx(disentanglement_per_latent(z, yc, ys))
+    mixed = np.stack([yc + ys, yc - ys], 1) + 0.01 * rng.normal(size=(len(yc), 2))
+    assert disentanglement_per_latent(mixed, yc, ys) < 0.1

@@ -80,3 +80,59 @@ def test_synthetic_config_is_the_papers_recipe():
     vae = synthetic_config(variant="beta_vae", optim={"epochs": 2})
     assert (vae.model.content_dim, vae.model.style_dim, vae.loss.kl_weight, vae.optim.epochs) == (0, 32, 10.0, 2)
     assert synthetic_config(loss={"kl_weight": 1.0}).loss.kl_weight == 1.0
+
+
+def test_flow_architecture_is_the_papers():
+    """4 blocks of 2 affine couplings, coupling nets 25-25 hidden units for 100 dimensions
+    (pi-VAE's n_nodes = [dd // 2, dd // 2, DD] with dd = DD // 2), a permutation between blocks."""
+    flow = RealNVP(100, np.random.default_rng(0))
+    assert len(flow.blocks) == 4 and all(len(block) == 2 for block in flow.blocks) and len(flow.perms) == 3
+    for block in flow.blocks:
+        for net in block:
+            assert [w.shape for w, _ in net] == [(50, 25), (25, 25), (25, 100)]
+            assert all((b == 0).all() for _, b in net)  # Keras: zero biases
+    assert all(sorted(p) == list(range(100)) for p in flow.perms)
+
+
+def test_coupling_scale_is_clamped_by_0_1_tanh():
+    flow = RealNVP(4, np.random.default_rng(0))
+    # a net whose scale half is huge and whose shift half is zero: x2 may only be scaled by e^(+-0.1)
+    net = [(np.full((2, 1), 100.0), np.zeros(1)), (np.ones((1, 1)), np.zeros(1)),
+           (np.array([[1e3, -1e3, 0.0, 0.0]]), np.zeros(4))]
+    x = np.array([[1.0, 2.0, 3.0, -4.0], [0.5, 0.1, -2.0, 1.0]])
+    out = flow._coupling(x, net)
+    np.testing.assert_array_equal(out[:, 2:], x[:, :2])  # halves swapped, the first passed through
+    np.testing.assert_allclose(out[:, :2] / x[:, 2:], [[np.exp(0.1), np.exp(-0.1)]] * 2)
+
+
+def test_positions_are_clockwise_sub_arcs():
+    z, cluster, u = sample_latents(3000, np.random.default_rng(1))
+    quarter = np.pi / 2 / SEQ_LEN
+    start = cluster[:, None] * np.pi / 2 + np.arange(SEQ_LEN) * quarter
+    assert ((u >= start) & (u < start + quarter)).all()  # point t lies in the t-th quarter of the arc
+    # clockwise: the polar angle of the mean point of each position decreases along the sequence
+    for c in range(N_CLUSTERS):
+        centre = z[cluster == c].mean(axis=0)
+        steps = np.angle(centre[1:, 0] + 1j * centre[1:, 1]) - np.angle(centre[:-1, 0] + 1j * centre[:-1, 1])
+        steps = (steps + np.pi) % (2 * np.pi) - np.pi
+        assert (steps < 0).all() and np.allclose(steps, -quarter, atol=0.03)
+
+
+def test_position_is_in_the_latent_but_not_linearly(small):
+    """The style label is real signal: given the cluster, the angle of the true latent names the
+    position well above chance; but it is a sawtooth of the angle, so a single linear readout of
+    the 2-D latent across clusters cannot find it (measured on seed 0: 26% vs chance 25%)."""
+    s = small.session
+    angle = np.arctan2(small.latent[:, 0], small.latent[:, 1]) % (2 * np.pi)  # = u up to noise
+    guess = np.clip(((angle - s.target * np.pi / 2) // (np.pi / 2 / SEQ_LEN)).astype(int), 0, SEQ_LEN - 1)
+    assert np.mean(guess == s.bin_in_trial) > 0.6
+    # least-squares linear readout (one-hot targets) of the 2-D latent: near chance
+    x = np.c_[small.latent, np.ones(len(small.latent))]
+    w = np.linalg.lstsq(x, np.eye(SEQ_LEN)[s.bin_in_trial], rcond=None)[0]
+    assert np.mean((x @ w).argmax(1) == s.bin_in_trial) < 0.35
+    # within clusters, position adds a clear share of the rates' variance beyond the cluster's
+    def between(labels):
+        keys, idx = np.unique(labels, return_inverse=True)
+        means = np.stack([small.rate[idx == k].mean(0) for k in range(len(keys))])
+        return means[idx].var(0).sum() / small.rate.var(0).sum()
+    assert between(s.target * SEQ_LEN + s.bin_in_trial) - between(s.target) > 0.1

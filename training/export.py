@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -28,12 +29,17 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from schemas.manifest import CORE_FIELDS, CORE_KEY, GRAPH_IO, MANIFEST, BundleManifest, Direction, GraphSpec, TrainingInfo
+from schemas.manifest import (CORE_FIELDS, CORE_KEY, GRAPH_IO, MANIFEST, BundleManifest, Direction, GraphSpec,
+                              Quantization, TrainingInfo)
 from training.estimator import SwapVAEEstimator
 from training.evaluate import Readout, load_readout
 
 MIN_OPSET = 13  # Slice/Softmax/ArgMax semantics used here
 TOL = 1e-4
+WEIGHTS = ("fp32", "int8")
+# How close an int8 decode graph must stay to the fp32 model on the run's test bins (errors
+# relative to each output's largest value); beyond this the export fails.
+INT8_LIMITS = {"latent_err": 0.05, "rates_err": 0.05, "proba_err": 0.1, "direction_agreement": 0.95}
 
 
 class ExportError(RuntimeError):
@@ -123,6 +129,21 @@ class _GraphBuilder:
             x = self.op(layer.activation, y, out=out if last else None) if layer.activation else y
         return x
 
+    def counts_layer_int8(self, layer: Affine) -> str:
+        """The first layer with int8 weights (symmetric, one scale per output channel) on the
+        counts as exact uint8 integers: W x + b = s * (W_q x_u8) + b. Counts are whole numbers
+        (rounded here) and clipped at 127, the largest at which AVX2's u8 x s8 pair sums
+        cannot saturate int16 (127 * 127 * 2 < 2^15); a neuron firing above 127 spikes per bin
+        is not physiological at the bins this serves."""
+        scale = np.abs(layer.weight).max(axis=1) / 127.0
+        scale[scale == 0] = 1.0
+        w_q = np.clip(np.rint(layer.weight / scale[:, None]), -127, 127).T  # (n_channels, out)
+        x = self.op("Clip", self.op("Round", "counts"), self.const(0.0, "lo"), self.const(127.0, "hi"))
+        y = self.op("MatMulInteger", self.op("Cast", x, to=TensorProto.UINT8), self.const(w_q, "enc0_wq", np.int8))
+        y = self.op("Add", self.op("Mul", self.op("Cast", y, to=TensorProto.FLOAT), self.const(scale, "enc0_s")),
+                    self.const(layer.bias, "enc0_b"))
+        return self.op(layer.activation, y) if layer.activation else y
+
     def cols(self, x: str, start: int, stop: int, out: str | None = None) -> str:
         return self.op("Slice", x, self.const([start], "s", np.int64), self.const([stop], "e", np.int64),
                        self.const([1], "ax", np.int64), out=out)
@@ -172,8 +193,10 @@ class _GraphBuilder:
         return m
 
 
-def build_graphs(enc: list[Affine], dec: list[Affine], ro: Affine, core: dict, opset: int) -> dict[str, onnx.ModelProto]:
-    """The four graphs of GRAPH_IO; ``core`` is the manifest's CORE_FIELDS, embedded in each."""
+def build_graphs(enc: list[Affine], dec: list[Affine], ro: Affine, core: dict, opset: int,
+                 weights: str = "fp32") -> dict[str, onnx.ModelProto]:
+    """The four graphs of GRAPH_IO; ``core`` is the manifest's CORE_FIELDS, embedded in each.
+    With ``weights="int8"`` the decode graph's first layer is int8 (see ``quantize_int8``)."""
     k, s, n_channels, n_neurons = core["content_dim"], core["style_dim"], core["n_channels"], len(core["neurons"])
     classes = np.asarray(core["direction"]["classes"], dtype=np.int64)
     angles = np.asarray(core["direction"]["angles_rad"], dtype=np.float64)
@@ -191,8 +214,11 @@ def build_graphs(enc: list[Affine], dec: list[Affine], ro: Affine, core: dict, o
 
     g = _GraphBuilder()  # fused: the one call per bin the runtime makes; as few nodes as possible
     head = enc[-1]  # drop the log-variance rows: the encoder's last Gemm yields [c, mu] directly
-    latent = g.mlp(g.encoder_input(core), [*enc[:-1], Affine(head.weight[:latent_dim], head.bias[:latent_dim], head.activation)],
-                   "enc", out="latent")
+    layers = [*enc[:-1], Affine(head.weight[:latent_dim], head.bias[:latent_dim], head.activation)]
+    if weights == "int8":
+        latent = g.mlp(g.counts_layer_int8(layers[0]), layers[1:], "enc1_", out="latent")
+    else:
+        latent = g.mlp(g.encoder_input(core), layers, "enc", out="latent")
     g.mlp(latent, dec, "dec", out="rates")
     proba = g.readout(latent, ro, classes)
     # The angle is atan2 of this resultant; ONNX has no Atan2 and its 8-node substitute cost
@@ -230,11 +256,88 @@ def build_graphs(enc: list[Affine], dec: list[Affine], ro: Affine, core: dict, o
     return graphs
 
 
+# -- int8 weights ------------------------------------------------------------------------------
+def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
+    """int8 weights for a decode graph built with ``weights="int8"``. At d = 1024 the fp32
+    weights (~9 MB) outgrow a rig CPU's cache and every bin streams them from memory; the two
+    d-wide layers hold most of them:
+    - the encoder's first layer, already int8 on exact integer counts (``counts_layer_int8``);
+    - the decoder's last two layers: ONNX Runtime's dynamic quantization (int8 weights per
+      output channel, activations quantized per call). Only the rates pass through them.
+    The rest (the small middle layers and the readout) stays fp32: quantizing the encoder's
+    activations on the fly changed the direction of up to 10% of bins in our measurements."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    gemms = {n.name: n.input[1] for n in model.graph.node if n.op_type == "Gemm"}
+    quantize = [name for name, w in gemms.items() if w.startswith("dec") and not w.startswith("dec0_")]
+    keep = [name for name in gemms if name not in quantize]
+    # quantize_dynamic first rewrites each Gemm as "<name>_MatMul" + Add: exclude both names
+    exclude = keep + [f"{name}_MatMul" for name in keep] + [n.name for n in model.graph.node if n.op_type == "MatMul"]
+    before = sum(n.op_type == "MatMulInteger" for n in model.graph.node)
+    root = logging.getLogger()  # quantize_dynamic logs advice on the root logger at WARNING
+    level = root.level
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save_model(model, src)
+        try:
+            root.setLevel(logging.ERROR)
+            quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
+        finally:
+            root.setLevel(level)
+        q = onnx.load_model(dst)
+    n_int8 = sum(n.op_type == "MatMulInteger" for n in q.graph.node)
+    if before != 1 or n_int8 != before + len(quantize):
+        raise ExportError(f"int8 quantization made {n_int8} int8 layers, expected {1 + len(quantize)}: the first "
+                          f"and the decoder's last {len(quantize)} (onnxruntime.quantization changed?)")
+    onnx.checker.check_model(q, full_check=True)
+    return q
+
+
+def _run_graph(model: onnx.ModelProto, name: str, feed: dict, per_bin: bool = False) -> dict[str, np.ndarray]:
+    """Outputs of ``model`` under plain ONNX Runtime; ``per_bin`` runs one bin per call (what a
+    rig gets: an int8 graph quantizes its activations per call, so batching changes them)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        if not per_bin:
+            return dict(zip(GRAPH_IO[name][1], sess.run(None, feed)))
+        (key, x), = feed.items()
+        rows = [sess.run(None, {key: x[i:i + 1]}) for i in range(len(x))]
+        return {out: np.concatenate([r[j] for r in rows]) for j, out in enumerate(GRAPH_IO[name][1])}
+    except Exception as e:  # ORT raises its own classes: say which graph and why
+        raise ExportError(f"onnxruntime {ort.__version__} cannot run {name}.onnx: {e}") from None
+
+
+def _decode_as_reference(out: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+    """decode.onnx outputs in the form of ``_reference``: what the engine must reproduce."""
+    r = {key: v.astype(np.float64) if v.dtype.kind == "f" else v for key, v in out.items()}
+    r["content"], r["style_mean"] = r["latent"][:, :k], r["latent"][:, k:]
+    r["angle"] = np.arctan2(r["resultant"][:, 1], r["resultant"][:, 0])
+    r["resultant_length"] = np.hypot(*r["resultant"].T)
+    return r
+
+
+def measure_quantization(got: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> Quantization:
+    rel = lambda key: float(np.max(np.abs(got[key] - ref[key])) / max(np.max(np.abs(ref[key])), 1e-12))  # noqa: E731
+    angle_err = np.abs(np.angle(np.exp(1j * (got["angle"] - ref["angle"]))))
+    return Quantization(scheme="int8 weights per output channel: encoder layer 1 on whole counts (clipped at 127), "
+                               "decoder layers 2-3 dynamically quantized; the rest fp32", n_bins=len(ref["latent"]), latent_err=rel("latent"),
+                        rates_err=rel("rates"), proba_err=rel("proba"),
+                        direction_agreement=float(np.mean(got["direction"] == ref["direction"])),
+                        angle_err_p99_rad=float(np.percentile(angle_err, 99)))
+
+
 # -- the export --------------------------------------------------------------------------------
-def export_bundle(run_dir: str | Path, out: str | Path, opset: int = 17) -> BundleManifest:
-    """Write ``run_dir`` as a bundle at ``out``, verified; return its manifest."""
+def export_bundle(run_dir: str | Path, out: str | Path, opset: int = 17, weights: str = "fp32") -> BundleManifest:
+    """Write ``run_dir`` as a bundle at ``out``, verified; return its manifest. ``weights="int8"``
+    quantizes the served decode graph and fails unless it stays within INT8_LIMITS of fp32."""
     import onnxruntime
 
+    if weights not in WEIGHTS:
+        raise ExportError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     run_dir, out = Path(run_dir), Path(out)
     max_opset = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= max_opset:
@@ -265,7 +368,22 @@ def export_bundle(run_dir: str | Path, out: str | Path, opset: int = 17) -> Bund
     # sqrt(scale * x) = sqrt(scale) * sqrt(x): the scale still folds into the first layer
     scale = np.sqrt(est.input_scale) if cfg.model.input_transform == "sqrt" else est.input_scale
     enc[0] = fold_input(enc[0], neurons, est.n_channels_, scale)
-    graphs = build_graphs(enc, fold_sequential(est.model_.decoder.net), readout_affine(readout), core, opset)
+    if weights == "int8" and cfg.model.input_transform != "identity":
+        raise ExportError(f"int8 weights need whole counts into the first layer; input_transform "
+                          f"{cfg.model.input_transform!r} is not supported with them: export with fp32 weights")
+    graphs = build_graphs(enc, fold_sequential(est.model_.decoder.net), readout_affine(readout), core, opset, weights)
+    run = _read_json(run_dir / "run.json")
+    counts = _test_counts(run, est)
+    quant = None
+    if weights == "int8":
+        graphs["decode"] = quantize_int8(graphs["decode"])
+        got = _decode_as_reference(_run_graph(graphs["decode"], "decode", {"counts": counts}, per_bin=True), k)
+        quant = measure_quantization(got, _reference(est, readout, counts))
+        worse = [f"{key} {getattr(quant, key):.4g} (limit {lim})" for key, lim in INT8_LIMITS.items()
+                 if (getattr(quant, key) < lim if key == "direction_agreement" else getattr(quant, key) > lim)]
+        if worse:
+            raise ExportError("the int8 decode graph is too far from the fp32 model on the test bins: " + ", ".join(worse)
+                              + "; export with fp32 weights")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -277,10 +395,9 @@ def export_bundle(run_dir: str | Path, out: str | Path, opset: int = 17) -> Bund
         for name, model in graphs.items():
             onnx.save_model(model, stage / f"{name}.onnx")
             files[f"{name}.onnx"] = sha256_file(stage / f"{name}.onnx")
-        run = _read_json(run_dir / "run.json")
         manifest = BundleManifest(
             created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"), **core,
-            opset=opset,
+            opset=opset, weights=weights, quantization=quant,
             graphs={n: GraphSpec(file=f"{n}.onnx", inputs=i, outputs=o) for n, (i, o) in GRAPH_IO.items()},
             files=files,
             training=TrainingInfo(config=cfg.model_dump(mode="json"), metrics=_read_json(run_dir / "metrics.json"),
@@ -288,7 +405,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, opset: int = 17) -> Bund
             versions=_versions(),
         )
         (stage / MANIFEST).write_text(manifest.model_dump_json(indent=2))
-        verify_bundle(stage, est, readout, _test_counts(run, est))
+        verify_bundle(stage, est, readout, counts)
         if out.exists():
             shutil.rmtree(out)
         os.replace(stage, out)
@@ -300,38 +417,38 @@ def export_bundle(run_dir: str | Path, out: str | Path, opset: int = 17) -> Bund
 
 def verify_bundle(bundle: Path, est: SwapVAEEstimator, readout: Readout, counts: np.ndarray) -> None:
     """Every graph under plain ONNX Runtime, and the runtime engine (batched and one bin at a
-    time), must reproduce the torch model and readout on ``counts``; raise ExportError if not."""
-    import onnxruntime as ort
-
+    time), must reproduce the torch model and readout on ``counts``; raise ExportError if not.
+    With int8 weights, decode.onnx was measured against the model before (``quantization`` in
+    the manifest) and is the reference the engine must reproduce."""
     from runtime.engine import BundleDecoder
 
+    manifest = BundleManifest.model_validate_json((bundle / MANIFEST).read_text())
     ref = _reference(est, readout, counts)
     latent = np.concatenate([ref["content"], ref["style_mean"]], axis=1).astype(np.float32)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-
-    def run(name: str, feed: dict) -> dict[str, np.ndarray]:
-        try:
-            sess = ort.InferenceSession(str(bundle / f"{name}.onnx"), opts, providers=["CPUExecutionProvider"])
-            return dict(zip(GRAPH_IO[name][1], sess.run(None, feed)))
-        except Exception as e:  # ORT raises its own classes: say which graph and why
-            raise ExportError(f"onnxruntime {ort.__version__} cannot run {name}.onnx: {e}") from None
-
-    results = {
-        "encoder.onnx": run("encoder", {"counts": counts}),
-        "decoder.onnx": run("decoder", {"latent": latent}),
-        "readout.onnx": run("readout", {"latent": latent}),
-        "decode.onnx": run("decode", {"counts": counts}),
-    }
-    engine = BundleDecoder(bundle)
-    results["runtime engine, batched"] = engine.decode(counts).as_dict()
+    run = lambda name, feed, per_bin=False: _run_graph(onnx.load_model(bundle / f"{name}.onnx"), name, feed, per_bin)  # noqa: E731
+    decoded = run("decode", {"counts": counts})
     n1 = min(len(counts), 32)
+    if manifest.weights == "fp32":
+        batched_ref = single_ref = ref
+    else:  # int8 quantizes activations per call: a batch and single bins each have their reference
+        k = manifest.content_dim
+        batched_ref = _decode_as_reference(decoded, k)
+        single_ref = _decode_as_reference(run("decode", {"counts": counts[:n1]}, per_bin=True), k)
+    checks = [
+        ("encoder.onnx", run("encoder", {"counts": counts}), ref),
+        ("decoder.onnx", run("decoder", {"latent": latent}), ref),
+        ("readout.onnx", run("readout", {"latent": latent}), ref),
+        ("decode.onnx", decoded, batched_ref),
+    ]
+    engine = BundleDecoder(bundle)
+    checks.append(("runtime engine, batched", engine.decode(counts).as_dict(), batched_ref))
     singles = [engine.decode(counts[i]).as_dict() for i in range(n1)]  # copies: batch-1 outputs are views
-    results["runtime engine, one bin at a time"] = {key: np.concatenate([o[key] for o in singles]) for key in singles[0]}
+    checks.append(("runtime engine, one bin at a time",
+                   {key: np.concatenate([o[key] for o in singles]) for key in singles[0]}, single_ref))
     problems = []
-    for where, got in results.items():
+    for where, got, want in checks:
         n = len(next(iter(got.values())))
-        problems += [f"{where}: {p}" for p in compare_outputs(got, {key: v[:n] for key, v in ref.items()})]
+        problems += [f"{where}: {p}" for p in compare_outputs(got, {key: v[:n] for key, v in want.items()})]
     if problems:
         raise ExportError("the exported graphs do not reproduce the torch model:\n  " + "\n  ".join(problems))
 
@@ -420,8 +537,16 @@ def _versions() -> dict[str, str]:
 
 
 def export_command(args) -> int:
-    m = export_bundle(args.run_dir, args.out, opset=args.opset)
+    m = export_bundle(args.run_dir, args.out, opset=args.opset, weights=args.weights)
     print(f"bundle written to {args.out}: {m.n_channels} channels in ({m.n_neurons} kept), "
-          f"latent {m.content_dim}+{m.style_dim}, {m.n_classes} directions, opset {m.opset}; "
-          f"verified against the torch model within {TOL:g}")
+          f"latent {m.content_dim}+{m.style_dim}, {m.n_classes} directions, opset {m.opset}, {m.weights} weights")
+    q = m.quantization
+    if q is None:
+        print(f"verified against the torch model within {TOL:g}")
+    else:
+        print(f"encoder/decoder/readout.onnx verified against the torch model within {TOL:g}, the engine against "
+              f"the int8 decode.onnx within {TOL:g}; int8 vs fp32 on {q.n_bins} test bins, one bin per call: "
+              f"direction agrees on {q.direction_agreement:.1%}, angle error p99 {q.angle_err_p99_rad:.3g} rad, "
+              f"max error latent {q.latent_err:.2%}, rates {q.rates_err:.2%}, proba {q.proba_err:.2%} "
+              f"(of each output's largest value)")
     return 0
