@@ -39,34 +39,21 @@ def test_block_swap_exchanges_content_only():
     assert torch.equal(z2t, torch.cat([c1, s2], -1))
 
 
-def test_swap_decoding_equals_decoding_the_block_swapped_latents():
-    torch.manual_seed(0)
-    decoder = SwapVAE(n_neurons=6, hidden=[6, 5], content_dim=2, style_dim=3).decoder
-    c, s = torch.randn(8, 2), torch.randn(8, 3)
-    z1t, z2t = block_swap(c[:4], s[:4], c[4:], s[4:])
-    for mode in (decoder.train, decoder.eval):
-        mode()
-        expected = decoder(torch.cat([torch.cat([c, s], -1), z1t, z2t]))
-        assert torch.allclose(decoder.forward_with_swap(c, s), expected, atol=1e-5)
-
-
-def test_loss_reconstructs_each_view_from_the_other_views_content():
+def test_loss_decodes_each_view_with_the_other_views_content(monkeypatch):
     torch.manual_seed(0)
     model = SwapVAE(n_neurons=6, hidden=[6, 5], content_dim=2, style_dim=3)
-    x1, x2 = torch.rand(4, 6) * 3, torch.rand(4, 6) * 3
-    torch.manual_seed(1)
-    out = model.loss(x1, x2)
-    torch.manual_seed(1)  # the same style noise, with the swapped latents assembled by hand
-    c, mu, logvar = model.encoder(torch.cat([x1, x2]))
-    s = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-    z1t, z2t = block_swap(c[:4], s[:4], c[4:], s[4:])
-    rates = model.decoder(torch.cat([torch.cat([c, s], -1), z1t, z2t]))
-    x = torch.cat([x1, x2])
-    rec = poisson_nll(x, rates[:8]) + poisson_nll(x, rates[8:])
-    assert math.isclose(out["rec"].item(), rec.item(), rel_tol=1e-5)
-    unswapped = model.decoder(torch.cat([torch.cat([c, s], -1)] * 2))  # a swap that did nothing
-    assert not math.isclose(out["rec"].item(), (poisson_nll(x, unswapped[:8]) + poisson_nll(x, unswapped[8:])).item(),
-                            rel_tol=1e-3)
+    seen = []
+    monkeypatch.setattr(model.decoder, "forward", lambda z: seen.append(z.detach()) or torch.ones(len(z), 6))
+    x1, x2 = torch.rand(4, 6), torch.rand(4, 6)
+    model.loss(x1, x2)
+    z = seen[0]
+    assert z.shape == (16, 5)  # [z1; z2; z~1; z~2], one decoder pass
+    c, _, _ = model.encoder(torch.cat([x1, x2]))
+    c1, c2 = c[:4].detach(), c[4:].detach()
+    model.train()
+    assert torch.allclose(z[8:12, :2], c2, atol=1e-5)  # z~1 carries c2
+    assert torch.allclose(z[12:, :2], c1, atol=1e-5)  # z~2 carries c1
+    assert torch.allclose(z[8:12, 2:], z[:4, 2:])  # ... and view 1's own style sample
 
 
 def test_no_swap_decodes_only_own_latents(monkeypatch):

@@ -51,17 +51,6 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)
 
-    def forward_with_swap(self, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """g of [z1; z2; z~1; z~2] for c = [c1; c2] and s = [s1; s2]: the same as
-        ``self(cat([[c, s], z~1, z~2]))`` with ``block_swap``, at half the first layer's cost. That
-        layer is linear, W [c, s] + b = W_c c + W_s s + b, so each view's two products are
-        computed once and recombined for the swapped latents."""
-        first, k = self.net[0], c.shape[-1]
-        hc = F.linear(c, first.weight[:, :k])
-        hs = F.linear(s, first.weight[:, k:], first.bias)
-        (hc1, hc2), (hs1, hs2) = hc.chunk(2), hs.chunk(2)
-        return self.net[1:](torch.cat([hc + hs, hc2 + hs1, hc1 + hs2]))
-
 
 def poisson_nll(x: torch.Tensor, rate: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """rec(x, rate) = sum over neurons of (rate - x log rate), mean over the batch."""
@@ -106,12 +95,15 @@ class SwapVAE(nn.Module):
     def loss(self, x1: torch.Tensor, x2: torch.Tensor, swap: bool = True, kl_weight: float = 10.0,
              align_weight: float = 1.0, eps: float = 1e-8) -> dict[str, torch.Tensor]:
         """The terms of L for a batch of view pairs; both views share one encoder and one decoder
-        pass over [z1; z2; z~1; z~2] (BatchNorm sees them together, as it sees the batch)."""
+        pass (BatchNorm sees the views together, as it sees the batch)."""
         n = x1.shape[0]
         c, mu, logvar = self.encoder(torch.cat([x1, x2]))
         s = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-        c1, c2 = c.split(n)
-        rates = self.decoder.forward_with_swap(c, s) if swap else self.decoder(torch.cat([c, s], -1))
+        (c1, c2), (s1, s2) = c.split(n), s.split(n)
+        z = [torch.cat([c, s], -1)]
+        if swap:
+            z += list(block_swap(c1, s1, c2, s2))
+        rates = self.decoder(torch.cat(z))
         x = torch.cat([x1, x2])
         rec = poisson_nll(x, rates[: 2 * n], eps)  # mean over views of rec(x_i, g(z_i))
         if swap:
