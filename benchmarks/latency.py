@@ -144,11 +144,13 @@ def serve_echo(bind: str, reply_bytes: int) -> None:
     reply = bytearray(reply_bytes)
     print(f"ready router={sock.getsockopt_string(zmq.LAST_ENDPOINT)} pid={os.getpid()}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    recv, send = sock.recv_multipart, sock.send_multipart
+    # Sent as the service sends (plain sends, int flags, no send_multipart): the lowest floor
+    recv, send, more = sock.recv_multipart, sock.send, int(zmq.SNDMORE)
     while True:
         frames = recv()
-        frames[-1] = reply
-        send(frames)
+        for f in frames[:-1]:
+            send(f, more)
+        send(reply)
 
 
 def serve_engine(bind: str, engine, prewarm: bool = True) -> None:
