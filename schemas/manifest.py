@@ -91,7 +91,6 @@ class Quantization(_Frozen):
     """How far an int8 ``decode`` graph is from the fp32 model, measured by the export on the
     run's test bins: errors are max |int8 - fp32| over bins, divided by the largest |fp32|
     value of that output."""
-    weights: Literal["int8"] = "int8"
     scheme: str
     n_bins: int = Field(ge=1)
     latent_err: float = Field(ge=0)
