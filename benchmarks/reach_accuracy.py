@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -59,6 +60,8 @@ def main(argv=None) -> int:
                 bin_size_s=session.bin_size_s, progress=False)
         metrics, _ = evaluate_reach(est, split, config.readout)
         metrics["train_seconds"] = est.train_seconds_
+        metrics["epochs_by_threads"] = {str(n): sum(h.get("threads") == n for h in est.history_)
+                                        for n in sorted({h.get("threads") for h in est.history_} - {None})}
         runs.append(metrics)
         if args.dump:
             Path(args.dump).mkdir(parents=True, exist_ok=True)
@@ -79,8 +82,10 @@ def main(argv=None) -> int:
             print(f"{name:<24}{a['mean']:>8.3f} +- {a['std']:.3f}{d['mean']:>10.3f} +- {d['std']:.3f}")
     print(f"{'raw rates (logistic)':<24}{baseline['reach_acc']:>8.3f}{'':>9}{baseline['reach_delta_acc']:>10.3f}")
     t = summary["train_seconds"]
-    threads = config.optim.cpu_threads or torch.get_num_threads()
-    print(f"training time per seed: {t['mean']:.1f} +- {t['std']:.1f} s (torch CPU threads {threads})")
+    threads = config.optim.cpu_threads or f"tuned 1-{torch.get_num_threads()}"
+    used = {n: sum(r["epochs_by_threads"].get(n, 0) for r in runs) for n in {k for r in runs for k in r["epochs_by_threads"]}}
+    print(f"training time per seed: {t['mean']:.1f} +- {t['std']:.1f} s (torch CPU threads {threads}; "
+          f"epochs ending on each count: {dict(sorted(used.items()))}; load average {os.getloadavg()[0]:.2f})")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

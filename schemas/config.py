@@ -78,11 +78,11 @@ class OptimConfig(_Section):
     batch_size: int = Field(256, ge=2, description="pairs per step")
     epochs: int = Field(225, ge=1, description="each epoch is max(1, n_train_bins // batch_size) steps")
     checkpoint_every: int = Field(25, ge=1, description="epochs between checkpoints")
-    # Torch CPU threads while training (0: one per core, torch's default). Chewie-1 on the
-    # 2-core EPYC, seconds for the 1 125 steps (benchmarks/reach_accuracy.py, 5 seeds): idle,
-    # 1 thread 33.7, 2 threads 23.6. But OpenMP's barriers wait for a descheduled thread: next
-    # to one equal-priority busy process, 2 threads took 71 s against 36 for 1, and on an
-    # oversubscribed CPU a 2-thread run took 309 s. Use 1 on a CPU shared with other work.
+    # Torch CPU threads while training; 0: tuned by measured step time between one thread and
+    # one per core (training.estimator.ThreadTuner). All cores win on an idle CPU, one thread
+    # beside other busy processes, where OpenMP's barriers wait for descheduled threads
+    # (Chewie-1, 2-core EPYC, beside an equal-priority busy loop: fixed 2 threads 89 s, tuned
+    # 41 s, fixed 1 thread 39 s). Results are the same bits at any thread count.
     cpu_threads: int = Field(0, ge=0)
 
 

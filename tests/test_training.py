@@ -49,6 +49,41 @@ def test_deterministic_for_a_seed_on_cpu(split):
     assert not torch.equal(a.model_.encoder.net[0].weight, c.model_.encoder.net[0].weight)
 
 
+def test_result_does_not_depend_on_the_thread_count(split):
+    """What lets the ThreadTuner switch thread counts mid-run: 1, 2 and tuned threads train the
+    same bits. Batches of 256 pairs, so torch's kernels do split work across threads here."""
+    if torch.get_num_threads() < 2 and (torch.set_num_threads(2) or torch.get_num_threads() < 2):
+        pytest.skip("torch cannot run 2 threads here")
+    fits = [_fit(split, SwapVAEConfig.model_validate({"optim": {"epochs": 4, "batch_size": 256, "cpu_threads": n},
+                                                      "device": "cpu"})) for n in (1, 2, 0)]
+    for k, v in fits[0].model_.state_dict().items():
+        assert torch.equal(v, fits[1].model_.state_dict()[k]), k
+        assert torch.equal(v, fits[2].model_.state_dict()[k]), k
+    assert [h["threads"] for h in fits[1].history_] == [2] * 4
+
+
+def test_thread_tuner_keeps_the_faster_choice_and_backs_off():
+    from training.estimator import ThreadTuner
+
+    def run(tuner, cost, steps):
+        used = []
+        for _ in range(steps):
+            n = tuner.threads()
+            used.append(n)
+            tuner.record(cost[n])
+        return used
+
+    t = ThreadTuner(4, probe_steps=3, probe_every=10, max_every=40)
+    used = run(t, {4: 0.02, 1: 0.05}, 6)  # idle CPU: all cores faster
+    assert used == [4, 4, 4, 1, 1, 1] and t.current == 4 and t.every == 20  # a lost probe doubles the wait
+    used = run(t, {4: 0.02, 1: 0.05}, 20 + 3)
+    assert used[:20] == [4] * 20 and used[20:] == [1, 1, 1] and t.every == 40
+    used = run(t, {4: 0.5, 1: 0.05}, 40 + 3)  # the CPU got busy: the next probe switches to 1 thread
+    assert used[-3:] == [1, 1, 1] and t.current == 1 and t.every == 10
+    used = run(t, {4: 1.0, 1: 0.05}, 10 + 1)  # a probe step 20x the pace ends the probe at once
+    assert used[-1] == 4 and t.threads() == 1 and t._probe is None
+
+
 def test_checkpoint_roundtrip_is_safe_and_exact(split, tmp_path):
     est = _fit(split, SwapVAEConfig.model_validate(FAST), run_dir=tmp_path)
     torch.load(tmp_path / CHECKPOINT, weights_only=True)  # no pickled objects inside

@@ -92,10 +92,13 @@ class SwapVAEEstimator:
             (run_dir / CONFIG).write_text(cfg.model_dump_json(indent=2))
         self.history_ = []
         threads = torch.get_num_threads()
+        tuner = None
         if device.type == "cpu" and cfg.optim.cpu_threads:
             torch.set_num_threads(cfg.optim.cpu_threads)
+        elif device.type == "cpu" and threads > 1:
+            tuner = ThreadTuner(threads)
         try:
-            self._train(x, pairs, gen, opt, steps_per_epoch, run_dir, progress)
+            self._train(x, pairs, gen, opt, steps_per_epoch, run_dir, progress, tuner)
         finally:
             torch.set_num_threads(threads)
         self.model_.eval()
@@ -103,7 +106,7 @@ class SwapVAEEstimator:
             self.save(run_dir)
         return self
 
-    def _train(self, x, pairs, gen, opt, steps_per_epoch, run_dir, progress) -> None:
+    def _train(self, x, pairs, gen, opt, steps_per_epoch, run_dir, progress, tuner=None) -> None:
         cfg, device = self.config, x.device
         bar = _progress(cfg.optim.epochs, progress)
         terms = ("loss", "rec", "kl", "align")
@@ -112,6 +115,9 @@ class SwapVAEEstimator:
         for epoch in range(1, cfg.optim.epochs + 1):
             sums = torch.zeros(len(terms), device=device)
             for _ in range(steps_per_epoch):
+                if tuner is not None:
+                    torch.set_num_threads(tuner.threads())
+                    t_step = time.perf_counter()
                 idx = pairs[torch.randint(len(pairs), (cfg.optim.batch_size,), generator=gen, device=device)]
                 x1, x2 = x[idx.T.reshape(-1)].chunk(2)  # one gather for both views
                 if cfg.data.dropout_max > 0:
@@ -121,13 +127,15 @@ class SwapVAEEstimator:
                 out["loss"].backward()
                 opt.step()
                 sums += torch.stack([out[k].detach() for k in terms])
+                if tuner is not None:
+                    tuner.record(time.perf_counter() - t_step)
             epoch_terms = dict(zip(terms, (sums / steps_per_epoch).tolist()))
             if not all(math.isfinite(v) for v in epoch_terms.values()):
                 # The epoch's weights are suspect; the checkpoint on disk is from a finite epoch.
                 saved = f"the last good checkpoint is {run_dir / CHECKPOINT}" if run_dir and (run_dir / CHECKPOINT).exists() else "no checkpoint was written yet"
                 raise TrainingDiverged(f"loss became non-finite in epoch {epoch} ({_fmt(epoch_terms)}); {saved}. "
                                        f"Try a lower optim.lr or check the input counts.")
-            self.history_.append({"epoch": epoch, **epoch_terms})
+            self.history_.append({"epoch": epoch, **epoch_terms, "threads": torch.get_num_threads()})
             if bar is not None:
                 bar.set_postfix_str(_fmt(epoch_terms), refresh=False)
                 bar.update()
@@ -196,6 +204,53 @@ class SwapVAEEstimator:
         hist = Path(run_dir) / HISTORY
         est.history_ = json.loads(hist.read_text()) if hist.exists() else []
         return est
+
+
+class ThreadTuner:
+    """Training's CPU thread count when ``optim.cpu_threads`` is 0, chosen by measured step time.
+
+    On an idle CPU all cores are fastest; beside other busy processes OpenMP's barriers wait
+    for descheduled threads and make them several times slower than one thread. So the tuner
+    times every step and, now and then, tries a few steps on the other choice (one thread or
+    all cores), keeping the faster. A probe that loses makes the next one wait twice as long;
+    a probe step far slower than the current pace ends the probe at once. The choice changes
+    speed only: BatchNorm's statistics are plain reductions (training.model.BatchNorm) and
+    the other ops give the same bits at any thread count, so results do not depend on it."""
+
+    def __init__(self, cores: int, probe_steps: int = 4, probe_every: int = 50, max_every: int = 800):
+        self.choices = (cores, 1)
+        self.current = cores
+        self.probe_steps, self.every, self.base_every, self.max_every = probe_steps, probe_every, probe_every, max_every
+        self._recent: list[float] = []  # last step times at the current choice
+        self._probe: list[float] | None = None  # step times of a running probe
+        self._until_probe = probe_steps  # first probe as soon as the current pace is known
+
+    @property
+    def _other(self) -> int:
+        return self.choices[1] if self.current == self.choices[0] else self.choices[0]
+
+    def threads(self) -> int:
+        """The thread count for the next step."""
+        return self._other if self._probe is not None else self.current
+
+    def record(self, seconds: float) -> None:
+        """The time the step just run took."""
+        if self._probe is None:
+            self._recent = (self._recent + [seconds])[-self.probe_steps:]
+            self._until_probe -= 1
+            if self._until_probe <= 0 and len(self._recent) == self.probe_steps:
+                self._probe = []
+            return
+        pace = float(np.median(self._recent))
+        self._probe.append(seconds)
+        if seconds > 3 * pace or len(self._probe) == self.probe_steps:
+            # the first step on a new thread count can pay for waking its pool: judge the rest
+            won = len(self._probe) == self.probe_steps and float(np.median(self._probe[1:])) < 0.95 * pace
+            if won:
+                self.current, self._recent, self.every = self._other, self._probe[1:], self.base_every
+            else:
+                self.every = min(2 * self.every, self.max_every)
+            self._probe, self._until_probe = None, self.every
 
 
 def build_model(cfg: SwapVAEConfig, n_in: int) -> SwapVAE:
