@@ -136,6 +136,9 @@ def test_export_folds_preprocessing_and_batchnorm(tmp_path, kind):
         assert out.content.shape == (50, 0)
     else:
         assert manifest.input_transform == "sqrt"
+        with pytest.raises(ExportError, match="int8 weights need whole counts"):  # sqrt(counts) is not whole
+            export_bundle(tmp_path / "run", tmp_path / "bundle8", weights="int8")
+        assert not (tmp_path / "bundle8").exists()
 
 
 def test_export_that_does_not_reproduce_torch_fails_and_leaves_nothing(tiny_run, tmp_path, monkeypatch):
