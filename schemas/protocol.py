@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import struct
 from enum import IntEnum
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -125,7 +125,17 @@ class ErrorCode(IntEnum):
 # uses struct directly) and the JSON bodies of control messages.
 
 class _Header(BaseModel):
+    """A fixed binary header: its fields, in wire order, are ``_layout`` packed with ``_format``."""
     model_config = ConfigDict(extra="forbid")
+    _layout: ClassVar[tuple[tuple[str, str], ...]]
+    _format: ClassVar[str]
+
+    def pack(self) -> bytes:
+        return struct.pack(self._format, *(getattr(self, k) for k, _ in self._layout))
+
+    @classmethod
+    def unpack(cls, frame: bytes) -> Self:
+        return cls(**dict(zip((k for k, _ in cls._layout), struct.unpack_from(cls._format, frame))))
 
 
 class _Body(BaseModel):
@@ -144,13 +154,7 @@ class RequestHeader(_Header):
     t_client_ns: int = Field(0, ge=0, le=0xFFFFFFFFFFFFFFFF)
     n_channels: int = Field(0, ge=0, le=0xFFFFFFFF)
     n_bins: int = Field(0, ge=0, le=0xFFFFFFFF)
-
-    def pack(self) -> bytes:
-        return struct.pack(REQUEST_FORMAT, *(getattr(self, k) for k, _ in REQUEST_LAYOUT))
-
-    @classmethod
-    def unpack(cls, frame: bytes) -> "RequestHeader":
-        return cls(**dict(zip((k for k, _ in REQUEST_LAYOUT), struct.unpack_from(REQUEST_FORMAT, frame))))
+    _layout, _format = REQUEST_LAYOUT, REQUEST_FORMAT
 
 
 class ReplyHeader(_Header):
@@ -170,13 +174,7 @@ class ReplyHeader(_Header):
     reserved: int = Field(0, ge=0, le=0xFFFF)
     n_rates: int = Field(0, ge=0, le=0xFFFFFFFF)
     body_bytes: int = Field(0, ge=0, le=0xFFFFFFFF)
-
-    def pack(self) -> bytes:
-        return struct.pack(REPLY_FORMAT, *(getattr(self, k) for k, _ in REPLY_LAYOUT))
-
-    @classmethod
-    def unpack(cls, frame: bytes) -> "ReplyHeader":
-        return cls(**dict(zip((k for k, _ in REPLY_LAYOUT), struct.unpack_from(REPLY_FORMAT, frame))))
+    _layout, _format = REPLY_LAYOUT, REPLY_FORMAT
 
 
 class ErrorBody(_Body):
