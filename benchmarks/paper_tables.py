@@ -48,12 +48,13 @@ CHEWIE = Path(__file__).resolve().parents[1] / "../shared/data/reaching/chewie-2
 
 # Config overrides of each Chewie-1 model, relative to the project's default recipe
 # (schemas.config). "swap_vae_paper" is the released recipe (rates in Hz, jitter 5, no
-# dropout, encoder sees x unchanged). The default recipe has no neuron dropout, so it is
-# also Table 3's temporal-only row. The paper's p = 0.6 is the released code's p ~ U(0, 0.6).
+# dropout or spike thinning, encoder sees x unchanged), pinned so that it does not move with
+# the defaults. The default recipe has no neuron dropout or thinning, so it is also Table 3's
+# temporal-only row. The paper's p = 0.6 is the released code's p ~ U(0, 0.6).
 # Models whose resolved config equals an earlier one's are not trained twice.
 CHEWIE_MODELS: dict[str, dict] = {
     "swap_vae": {},
-    "swap_vae_paper": {"data": {"input_unit": "hz", "jitter": 5, "dropout_max": 0.0},
+    "swap_vae_paper": {"data": {"input_unit": "hz", "jitter": 5, "dropout_max": 0.0, "thin_min": 1.0},
                        "model": {"content_dim": 64, "style_dim": 64, "hidden": ["d", 128],
                                  **({"input_transform": "identity"} if "input_transform" in ModelConfig.model_fields else {})},
                        "loss": {"swap": True, "kl_weight": 10.0, "align_weight": 1.0},

@@ -56,6 +56,19 @@ def test_loss_decodes_each_view_with_the_other_views_content(monkeypatch):
     assert torch.allclose(z[8:12, 2:], z[:4, 2:])  # ... and view 1's own style sample
 
 
+def test_loss_reconstructs_the_targets_when_given(monkeypatch):
+    """With spike thinning the encoder sees thinned views and both the own and the swapped
+    decodes are scored against the whole bins (``targets``)."""
+    model = SwapVAE(n_neurons=6, hidden=[6, 5], content_dim=2, style_dim=3)
+    rates = torch.rand(16, 6) + 0.5
+    monkeypatch.setattr(model.decoder, "forward", lambda z: rates)
+    x1, x2, t1, t2 = (torch.rand(4, 6) for _ in range(4))
+    t = torch.cat([t1, t2])
+    want = poisson_nll(t, rates[:8]) + poisson_nll(t, rates[8:])
+    assert torch.allclose(model.loss(x1, x2, targets=(t1, t2))["rec"], want)
+    assert not torch.allclose(model.loss(x1, x2)["rec"], want)  # by default each view is its own target
+
+
 def test_no_swap_decodes_only_own_latents(monkeypatch):
     model = SwapVAE(n_neurons=6, hidden=[6, 5], content_dim=2, style_dim=3)
     seen = []

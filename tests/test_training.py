@@ -26,16 +26,19 @@ def _fit(split, config, **kw):
                                         neurons=split.neurons, progress=False, **kw)
 
 
-def test_short_training_learns_direction(split):
+@pytest.mark.parametrize("thin_min", [1.0, 0.3])
+def test_short_training_learns_direction(split, thin_min):
     # counts make the KL term strong relative to reconstruction within this short schedule, so
-    # the style block stays nearly free of direction and the content/style split is testable
+    # without spike thinning the style block stays nearly free of direction and the
+    # content/style split is testable (thinning lets style carry some direction here)
     config = SwapVAEConfig.model_validate({"optim": {"epochs": 30, "batch_size": 128, "lr": 2e-3},
-                                           "data": {"input_unit": "counts"}})
+                                           "data": {"input_unit": "counts", "thin_min": thin_min}})
     est = _fit(split, config)
     metrics, _ = evaluate_reach(est, split, config.readout)
     # chance is 1/8; an untrained network of this size scores about 0.5 on this session
     assert metrics["reach_acc_content"] > 0.55, metrics
-    assert metrics["reach_acc_content"] > metrics["reach_acc_style"] + 0.1, metrics  # direction lives in content
+    if thin_min == 1.0:
+        assert metrics["reach_acc_content"] > metrics["reach_acc_style"] + 0.1, metrics  # direction lives in content
     first, last = est.history_[0], est.history_[-1]
     assert last["align"] < 0.5 * first["align"] and last["rec"] < first["rec"]
 
@@ -55,11 +58,32 @@ def test_result_does_not_depend_on_the_thread_count(split):
     if torch.get_num_threads() < 2 and (torch.set_num_threads(2) or torch.get_num_threads() < 2):
         pytest.skip("torch cannot run 2 threads here")
     fits = [_fit(split, SwapVAEConfig.model_validate({"optim": {"epochs": 4, "batch_size": 256, "cpu_threads": n},
-                                                      "device": "cpu"})) for n in (1, 2, 0)]
+                                                      "data": {"thin_min": 0.5}, "device": "cpu"}))
+            for n in (1, 2, 0)]  # spike thinning on: its binomial draws must not depend on threads either
     for k, v in fits[0].model_.state_dict().items():
         assert torch.equal(v, fits[1].model_.state_dict()[k]), k
         assert torch.equal(v, fits[2].model_.state_dict()[k]), k
     assert [h["threads"] for h in fits[1].history_] == [2] * 4
+
+
+def test_thinning_keeps_a_binomial_share_of_each_bins_spikes():
+    from training.estimator import _thin
+
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.poisson(torch.full((2000, 200), 3.0), generator=gen)
+    scale = 10.0  # inputs in Hz at 100 ms bins: thinning acts on the counts behind them
+    kept = _thin(counts * scale, 0.5, scale, gen) / scale
+    assert torch.equal(kept, kept.round()) and (kept >= 0).all() and (kept <= counts).all()
+    share = kept.sum(1) / counts.sum(1)  # one keep-probability per bin, p ~ U(0.5, 1)
+    assert 0.74 < share.mean() < 0.76 and share.min() > 0.42
+    assert share.std() > 0.12  # p varies across bins (U(0.5, 1) has std 0.144), not one global p
+    assert torch.equal(_thin(counts, 1.0, 1.0, gen), counts)  # p_min = 1 keeps every spike
+
+
+def test_thinning_refuses_counts_that_are_not_whole(split):
+    config = SwapVAEConfig.model_validate({**FAST, "data": {"thin_min": 0.5}})
+    with pytest.raises(ValueError, match="thinning .* needs whole spike counts"):
+        SwapVAEEstimator(config).fit(split.train.counts * 0.5, split.train.trial, split.train.bin_in_trial, progress=False)
 
 
 def test_thread_tuner_keeps_the_faster_choice_and_backs_off():

@@ -75,6 +75,9 @@ class SwapVAEEstimator:
         torch.manual_seed(cfg.seed)
         device = resolve_device(cfg.device)
         counts = np.asarray(counts, dtype=np.float32)
+        if cfg.data.thin_min < 1 and not np.array_equal(counts, np.round(counts)):
+            raise ValueError("spike thinning (data.thin_min < 1) needs whole spike counts, and these have "
+                             "fractional values: pass counts, or set data.thin_min to 1")
         self.n_channels_, self.bin_size_s_ = counts.shape[1], float(bin_size_s)
         self.neurons_ = np.asarray(neurons) if neurons is not None else static_filter(counts, cfg.data.static_std)
         n_in = len(self.neurons_)
@@ -120,9 +123,14 @@ class SwapVAEEstimator:
                     t_step = time.perf_counter()
                 idx = pairs[torch.randint(len(pairs), (cfg.optim.batch_size,), generator=gen, device=device)]
                 x1, x2 = x[idx.T.reshape(-1)].chunk(2)  # one gather for both views
-                if cfg.data.dropout_max > 0:
+                if cfg.data.dropout_max > 0:  # the dropped bin is the view and its target
                     x1, x2 = _neuron_dropout(x1, cfg.data.dropout_max, gen), _neuron_dropout(x2, cfg.data.dropout_max, gen)
-                out = self.model_.loss(x1, x2, cfg.loss.swap, cfg.loss.kl_weight, cfg.loss.align_weight, cfg.loss.eps)
+                targets = None
+                if cfg.data.thin_min < 1:  # the encoder sees thinned bins, the decoder reconstructs whole ones
+                    targets = (x1, x2)
+                    x1, x2 = _thin(x1, cfg.data.thin_min, self.input_scale, gen), _thin(x2, cfg.data.thin_min, self.input_scale, gen)
+                out = self.model_.loss(x1, x2, cfg.loss.swap, cfg.loss.kl_weight, cfg.loss.align_weight, cfg.loss.eps,
+                                       targets)
                 opt.zero_grad(set_to_none=True)
                 out["loss"].backward()
                 opt.step()
@@ -256,6 +264,14 @@ class ThreadTuner:
 def build_model(cfg: SwapVAEConfig, n_in: int) -> SwapVAE:
     m = cfg.model
     return SwapVAE(n_in, m.hidden_sizes(n_in), m.content_dim, m.style_dim, m.input_transform)
+
+
+def _thin(x: torch.Tensor, p_min: float, scale: float, gen: torch.Generator) -> torch.Tensor:
+    """Binomial thinning of spike counts (``x`` is counts * ``scale``): each spike is kept with
+    probability p ~ U(p_min, 1), one p per bin."""
+    p = p_min + (1 - p_min) * torch.rand(x.shape[0], 1, generator=gen, device=x.device)
+    counts = torch.round(x * (1 / scale))
+    return torch.binomial(counts, p.expand_as(counts), generator=gen) * scale
 
 
 def _neuron_dropout(x: torch.Tensor, p_max: float, gen: torch.Generator) -> torch.Tensor:

@@ -7,6 +7,8 @@
     BlockSwap    z~1 = [c2, s1] -> x1,  z~2 = [c1, s2] -> x2
     loss         L = L_rec + beta * KL + alpha * L_align
                  L_rec   = mean_i  rec(x_i, g(z_i)) + rec(x_i, g(z~_i))      (Poisson NLL)
+                 (z_i encodes view i; with spike thinning the view is a thinned copy of x_i
+                 and the decoder still reconstructs x_i: a denoising target)
                  KL      = KL(q(s | x) || N(0, I)), summed over dims
                  L_align = 2 - 2 cos(c1, c2)
 """
@@ -113,9 +115,11 @@ class SwapVAE(nn.Module):
         return self.decoder(self.represent(x))
 
     def loss(self, x1: torch.Tensor, x2: torch.Tensor, swap: bool = True, kl_weight: float = 10.0,
-             align_weight: float = 1.0, eps: float = 1e-8) -> dict[str, torch.Tensor]:
+             align_weight: float = 1.0, eps: float = 1e-8,
+             targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The terms of L for a batch of view pairs; both views share one encoder and one decoder
-        pass (BatchNorm sees the views together, as it sees the batch)."""
+        pass (BatchNorm sees the views together, as it sees the batch). ``targets``: what each
+        view reconstructs, when that is not the view itself (the bins before thinning)."""
         n = x1.shape[0]
         c, mu, logvar = self.encoder(torch.cat([x1, x2]))
         s = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
@@ -124,7 +128,7 @@ class SwapVAE(nn.Module):
         if swap:
             z += list(block_swap(c1, s1, c2, s2))
         rates = self.decoder(torch.cat(z))
-        x = torch.cat([x1, x2])
+        x = torch.cat(targets if targets is not None else [x1, x2])
         rec = poisson_nll(x, rates[: 2 * n], eps)  # mean over views of rec(x_i, g(z_i))
         if swap:
             rec = rec + poisson_nll(x, rates[2 * n:], eps)  # + rec(x_i, g(z~_i))
