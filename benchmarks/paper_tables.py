@@ -65,6 +65,7 @@ CHEWIE_MODELS: dict[str, dict] = {
     "no_swap": {"variant": "no_swap"},
     "spatial_only": {"data": {"jitter": 0, "dropout_max": 0.6}},
     "both_aug": {"data": {"dropout_max": 0.6}},
+    "thinning": {"data": {"thin_min": 0.3}},  # the spike-thinning option (schemas.config), for reference
 }
 SWAP_MODELS = ("swap_vae", "swap_vae_paper")  # scored in every space, with generation
 # Overrides of the synthetic recipe (training.synthetic.synthetic_config) per model.
@@ -276,7 +277,8 @@ def _paper(value, digits: int = 2) -> str:
 
 NAMES = {"swap_vae": "Swap-VAE (project default recipe)", "swap_vae_paper": "Swap-VAE (paper's released recipe)", "vae": "VAE", "beta_vae": "beta-VAE", "supervised": "supervised",
          "no_align": "no alignment (= swap only)", "no_swap": "no swap (alignment only)",
-         "spatial_only": "spatial-only augmentation", "both_aug": "both augmentations", "raw_rates": "raw rates (no model)"}
+         "spatial_only": "spatial-only augmentation", "both_aug": "both augmentations", "thinning": "temporal + spike thinning U(0.3, 1)",
+         "raw_rates": "raw rates (no model)"}
 
 
 def targets(summary: dict) -> list[tuple[str, bool | None, str]]:
@@ -339,7 +341,7 @@ def markdown(summary: dict, settings: dict) -> str:
     lines += ["", "## Table 3: ablations, Chewie-1 (paper numbers not in our docs)", "",
               "| model | loss terms | jitter | dropout p | reach acc | delta-acc | temporal acc | recon RMSE |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for model in ("swap_vae", "no_align", "no_swap", "spatial_only", "both_aug"):
+    for model in ("swap_vae", "no_align", "no_swap", "spatial_only", "both_aug", "thinning"):
         cfg = chewie_config(CHEWIE_MODELS[model], 0, None)
         terms = "+".join(t for t, on in (("rec", True), ("swap", cfg.loss.swap), ("KL", cfg.loss.kl_weight > 0),
                                          ("align", cfg.loss.align_weight > 0)) if on)
@@ -355,7 +357,8 @@ def markdown(summary: dict, settings: dict) -> str:
               "test counts. Bits/spike: Poisson log-likelihood gain of the reconstruction over each neuron's mean "
               "training rate, all test bins (the model sees the bin: an autoencoding score).", "",
               "| model | recon RMSE | recon RMSE avg | raw counts RMSE | bits/spike |", "| --- | --- | --- | --- | --- |"]
-    for model in ("swap_vae", "swap_vae_paper", "vae", "beta_vae", "no_align", "no_swap", "spatial_only", "both_aug"):
+    for model in ("swap_vae", "swap_vae_paper", "vae", "beta_vae", "no_align", "no_swap", "spatial_only", "both_aug",
+                  "thinning"):
         lines.append(f"| {NAMES[model]} | {_cell(s, 'chewie', model, 'recon_rmse', False, 4)} | "
                      f"{_cell(s, 'chewie', model, 'recon_rmse_avg', False, 4)} | "
                      f"{_cell(s, 'chewie', model, 'recon_rmse_raw', False, 4)} | "
