@@ -20,7 +20,9 @@ with the same request loop for every server:
                  exported with fp32 weights, back to back
 
 each back to back, and paced at 100 Hz and 1 kHz (a pause before each request: the server
-goes idle, as in a closed loop; paced requests expose wake-up latency). Sustained throughput
+goes idle, as in a closed loop; paced requests expose wake-up latency). Each reply carries
+the server's own processing time (``server_ns``): its median is reported beside the round
+trip, so a gap to the echo floor splits into work in the server and transport/wake-ups. Sustained throughput
 is measured with a window of requests in flight (the server's capacity, one core).
 
 Polite servers run side by side and are measured in interleaved rounds, so drift on a shared
@@ -35,6 +37,7 @@ import os
 import platform
 import select
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -47,6 +50,9 @@ from _machine import cpu_name  # benchmarks/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+from runtime.wire import SERVER_NS_OFFSET  # noqa: E402
+
+_SERVER_NS = struct.Struct("<I")
 CHEWIE = (ROOT / "../shared/data/reaching/chewie-2013-10-03.npz").resolve()
 MODES = ("b2b", "100Hz", "1kHz")
 RATES = {"b2b": 0.0, "100Hz": 100.0, "1kHz": 1000.0}
@@ -222,11 +228,13 @@ class Probe:
         self.sock.send(self.buf.stamp(self.seq, 0), copy=True)
         return self.sock.recv()
 
-    def run(self, n: int, rate: float) -> tuple[np.ndarray, float]:
-        """n round trips (ns), back to back or with a pause before each; and the elapsed seconds."""
+    def run(self, n: int, rate: float) -> tuple[np.ndarray, float, np.ndarray]:
+        """n round trips (ns), back to back or with a pause before each; the elapsed seconds; and
+        the server's own processing time of each (ns, from the reply; 0 from the echo)."""
         pc, sleep, send, recv = time.perf_counter_ns, time.sleep, self.sock.send, self.sock.recv
-        stamp = self.buf.stamp
+        stamp, server_ns = self.buf.stamp, _SERVER_NS.unpack_from
         out = np.empty(n, np.int64)
+        srv = np.empty(n, np.int64)
         period = 1.0 / rate if rate else 0.0
         start = time.perf_counter()
         for i in range(n):
@@ -238,9 +246,10 @@ class Probe:
             self.seq += 1
             t0 = pc()
             send(stamp(self.seq, 0), copy=True)
-            recv()
+            reply = recv()
             out[i] = pc() - t0
-        return out, time.perf_counter() - start
+            srv[i] = server_ns(reply, SERVER_NS_OFFSET)[0]
+        return out, time.perf_counter() - start, srv
 
     def throughput(self, n: int, seconds: float, window: int = 32) -> float:
         """Requests per second with ``window`` in flight (the server's capacity), over ``n``
@@ -268,11 +277,12 @@ class Probe:
 
 # -- the measurement ---------------------------------------------------------------------------------
 
-def summarize(ns: list[np.ndarray]) -> dict:
+def summarize(ns: list[np.ndarray], server_ns: list[np.ndarray]) -> dict:
+    """Round-trip percentiles (us), and the median of the server's own share of them."""
     us = np.concatenate(ns) / 1e3
     p50, p99, p999 = np.percentile(us, [50, 99, 99.9])
     return {"p50": round(float(p50), 1), "p99": round(float(p99), 1), "p999": round(float(p999), 1),
-            "n": int(us.size)}
+            "n": int(us.size), "server_p50": round(float(np.median(np.concatenate(server_ns))) / 1e3, 1)}
 
 
 def measure_channels(d: int, workdir: Path, args) -> dict:
@@ -303,6 +313,7 @@ def measure_channels(d: int, workdir: Path, args) -> dict:
                                             server_cpu)
         probes = {k: Probe(p.endpoint, x) for k, p in procs.items()}
         samples: dict[str, dict[str, list]] = {k: {m: [] for m in MODES} for k in probes}
+        in_server: dict[str, dict[str, list]] = {k: {m: [] for m in MODES} for k in probes}
         elapsed: dict[str, float] = {k: 0.0 for k in probes}
         for r in range(args.rounds):
             for name, probe in probes.items():
@@ -311,13 +322,14 @@ def measure_channels(d: int, workdir: Path, args) -> dict:
                         continue
                     probe.run(args.warmup, 0)  # re-warm after the other servers ran
                     n = args.n if mode == "b2b" else max(1, int(args.paced_seconds * RATES[mode]))
-                    ns, el = probe.run(n, RATES[mode])
+                    ns, el, srv = probe.run(n, RATES[mode])
                     samples[name][mode].append(ns)
+                    in_server[name][mode].append(srv)
                     if mode == "b2b":
                         elapsed[name] += el
             print(f"  d={d} round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
         for name, probe in probes.items():
-            results[name] = {m: summarize(v) for m, v in samples[name].items() if v}
+            results[name] = {m: summarize(v, in_server[name][m]) for m, v in samples[name].items() if v}
             b2b = np.concatenate(samples[name]["b2b"])
             results[name]["sequential_per_s"] = round(len(b2b) / elapsed[name])
             results[name]["throughput_per_s"] = round(probe.throughput(args.throughput_n, args.throughput_seconds))
@@ -331,16 +343,18 @@ def measure_channels(d: int, workdir: Path, args) -> dict:
     try:
         probe = Probe(busy.endpoint, x)
         s = {m: [] for m in MODES}
+        srv_s = {m: [] for m in MODES}
         el_total = 0.0
         for _ in range(args.rounds):
             for mode in MODES:
                 probe.run(args.warmup, 0)
                 n = args.n if mode == "b2b" else max(1, int(args.paced_seconds * RATES[mode]))
-                ns, el = probe.run(n, RATES[mode])
+                ns, el, srv = probe.run(n, RATES[mode])
                 s[mode].append(ns)
+                srv_s[mode].append(srv)
                 if mode == "b2b":
                     el_total += el
-        results["ours busy"] = {m: summarize(v) for m, v in s.items()}
+        results["ours busy"] = {m: summarize(v, srv_s[m]) for m, v in s.items()}
         results["ours busy"]["sequential_per_s"] = round(sum(len(a) for a in s["b2b"]) / el_total)
         results["ours busy"]["throughput_per_s"] = round(probe.throughput(args.throughput_n, args.throughput_seconds))
         probe.close()
@@ -378,6 +392,11 @@ def print_table(res: dict) -> None:
             for q in ("p50", "p99", "p999"):
                 cells.append(f"{r[m][q]:11.1f}" if m in r else f"{'-':>11}")
         print(f"{name:<15} " + " ".join(cells) + f" {r['sequential_per_s']:7d} {r['throughput_per_s']:7d}")
+    print("in-server time, p50 us (the reply's server_ns: request frame in hand -> decoded; the rest is transport "
+          "and wake-ups):")
+    for name, r in res["servers"].items():
+        if name != "echo":
+            print(f"  {name:<15} " + "  ".join(f"{m} {r[m]['server_p50']:.1f}" for m in MODES if m in r))
     for k, v in res["targets"].items():
         print(f"  [{'ok' if v['ok'] else 'MISS'}] {k}: {v['value']:.1f} vs {v['limit']:.1f}")
 

@@ -83,7 +83,8 @@ def test_thinning_keeps_a_binomial_share_of_each_bins_spikes():
 def test_thinning_refuses_counts_that_are_not_whole(split):
     config = SwapVAEConfig.model_validate({**FAST, "data": {"thin_min": 0.5}})
     with pytest.raises(ValueError, match="thinning .* needs whole spike counts"):
-        SwapVAEEstimator(config).fit(split.train.counts * 0.5, split.train.trial, split.train.bin_in_trial, progress=False)
+        SwapVAEEstimator(config).fit(split.train.counts * 0.5, split.train.trial, split.train.bin_in_trial,
+                                     progress=False)
 
 
 def test_thread_tuner_keeps_the_faster_choice_and_backs_off():

@@ -128,7 +128,8 @@ class SwapVAEEstimator:
                 targets = None
                 if cfg.data.thin_min < 1:  # the encoder sees thinned bins, the decoder reconstructs whole ones
                     targets = (x1, x2)
-                    x1, x2 = _thin(x1, cfg.data.thin_min, self.input_scale, gen), _thin(x2, cfg.data.thin_min, self.input_scale, gen)
+                    thin, scale = cfg.data.thin_min, self.input_scale
+                    x1, x2 = _thin(x1, thin, scale, gen), _thin(x2, thin, scale, gen)
                 out = self.model_.loss(x1, x2, cfg.loss.swap, cfg.loss.kl_weight, cfg.loss.align_weight, cfg.loss.eps,
                                        targets)
                 opt.zero_grad(set_to_none=True)
