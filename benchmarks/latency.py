@@ -22,8 +22,9 @@ with the same request loop for every server:
 each back to back, and paced at 100 Hz and 1 kHz (a pause before each request: the server
 goes idle, as in a closed loop; paced requests expose wake-up latency). Each reply carries
 the server's own processing time (``server_ns``): its median is reported beside the round
-trip, so a gap to the echo floor splits into work in the server and transport/wake-ups. Sustained throughput
-is measured with a window of requests in flight (the server's capacity, one core).
+trip, so a gap to the echo floor splits into work in the server and transport/wake-ups.
+Sustained throughput is measured with a window of requests in flight (the server's
+capacity, one core).
 
 Polite servers run side by side and are measured in interleaved rounds, so drift on a shared
 machine hits them alike; the busy-poll server runs alone (it occupies a core). Prints a table

@@ -277,8 +277,8 @@ def _paper(value, digits: int = 2) -> str:
 
 NAMES = {"swap_vae": "Swap-VAE (project default recipe)", "swap_vae_paper": "Swap-VAE (paper's released recipe)", "vae": "VAE", "beta_vae": "beta-VAE", "supervised": "supervised",
          "no_align": "no alignment (= swap only)", "no_swap": "no swap (alignment only)",
-         "spatial_only": "spatial-only augmentation", "both_aug": "both augmentations", "thinning": "temporal + spike thinning U(0.3, 1)",
-         "raw_rates": "raw rates (no model)"}
+         "spatial_only": "spatial-only augmentation", "both_aug": "both augmentations",
+         "thinning": "temporal + spike thinning U(0.3, 1)", "raw_rates": "raw rates (no model)"}
 
 
 def targets(summary: dict) -> list[tuple[str, bool | None, str]]:
