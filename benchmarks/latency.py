@@ -278,12 +278,13 @@ class Probe:
 
 # -- the measurement ---------------------------------------------------------------------------------
 
-def summarize(ns: list[np.ndarray], server_ns: list[np.ndarray]) -> dict:
-    """Round-trip percentiles (us), and the median of the server's own share of them."""
-    us = np.concatenate(ns) / 1e3
+def summarize(runs: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """Round-trip percentiles (us) of ``(round trips, server times)`` runs (ns), and the median
+    of the server's own share of them."""
+    us = np.concatenate([ns for ns, _ in runs]) / 1e3
     p50, p99, p999 = np.percentile(us, [50, 99, 99.9])
     return {"p50": round(float(p50), 1), "p99": round(float(p99), 1), "p999": round(float(p999), 1),
-            "n": int(us.size), "server_p50": round(float(np.median(np.concatenate(server_ns))) / 1e3, 1)}
+            "n": int(us.size), "server_p50": round(float(np.median(np.concatenate([srv for _, srv in runs]))) / 1e3, 1)}
 
 
 def measure_channels(d: int, workdir: Path, args) -> dict:
@@ -313,8 +314,7 @@ def measure_channels(d: int, workdir: Path, args) -> dict:
             procs["ours no-prewarm"] = Proc("ours no-prewarm", [py, me, "--_serve", "no-prewarm", "--_bundle", str(bundle)],
                                             server_cpu)
         probes = {k: Probe(p.endpoint, x) for k, p in procs.items()}
-        samples: dict[str, dict[str, list]] = {k: {m: [] for m in MODES} for k in probes}
-        in_server: dict[str, dict[str, list]] = {k: {m: [] for m in MODES} for k in probes}
+        samples: dict[str, dict[str, list]] = {k: {m: [] for m in MODES} for k in probes}  # (ns, server ns)
         elapsed: dict[str, float] = {k: 0.0 for k in probes}
         for r in range(args.rounds):
             for name, probe in probes.items():
@@ -324,15 +324,13 @@ def measure_channels(d: int, workdir: Path, args) -> dict:
                     probe.run(args.warmup, 0)  # re-warm after the other servers ran
                     n = args.n if mode == "b2b" else max(1, int(args.paced_seconds * RATES[mode]))
                     ns, el, srv = probe.run(n, RATES[mode])
-                    samples[name][mode].append(ns)
-                    in_server[name][mode].append(srv)
+                    samples[name][mode].append((ns, srv))
                     if mode == "b2b":
                         elapsed[name] += el
             print(f"  d={d} round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
         for name, probe in probes.items():
-            results[name] = {m: summarize(v, in_server[name][m]) for m, v in samples[name].items() if v}
-            b2b = np.concatenate(samples[name]["b2b"])
-            results[name]["sequential_per_s"] = round(len(b2b) / elapsed[name])
+            results[name] = {m: summarize(v) for m, v in samples[name].items() if v}
+            results[name]["sequential_per_s"] = round(sum(len(ns) for ns, _ in samples[name]["b2b"]) / elapsed[name])
             results[name]["throughput_per_s"] = round(probe.throughput(args.throughput_n, args.throughput_seconds))
             probe.close()
     finally:
@@ -344,19 +342,17 @@ def measure_channels(d: int, workdir: Path, args) -> dict:
     try:
         probe = Probe(busy.endpoint, x)
         s = {m: [] for m in MODES}
-        srv_s = {m: [] for m in MODES}
         el_total = 0.0
         for _ in range(args.rounds):
             for mode in MODES:
                 probe.run(args.warmup, 0)
                 n = args.n if mode == "b2b" else max(1, int(args.paced_seconds * RATES[mode]))
                 ns, el, srv = probe.run(n, RATES[mode])
-                s[mode].append(ns)
-                srv_s[mode].append(srv)
+                s[mode].append((ns, srv))
                 if mode == "b2b":
                     el_total += el
-        results["ours busy"] = {m: summarize(v, srv_s[m]) for m, v in s.items()}
-        results["ours busy"]["sequential_per_s"] = round(sum(len(a) for a in s["b2b"]) / el_total)
+        results["ours busy"] = {m: summarize(v) for m, v in s.items()}
+        results["ours busy"]["sequential_per_s"] = round(sum(len(ns) for ns, _ in s["b2b"]) / el_total)
         results["ours busy"]["throughput_per_s"] = round(probe.throughput(args.throughput_n, args.throughput_seconds))
         probe.close()
     finally:
