@@ -15,6 +15,7 @@ import os
 import platform
 import statistics
 import sys
+from collections import Counter
 import time
 from pathlib import Path
 
@@ -60,8 +61,7 @@ def main(argv=None) -> int:
                 bin_size_s=session.bin_size_s, progress=False)
         metrics, _ = evaluate_reach(est, split, config.readout)
         metrics["train_seconds"] = est.train_seconds_
-        metrics["epochs_by_threads"] = {str(n): sum(h.get("threads") == n for h in est.history_)
-                                        for n in sorted({h.get("threads") for h in est.history_} - {None})}
+        metrics["epochs_by_threads"] = dict(Counter(str(h["threads"]) for h in est.history_))
         runs.append(metrics)
         if args.dump:
             Path(args.dump).mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     print(f"{'raw rates (logistic)':<24}{baseline['reach_acc']:>8.3f}{'':>9}{baseline['reach_delta_acc']:>10.3f}")
     t = summary["train_seconds"]
     threads = config.optim.cpu_threads or f"tuned 1-{torch.get_num_threads()}"
-    used = {n: sum(r["epochs_by_threads"].get(n, 0) for r in runs) for n in {k for r in runs for k in r["epochs_by_threads"]}}
+    used = sum((Counter(r["epochs_by_threads"]) for r in runs), Counter())
     print(f"training time per seed: {t['mean']:.1f} +- {t['std']:.1f} s (torch CPU threads {threads}; "
           f"epochs ending on each count: {dict(sorted(used.items()))}; load average {os.getloadavg()[0]:.2f})")
 
