@@ -44,6 +44,8 @@ def test_targets_read_the_right_cells(pt):
     assert checks[f"{default}: temporal decoding (full) >= 0.56"] is True
     assert checks[f"{default}: content temporal acc < chance + 0.1"] is True
     assert checks[f"{pt.NAMES['swap_vae_paper']}: temporal decoding (full) >= 0.56"] is None  # not run
+    released = "synthetic disentanglement >= 0.9 and >= 1.5x beta-VAE's (released sampler's layout, for reference)"
+    assert checks[released] is None  # not run
 
     worse = _seed(0.0)
     worse["synthetic"]["beta_vae"]["disentanglement"] = 0.7  # 0.95 < 1.5 x 0.7
@@ -60,6 +62,12 @@ def test_markdown_has_every_table_and_the_papers_numbers(pt):
         assert f"## {heading}" in md
     assert f"| {pt.NAMES['swap_vae']} | 71.00 +- 1.41 | 72.81 |" in md
     assert "56.09" in md and "0.93" in md and f"| {pt.NAMES['swap_vae']} | 50% | 62.00 +- 0.00 |" in md
+    assert "| METHOD.md | Swap-VAE (paper's synthetic recipe) | 0.950 +- 0.000 |" in md
+    assert "| released |" not in md  # that layout was not run
+    seed = _seed(0.0)
+    seed["synthetic_released"] = {"swap_vae": {"disentanglement": 0.6}, "beta_vae": {"disentanglement": 0.3}}
+    md = pt.markdown(pt.summarise([seed]), {"seeds": 1})
+    assert "| released | Swap-VAE (paper's synthetic recipe) | 0.600 +- 0.000 |" in md
 
 
 def test_configs_are_built_from_the_presets(pt):

@@ -136,3 +136,14 @@ def test_position_is_in_the_latent_but_not_linearly(small):
         means = np.stack([small.rate[idx == k].mean(0) for k in range(len(keys))])
         return means[idx].var(0).sum() / small.rate.var(0).sum()
     assert between(s.target * SEQ_LEN + s.bin_in_trial) - between(s.target) > 0.1
+
+
+def test_released_layout_leaves_gaps_between_clusters():
+    z, cluster, u = sample_latents(2000, np.random.default_rng(2), layout="released")
+    start = cluster[:, None] * np.pi / 2
+    assert ((u >= start) & (u < start + np.pi / 4)).all()  # arcs of width pi/4 at i pi/2: a pi/4 gap follows
+    assert (np.diff(u, axis=1) > 0).all()
+    with pytest.raises(ValueError, match="layout"):
+        sample_latents(10, np.random.default_rng(0), layout="wide")
+    a, b = make_synthetic(10, seed=5), make_synthetic(10, seed=5, layout="released")
+    assert a.session.counts.shape == b.session.counts.shape and not np.array_equal(a.latent, b.latent)
