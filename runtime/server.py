@@ -122,7 +122,13 @@ class Server:
         self.batches = 0
         self.streamed = 0
         self.coalesced = 0  # one-bin decodes served by a shared engine call (_reply_queued)
-        self._batch_x = np.zeros((_MAX_BATCH, self.n_channels), np.float32)
+        # Queued one-bin requests are copied whole, header and all, into rows of this buffer (a
+        # memoryview copy: 0.6 us against 1.9 for a numpy view and assignment); the engine reads
+        # the bodies through a strided view.
+        frame = REQUEST_HEADER_SIZE + 4 * self.n_channels
+        self._batch_frames = memoryview(bytearray(_MAX_BATCH * frame))
+        self._batch_x = np.ndarray((_MAX_BATCH, self.n_channels), _F32_DTYPE, self._batch_frames,
+                                   REQUEST_HEADER_SIZE, (frame, 4))
         self.errors: dict[str, int] = {}
         self.by_type: dict[str, int] = {}
         self._window = window
@@ -315,13 +321,14 @@ class Server:
             except zmq.Again:
                 break
         t0 = self._t_arrival = time.perf_counter_ns()
-        rows, x, n = [], self._batch_x, self.n_channels
+        rows, buf, n, size = [], self._batch_frames, self.n_channels, self._fast_size
         for frames in queued:
-            if len(frames) == 2 and len(frames[1]) == self._fast_size:
+            if len(frames) == 2 and len(frames[1]) == size:
                 magic, version, msg_type, dtype, _, seq, t_client, n_ch, n_bins = wire.REQ.unpack_from(frames[1])
                 if (msg_type == _DECODE and dtype == _F32 and n_bins == 1 and n_ch == n
                         and version == PROTOCOL_VERSION and magic == MAGIC):
-                    x[len(rows)] = np.frombuffer(frames[1], _F32_DTYPE, n, REQUEST_HEADER_SIZE)
+                    at = len(rows) * size
+                    buf[at:at + size] = frames[1]
                     rows.append((frames, seq, t_client))
                     continue
             self._reply(frames)  # anything else on its own
@@ -330,7 +337,7 @@ class Server:
                 self._reply(frames)
             return
         try:
-            out = self.engine.decode(x[:len(rows)])
+            out = self.engine.decode(self._batch_x[:len(rows)])
         except Exception:  # noqa: BLE001 - e.g. one NaN bin: answer each alone, so only it errs
             for frames, _, _ in rows:
                 self._reply(frames)
@@ -338,9 +345,10 @@ class Server:
         dt = time.perf_counter_ns() - t0
         self.requests += len(rows)
         self.coalesced += len(rows)
-        send, mask, write_row = self._send, self._window - 1, self.writer.write_row
-        for i, (frames, seq, t_client) in enumerate(rows):
-            frames[1] = write_row(seq, t_client, dt, out, i)
+        replies = self.writer.write_rows([r[1] for r in rows], [r[2] for r in rows], dt, out)
+        send, mask, size = self._send, self._window - 1, self.writer.frame_bytes
+        for i, (frames, _, _) in enumerate(rows):
+            frames[1] = replies[i * size:(i + 1) * size]  # sent with copy: the buffer is reused
             self._ring[self.decodes & mask] = dt
             self.decodes += 1
             try:

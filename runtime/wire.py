@@ -180,6 +180,8 @@ class DecodeReplyWriter:
         self.layout = layout
         self.header = bytearray(REPLY_HEADER_SIZE)
         self._pack_header(self.header, 1, 0, 0)
+        self.frame_bytes = REPLY_HEADER_SIZE + layout.body_bytes(1)  # one one-bin reply
+        self._allocate_rows(0)
 
     def _pack_header(self, buf, n_bins: int, seq: int, t_client: int) -> None:
         lay = self.layout
@@ -194,12 +196,33 @@ class DecodeReplyWriter:
         return b"".join((head, out.content, out.style_mean, out.angle, _I32.pack(out.direction.item()),
                          out.proba, out.rates))
 
-    def write_row(self, seq: int, t_client: int, server_ns: int, out, i: int) -> bytes:
-        """The one-bin reply for row ``i`` of a batched DecodeOutput."""
-        head = self.header
-        _SEQ_T_NS.pack_into(head, 8, seq, t_client, server_ns if server_ns < U32_MAX else U32_MAX)
-        return b"".join((head, _f32(out.content[i]), _f32(out.style_mean[i]), _f32(out.angle[i:i + 1]),
-                         _I32.pack(int(out.direction[i])), _f32(out.proba[i]), _f32(out.rates[i])))
+    def write_rows(self, seqs: list[int], t_clients: list[int], server_ns: int, out) -> memoryview:
+        """The one-bin replies for every row of a batched DecodeOutput, back to back in one
+        reused buffer: reply i is ``[i * frame_bytes:(i + 1) * frame_bytes]`` of the returned
+        view, valid until the next call. One numpy copy per field for the whole batch: joining
+        each row's slices instead cost 6 us a row at d = 174, a tenth of a batched bin's time."""
+        n = len(seqs)
+        if n > len(self._rows):
+            self._allocate_rows(n)
+        rows = self._rows
+        rows["seq"][:n] = seqs
+        rows["t_client_ns"][:n] = t_clients
+        rows["server_ns"][:n] = server_ns if server_ns < U32_MAX else U32_MAX
+        for name, _, _ in DECODE_SECTIONS:
+            rows[name][:n] = getattr(out, name)
+        return self._rows_view
+
+    def _allocate_rows(self, n: int) -> None:
+        """A buffer of ``n`` one-bin reply frames, headers filled in, and a structured view of it."""
+        fields = [("head", "V8"), ("seq", "<u8"), ("t_client_ns", "<u8"), ("server_ns", "<u4"),
+                  ("rest", f"V{REPLY_HEADER_SIZE - SERVER_NS_OFFSET - 4}")]
+        fields += [(name, dt, (width,)) if wfield else (name, dt)
+                   for (name, dt, wfield), width in zip(DECODE_SECTIONS, self.layout.widths())]
+        row = np.dtype(fields)  # packed: offsets follow the wire layout, no padding
+        assert row.itemsize == self.frame_bytes and row.fields["seq"][1] == 8
+        self._rows = np.zeros(n, row)
+        self._rows.view(np.uint8).reshape(n, row.itemsize)[:, :REPLY_HEADER_SIZE] = np.frombuffer(self.header, np.uint8)
+        self._rows_view = memoryview(self._rows.view(np.uint8))
 
     def check(self, out) -> bool:
         """Whether ``write_one`` can take this engine output as it is (else use ``write``)."""
@@ -217,10 +240,6 @@ class DecodeReplyWriter:
         for name, view in self.layout.sections(frame, n_bins).items():
             view[...] = np.reshape(getattr(out, name), view.shape)
         return frame
-
-
-def _f32(a: np.ndarray) -> np.ndarray:
-    return a if a.dtype == np.float32 and a.flags.c_contiguous else np.ascontiguousarray(a, np.float32)
 
 
 def finish(frame: bytearray, server_ns: int) -> bytearray:

@@ -212,6 +212,21 @@ def test_decode_reply_one_bin_and_batch_round_trip():
         np.testing.assert_array_equal(v, getattr(ref, k), err_msg=k)
 
 
+def test_batched_rows_are_the_one_bin_replies():
+    writer = wire.DecodeReplyWriter(wire.DecodeLayout(3, 2, 4, 5))
+    eng = FakeEngine()
+    size = writer.frame_bytes
+    for n in (2, 5, 3):  # grows, then reuses the buffer
+        xb = np.arange(6 * n, dtype=np.float32).reshape(n, 6) + n
+        seqs, t_clients = [10 * n + i for i in range(n)], [7 + i for i in range(n)]
+        rows = writer.write_rows(seqs, t_clients, 2**33 if n == 3 else 4000, eng.decode(xb))
+        for i in range(n):
+            one = writer.write_one(seqs[i], t_clients[i], 2**33 if n == 3 else 4000, eng.decode(xb[i]))
+            assert bytes(rows[i * size:(i + 1) * size]) == bytes(one), (n, i)
+        head, _ = wire.parse_reply(bytes(rows[:size]))
+        assert head.server_ns == (2**32 - 1 if n == 3 else 4000)
+
+
 def test_writer_refuses_outputs_it_cannot_join():
     writer = wire.DecodeReplyWriter(wire.DecodeLayout(3, 2, 4, 5))
     out = FakeEngine().decode(np.ones(6, np.float32))
