@@ -219,7 +219,9 @@ class DecodeReplyWriter:
         fields += [(name, dt, (width,)) if wfield else (name, dt)
                    for (name, dt, wfield), width in zip(DECODE_SECTIONS, self.layout.widths())]
         row = np.dtype(fields)  # packed: offsets follow the wire layout, no padding
-        assert row.itemsize == self.frame_bytes and row.fields["seq"][1] == 8
+        if row.itemsize != self.frame_bytes or row.fields["seq"][1] != 8:
+            raise RuntimeError(f"reply row layout ({row.itemsize} B) disagrees with the wire format "
+                               f"({self.frame_bytes} B)")
         self._rows = np.zeros(n, row)
         self._rows.view(np.uint8).reshape(n, row.itemsize)[:, :REPLY_HEADER_SIZE] = np.frombuffer(self.header, np.uint8)
         self._rows_view = memoryview(self._rows.view(np.uint8))
