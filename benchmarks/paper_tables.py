@@ -201,7 +201,7 @@ def run_synthetic_seed(split: Split, seed: int, epochs: int | None, log,
     results = {}
     te = split.test
     for name in models:
-        spec = SYNTHETIC_MODELS.get(name)
+        spec = None if name == "supervised" else SYNTHETIC_MODELS[name]
         t0 = time.perf_counter()
         if spec is None:
             dec = SupervisedDecoder(n_classes=4, hidden=("d", 32), rep_dim=32, max_epochs=epochs or 30, seed=seed)
