@@ -12,7 +12,7 @@ vector of one bin to the same outputs:
     engine after warm()  decode() right after an untimed warm() (differs only with gaps)
     ORT defaults      decode.onnx, default SessionOptions, session.run(None, feed)
     ORT 3 graphs      encoder.onnx -> decoder.onnx + readout.onnx, defaults: unfused
-    torch eager       the torch model (BatchNorm unfolded) + the numpy readout
+    torch eager       the torch model (BatchNorm unfolded) + the numpy readout (_common.TorchEngine)
 
 Each is timed in a tight loop and with a gap between calls (a server waiting for the next
 bin: caches go cold, idle threads sleep), in interleaved rounds so drift on a shared machine
@@ -27,29 +27,12 @@ import platform
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from _machine import cpu_name  # benchmarks/ is on sys.path when run as a script
-
-CHEWIE = Path(__file__).resolve().parents[1] / "../shared/data/reaching/chewie-2013-10-03.npz"
-
-
-def build_bundle(data: str, workdir: Path) -> tuple[Path, Path]:
-    import torch
-
-    from schemas.config import SwapVAEConfig
-    from training.export import export_bundle
-    from training.run import train_run
-
-    torch.set_num_threads(1)
-    cfg = SwapVAEConfig.model_validate({"device": "cpu", "optim": {"epochs": 2},
-                                        "readout": {"C_grid": [0.1], "cv_folds": 2}})
-    run = workdir / "run"
-    train_run(data, run, cfg, progress=False)
-    export_bundle(run, workdir / "bundle")
-    return run, workdir / "bundle"
+from _common import TorchEngine, build_bundle, cpu_name  # benchmarks/ is on sys.path when run as a script
 
 
 def variants(bundle: Path, run: Path | None, x: np.ndarray) -> dict:
@@ -72,24 +55,7 @@ def variants(bundle: Path, run: Path | None, x: np.ndarray) -> dict:
         return de.run(None, {"latent": z}), ro.run(None, {"latent": z})
     out["ORT 3 graphs"] = three
     if run is not None:
-        import torch
-
-        from training.estimator import SwapVAEEstimator
-        from training.evaluate import load_readout
-
-        torch.set_num_threads(1)  # faster than the default here: no pool to wake per op
-        est, readout = SwapVAEEstimator.load(run), load_readout(run)
-        model, keep, scale = est.model_, est.neurons_, est.input_scale
-
-        @torch.no_grad()
-        def eager():
-            t = torch.from_numpy(x2[:, keep] * scale)
-            c, mu, _ = model.encoder(t)
-            z = torch.cat([c, mu], -1)
-            rates = model.decoder(z)
-            zn = z.numpy()
-            return rates, readout.proba(zn), readout.angle(zn)
-        out["torch eager"] = eager
+        out["torch eager"] = partial(TorchEngine(run).decode, x2)
     return out
 
 
@@ -119,7 +85,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", help="bundle to time (default: train and export one)")
     p.add_argument("--run", help="the bundle's run directory, for the torch eager variant")
-    p.add_argument("--data", default=str(CHEWIE.resolve()) if CHEWIE.exists() else "simulated")
+    p.add_argument("--channels", type=int, default=174, help="model size to build: 174 is Chewie-1, others simulated")
     p.add_argument("--n", type=int, default=2000, help="calls per variant per round, tight loop")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--gap-ms", type=float, default=2.0, help="pause before each call in the gap runs")
@@ -131,7 +97,7 @@ def main(argv=None) -> int:
         if args.bundle:
             bundle, run = Path(args.bundle), Path(args.run) if args.run else None
         else:
-            run, bundle = build_bundle(args.data, Path(tmp))
+            run, bundle = build_bundle(Path(tmp), args.channels)
         manifest = json.loads((bundle / "manifest.json").read_text())
         rng = np.random.default_rng(0)
         x = rng.poisson(2.0, manifest["n_channels"]).astype(np.float32)

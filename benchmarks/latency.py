@@ -47,97 +47,12 @@ from pathlib import Path
 
 import numpy as np
 
-from _machine import cpu_name  # benchmarks/ is on sys.path when run as a script
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+from _common import ROOT, TorchEngine, build_bundle, cpu_name  # benchmarks/ is on sys.path when run as a script
 from runtime.wire import SERVER_NS_OFFSET  # noqa: E402
 
 _SERVER_NS = struct.Struct("<I")
-CHEWIE = (ROOT / "../shared/data/reaching/chewie-2013-10-03.npz").resolve()
 MODES = ("b2b", "100Hz", "1kHz")
 RATES = {"b2b": 0.0, "100Hz": 100.0, "1kHz": 1000.0}
-
-
-# -- models to serve -------------------------------------------------------------------------------
-
-def build_bundle(d: int, workdir: Path, weights: str = "fp32") -> tuple[Path, Path]:
-    """A default-config model for ``d`` channels: Chewie-1 for 174, a simulated session otherwise.
-    Kept in ``workdir``: a later run reuses the run directory, and the bundle if it still loads."""
-    import shutil
-
-    import torch
-
-    from runtime.engine import BundleDecoder
-    from schemas.config import SwapVAEConfig
-    from training.export import export_bundle
-    from training.run import train_run
-
-    run, bundle = workdir / f"run{d}", workdir / (f"bundle{d}" if weights == "fp32" else f"bundle{d}_{weights}")
-    if (bundle / "manifest.json").exists():
-        try:
-            BundleDecoder(bundle)
-            return run, bundle
-        except ValueError:  # written by an older export: export again
-            shutil.rmtree(bundle)
-    if not (run / "checkpoint.pt").exists():
-        torch.set_num_threads(1)
-        if d == 174 and CHEWIE.exists():
-            data = str(CHEWIE)
-        else:
-            from training.simulate import simulate_reaching
-
-            s = simulate_reaching(n_neurons=d, seed=0)
-            data = str(workdir / f"simulated{d}.npz")
-            np.savez(data, counts=s.counts, trial=s.trial, bin_in_trial=s.bin_in_trial, target=s.target,
-                     velocity=s.velocity, bin_size_s=s.bin_size_s)
-        cfg = SwapVAEConfig.model_validate({"device": "cpu", "optim": {"epochs": 2},
-                                            "readout": {"C_grid": [0.1], "cv_folds": 2}})
-        train_run(data, run, cfg, progress=False)
-    export_bundle(run, bundle, weights=weights)
-    return run, bundle
-
-
-class TorchEngine:
-    """The naive alternative: the engine interface on the torch model, eager mode."""
-
-    def __init__(self, run_dir: str):
-        import torch
-
-        from training.estimator import SwapVAEEstimator
-        from training.evaluate import load_readout
-
-        torch.set_num_threads(1)  # one core like ours; also faster than a pool at batch 1
-        self.torch = torch
-        self.est, self.readout = SwapVAEEstimator.load(run_dir), load_readout(run_dir)
-        self.n_channels = self.est.n_channels_
-        self.manifest = _JsonModel({"engine": "torch eager", "run": str(run_dir)})
-
-    def decode(self, counts):
-        from runtime.engine import DecodeOutput
-
-        x = np.asarray(counts, np.float32).reshape(-1, self.n_channels)
-        if not (np.isfinite(x).all() and (x >= 0).all()):
-            raise ValueError("counts must be finite and >= 0")
-        with self.torch.inference_mode():
-            model = self.est.model_
-            c, mu, _ = model.encoder(self.torch.from_numpy(x[:, self.est.neurons_] * self.est.input_scale))
-            z = self.torch.cat([c, mu], -1)
-            rates = model.decoder(z)
-        zn = z.numpy()
-        proba = self.readout.proba(zn)
-        angle = np.arctan2(proba @ np.sin(self.readout.class_angles), proba @ np.cos(self.readout.class_angles))
-        f32 = lambda a: np.ascontiguousarray(a, np.float32)  # noqa: E731
-        return DecodeOutput(f32(c.numpy()), f32(mu.numpy()), f32(angle), proba.argmax(1).astype(np.int64),
-                            f32(proba), f32(rates.numpy()))
-
-
-class _JsonModel:
-    def __init__(self, d: dict):
-        self.d = d
-
-    def model_dump_json(self) -> str:
-        return json.dumps(self.d)
 
 
 def serve_echo(bind: str, reply_bytes: int) -> None:
@@ -289,13 +204,13 @@ def summarize(runs: list[tuple[np.ndarray, np.ndarray]]) -> dict:
 
 def measure_channels(d: int, workdir: Path, args) -> dict:
     weights = "int8" if d >= args.int8_from else "fp32"
-    run, bundle = build_bundle(d, workdir, weights)
+    run, bundle = build_bundle(workdir, d, weights)
     rng = np.random.default_rng(0)
     x = rng.poisson(2.0, d).astype(np.float32)
     server_cpu = 1 if args.pin else None
     py = sys.executable
     me = str(Path(__file__).resolve())
-    ours_cmd = [py, "-m", "training.cli", "serve", str(bundle), "--bind", "tcp://127.0.0.1:*"]
+    ours_cmd = [py, "-m", "swapvae", "serve", str(bundle), "--bind", "tcp://127.0.0.1:*"]
 
     # The echo floor must answer with exactly the service's reply size: ask the service.
     procs: dict[str, Proc] = {}
@@ -308,7 +223,7 @@ def measure_channels(d: int, workdir: Path, args) -> dict:
         procs["echo"] = Proc("echo", [py, me, "--_serve", "echo", "--_reply-bytes", str(reply_bytes)], server_cpu)
         procs["torch eager"] = Proc("torch eager", [py, me, "--_serve", "torch", "--_run", str(run)], server_cpu)
         if weights != "fp32":  # the same model with fp32 weights: what the int8 bundle gains
-            _, fp32_bundle = build_bundle(d, workdir, "fp32")
+            _, fp32_bundle = build_bundle(workdir, d, "fp32")
             procs["ours fp32"] = Proc("ours fp32", [*ours_cmd[:4], str(fp32_bundle), *ours_cmd[5:]], server_cpu)
         if args.no_prewarm:
             procs["ours no-prewarm"] = Proc("ours no-prewarm", [py, me, "--_serve", "no-prewarm", "--_bundle", str(bundle)],

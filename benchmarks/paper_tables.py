@@ -36,8 +36,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from _common import CHEWIE  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from schemas import ModelConfig, SwapVAEConfig  # noqa: E402
-from training.data import Split, load_session, split_session  # noqa: E402
+from schemas.session import Split, split_session  # noqa: E402
+from training.data import load_session  # noqa: E402
 from training.estimator import SwapVAEEstimator  # noqa: E402
 from training.evaluate import readout_scores  # noqa: E402
 from training.generate import generated_training_set  # noqa: E402
@@ -46,7 +48,6 @@ from training.metrics import (TEMPORAL_BINS, bits_per_spike, disentanglement_per
 from training.supervised import SupervisedDecoder  # noqa: E402
 from training.synthetic import SEQ_LEN, make_synthetic, synthetic_config  # noqa: E402
 
-CHEWIE = Path(__file__).resolve().parents[1] / "../shared/data/reaching/chewie-2013-10-03.npz"
 
 # Config overrides of each Chewie-1 model, relative to the project's default recipe
 # (schemas.config). "swap_vae_paper" is the released recipe (rates in Hz, jitter 5, no
@@ -409,7 +410,7 @@ def markdown(summary: dict, settings: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(CHEWIE.resolve()))
+    p.add_argument("--data", default=str(CHEWIE))
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, help="override every Chewie-1 model's optim.epochs (quick checks)")
     p.add_argument("--synthetic-epochs", type=int, help="override the synthetic recipes' optim.epochs")

@@ -22,19 +22,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _common import CHEWIE  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from schemas import SwapVAEConfig
-from training.data import load_session, split_session
+from schemas.session import split_session
+from training.data import load_session
 from training.estimator import SwapVAEEstimator
 from training.evaluate import evaluate_reach, raw_rate_baseline
 
-CHEWIE = Path(__file__).resolve().parents[1] / "../shared/data/reaching/chewie-2013-10-03.npz"
 KEYS = ("reach_acc", "reach_delta_acc", "reach_acc_content", "reach_delta_acc_content",
         "reach_acc_style", "reach_delta_acc_style", "train_seconds")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(CHEWIE.resolve()))
+    p.add_argument("--data", default=str(CHEWIE))
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--config", help="JSON config file")
     p.add_argument("--set", default="{}", help="JSON overrides merged into the config's sections")

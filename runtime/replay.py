@@ -7,8 +7,9 @@ the reach accuracy of the returned angles therefore equals the offline evaluatio
 bundle decoded bin by bin in-process (``offline_reach``), and the round trips measured here
 are what a closed loop would see.
 
-This is an offline tool: it reads the recording with ``training.data``, imported lazily so the
-rest of ``runtime`` never needs it.
+Like all of ``runtime`` it needs numpy alone: the recording arrives as a ``schemas.session``
+Session (``swapvae replay`` reads a .npz with numpy, or builds the simulated session when the
+training side is installed), and the scores are ``runtime.reach``'s.
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from runtime.client import Client, ServiceTimeout
+from runtime.reach import reach_scores
 from schemas.manifest import MANIFEST, BundleManifest
+from schemas.session import Session, split_session
 
 
 @dataclass
@@ -40,34 +43,29 @@ def read_manifest(bundle: str | Path) -> BundleManifest:
     return BundleManifest.model_validate_json(path.read_bytes())
 
 
-def replay_bins(manifest: BundleManifest, data: str) -> ReplayBins:
-    """The test bins of ``data`` under the bundle's split and scoring settings."""
-    from training.data import load_session, split_session
-
-    cfg = manifest.training.config
-    dcfg, rcfg = cfg.get("data", {}), cfg.get("readout", {})
-    session = load_session(data, min_trials=dcfg.get("min_trials", 4))
+def replay_bins(manifest: BundleManifest, session: Session) -> ReplayBins:
+    """The test bins of ``session`` under the split and scoring rule the bundle was evaluated with."""
     if session.n_neurons != manifest.n_channels:
-        raise ValueError(f"{data} has {session.n_neurons} channels but the bundle expects {manifest.n_channels} "
+        raise ValueError(f"{session.name} has {session.n_neurons} channels but the bundle expects {manifest.n_channels} "
                          f"(it was trained on {manifest.training.data or 'unknown data'}); pass --data")
-    split = split_session(session, dcfg.get("train_fraction", 0.8), dcfg.get("static_std", 1e-3))
-    test = split.test
-    return ReplayBins(np.ascontiguousarray(test.counts, np.float32), test.target,
-                    test.speed > rcfg.get("speed_threshold", 5.0), int(rcfg.get("n_directions", 8)), session.name)
+    if not session.has_labels:
+        raise ValueError(f"{session.name} has no reach labels (target, velocity): nothing to score a replay against")
+    rule = manifest.training.evaluation
+    test = split_session(session, rule.train_fraction).test
+    return ReplayBins(np.ascontiguousarray(test.counts, np.float32), test.target, test.speed > rule.speed_threshold,
+                      len(manifest.direction.classes), session.name)
 
 
 def scores(angle: np.ndarray, bins: ReplayBins) -> tuple[float, float]:
-    from training.evaluate import reach_scores
-
-    return reach_scores(angle[bins.scored].astype(np.float64), bins.target[bins.scored], bins.n_directions)
+    return reach_scores(angle[bins.scored], bins.target[bins.scored], bins.n_directions)
 
 
-def offline_reach(bundle: str | Path, data: str) -> dict:
+def offline_reach(bundle: str | Path, session: Session) -> dict:
     """The same scores from the engine in-process, one bin per call as the service decodes."""
     from runtime.engine import BundleDecoder
 
     dec = BundleDecoder(bundle)
-    bins = replay_bins(dec.manifest, data)
+    bins = replay_bins(dec.manifest, session)
     angle = np.array([dec.decode(x).angle[0] for x in bins.counts], np.float32)
     acc, dacc = scores(angle, bins)
     return {"reach_acc": acc, "reach_delta_acc": dacc, "n_bins": len(angle), "n_scored": int(bins.scored.sum())}
@@ -79,17 +77,13 @@ def percentiles_us(ns: np.ndarray) -> dict[str, float]:
     return {"p50": p50, "p90": p90, "p99": p99, "p999": p999, "mean": float(us.mean()), "max": float(us.max())}
 
 
-def replay(bundle: str | Path, data: str | None, endpoint: str, rate: float = 0.0, timeout_ms: int = 1000,
+def replay(bundle: str | Path, session: Session, endpoint: str, rate: float = 0.0, timeout_ms: int = 1000,
            wait_s: float = 30.0) -> dict:
-    """Stream the test bins through the service at ``endpoint``; scores and latencies.
+    """Stream the test bins of ``session`` through the service at ``endpoint``; scores and latencies.
 
     Waits up to ``wait_s`` for the service to answer, so a script can start both at once."""
     manifest = read_manifest(bundle)
-    if data is None:
-        data = manifest.training.data
-        if data is None:
-            raise ValueError(f"{bundle}: the manifest does not say which data it was trained on; pass --data")
-    bins = replay_bins(manifest, data)
+    bins = replay_bins(manifest, session)
     with Client(endpoint, timeout_ms=timeout_ms) as client:
         deadline = time.monotonic() + wait_s
         while True:
@@ -123,12 +117,15 @@ def replay(bundle: str | Path, data: str | None, endpoint: str, rate: float = 0.
     acc, dacc = scores(angle, bins)
     return {"reach_acc": acc, "reach_delta_acc": dacc, "n_bins": n, "n_scored": int(bins.scored.sum()),
             "latency_us": percentiles_us(rtt), "server_us": percentiles_us(server),
-            "bins_per_s": n / elapsed, "rate_hz": rate, "endpoint": endpoint, "data": str(data),
-            "session": bins.session}
+            "bins_per_s": n / elapsed, "rate_hz": rate, "endpoint": endpoint, "session": bins.session}
 
 
-def replay_command(args) -> int:
-    r = replay(args.bundle, args.data, args.endpoint, args.rate)
+def replay_command(args, load_session) -> int:
+    """``load_session(data, min_trials)``: how the command reads ``--data`` (swapvae.cli)."""
+    data = args.data or read_manifest(args.bundle).training.data
+    if data is None:
+        raise ValueError(f"{args.bundle}: the manifest does not say which data it was trained on; pass --data")
+    r = replay(args.bundle, load_session(data), args.endpoint, args.rate)
     if args.json:
         print(json.dumps(r))
         return 0

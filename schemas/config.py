@@ -96,11 +96,9 @@ class OptimConfig(_Section):
     batch_size: int = Field(256, ge=2, description="pairs per step")
     epochs: int = Field(225, ge=1, description="each epoch is max(1, n_train_bins // batch_size) steps")
     checkpoint_every: int = Field(25, ge=1, description="epochs between checkpoints")
-    # Torch CPU threads while training; 0: tuned by measured step time between one thread and
-    # one per core (training.estimator.ThreadTuner). All cores win on an idle CPU, one thread
-    # beside other busy processes, where OpenMP's barriers wait for descheduled threads
-    # (Chewie-1, 2-core EPYC, beside an equal-priority busy loop: fixed 2 threads 89 s, tuned
-    # 41 s, fixed 1 thread 39 s). Results are the same bits at any thread count.
+    # Torch CPU threads while training; 0: whichever of one per core and one runs a step faster
+    # when training starts (training.estimator.choose_threads; one thread wins beside other
+    # busy processes). A run is bit-reproducible for a seed at a given thread count.
     cpu_threads: int = Field(0, ge=0)
 
 

@@ -29,7 +29,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -78,9 +78,18 @@ class Direction(_Frozen):
         return self
 
 
+class Evaluation(_Frozen):
+    """How the run was scored, so a replay streams the very test bins: the chronological split
+    by trial (the first ``train_fraction`` of trials train) and the moving-bin rule (hand speed
+    above ``speed_threshold``) of the reach readout."""
+    train_fraction: float = Field(gt=0, lt=1)
+    speed_threshold: float = Field(ge=0)
+
+
 class TrainingInfo(_Frozen):
     # Kept as plain JSON so a rig can load bundles from older/newer training configs.
     config: dict[str, Any]
+    evaluation: Evaluation
     metrics: dict[str, Any]
     data: str | None = None
     session: str | None = None
@@ -101,7 +110,7 @@ class Quantization(_Frozen):
 
 
 class BundleManifest(_Frozen):
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[2] = FORMAT_VERSION
     created_utc: str
     n_channels: int = Field(ge=1, description="length of the raw count vector a client sends")
     neurons: tuple[int, ...] = Field(min_length=1, description="kept channels, sorted; rates follow this order")

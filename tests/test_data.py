@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from training.data import DataError, jitter_pairs, load_session, split_session, validate
+from schemas.session import DataError, split_session, validate
+from training.data import jitter_pairs, load_session
 from training.simulate import simulate_reaching
 
 
@@ -24,7 +25,8 @@ def test_valid_arrays_load():
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda a: a.pop("target"), "missing array"),
+    (lambda a: a.pop("trial"), "missing array"),
+    (lambda a: a.pop("target"), "has 'velocity' but no 'target'"),
     (lambda a: a.__setitem__("trial", a["trial"][:-1]), "trial has shape"),
     (lambda a: a.__setitem__("velocity", a["velocity"][:, :1]), "velocity has shape"),
     (lambda a: a["counts"].__setitem__((3, 1), -1), "must be >= 0"),
@@ -39,6 +41,16 @@ def test_bad_recordings_are_named(mutate, message):
     mutate(a)
     with pytest.raises(DataError, match=message):
         validate(a, "bad")
+
+
+def test_labels_are_optional_together():
+    a = _arrays()
+    del a["target"], a["velocity"]
+    s = validate(a, "unlabelled")
+    assert not s.has_labels and s.target is None and s.velocity is None
+    assert split_session(s).test.target is None
+    with pytest.raises(DataError, match="no hand velocity"):
+        s.speed
 
 
 def test_too_few_trials():

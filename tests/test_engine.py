@@ -18,7 +18,8 @@ def dec(tiny_bundle):
 
 @pytest.fixture(scope="module")
 def bins():
-    from training.data import load_session, split_session
+    from schemas.session import split_session
+    from training.data import load_session
 
     return split_session(load_session("simulated")).test.counts[:40]
 

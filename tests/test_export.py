@@ -11,18 +11,20 @@ from pydantic import ValidationError
 
 from schemas.config import SwapVAEConfig
 from schemas.manifest import GRAPH_IO, BundleManifest
-from training.cli import main as cli
-from training.data import load_session, split_session
+from swapvae.cli import main as cli
+from schemas.session import split_session
+from training.data import load_session
 from training.estimator import SwapVAEEstimator
-from training.evaluate import Readout, load_readout, save_readout
+from training.evaluate import Readout
 from training.export import ExportError, export_bundle
 from training.model import SwapVAE
+from training.rundir import RunDir
 
 TOL = 1e-4
 
 
 def _test_counts(run_dir):
-    est = SwapVAEEstimator.load(run_dir)
+    est = RunDir(run_dir).estimator()
     cfg = est.config
     return est, split_session(load_session("simulated"), cfg.data.train_fraction, cfg.data.static_std).test.counts
 
@@ -54,7 +56,7 @@ def test_bundle_has_hashed_checked_graphs_with_dynamic_batch(tiny_bundle):
 def test_graphs_reproduce_the_torch_model_on_test_bins(tiny_run, tiny_bundle):
     """Each graph, run by plain ONNX Runtime, against the estimator and readout."""
     est, counts = _test_counts(tiny_run)
-    readout = load_readout(tiny_run)
+    readout = RunDir(tiny_run).readout()
     sess = {g: ort.InferenceSession(str(tiny_bundle / f"{g}.onnx"), providers=["CPUExecutionProvider"]) for g in GRAPH_IO}
     c, mu, logvar = sess["encoder"].run(None, {"counts": counts})
     _, _, ref_logvar = est.encode(counts)
@@ -101,13 +103,13 @@ def _synthetic_run(path, *, input_unit="counts", content_dim=8, classes=(0, 1, 2
             mod.weight.data.uniform_(0.5, 1.5)
             mod.bias.data.uniform_(-0.5, 0.5)
     est.model_.eval()
-    est.save(path)
+    run = RunDir.create(path, cfg, "simulated", "simulated")
+    est.save(run.checkpoint)
     k = m.content_dim + m.style_dim
     n_cls = len(classes)
-    save_readout(Readout(rng.normal(size=k), rng.uniform(0.5, 2, k), rng.normal(size=(n_cls, k)), rng.normal(size=n_cls),
-                         2 * np.pi * np.asarray(classes) / 8, 0.1), path)
-    (path / "run.json").write_text(json.dumps({"data": "simulated", "session": "simulated"}))
-    (path / "metrics.json").write_text(json.dumps({"reach_acc": 0.5}))
+    run.save_readout(Readout(rng.normal(size=k), rng.uniform(0.5, 2, k), rng.normal(size=(n_cls, k)),
+                             rng.normal(size=n_cls), 2 * np.pi * np.asarray(classes) / 8, 0.1))
+    run.save_metrics({"reach_acc": 0.5})
     return est
 
 
@@ -125,7 +127,7 @@ def test_export_folds_preprocessing_and_batchnorm(tmp_path, kind):
     out = BundleDecoder(tmp_path / "bundle").decode(counts)
     _close(out.rates, est.reconstruct(counts), "rates")
     _close(np.concatenate([out.content, out.style_mean], 1), est.transform(counts, "full"), "latent")
-    readout = load_readout(tmp_path / "run")
+    readout = RunDir(tmp_path / "run").readout()
     ref = readout.proba(est.transform(counts, "full").astype(np.float64))
     _close(out.proba, ref, "proba")
     np.testing.assert_array_equal(out.direction, np.asarray(manifest.direction.classes)[ref.argmax(1)])
@@ -187,7 +189,7 @@ def test_manifest_rejects_inconsistent_fields(tiny_bundle):
         ({"files": {k: v for k, v in good["files"].items() if k != "decode.onnx"}}, "no sha256"),
         ({"direction": {"classes": [0, 1, 2], "angles_rad": [0.0, 1.0]}}, "3 classes but 2 angles"),
         ({"rates_unit": "counts_per_bin" if good["input_unit"] == "hz" else "hz"}, "does not match input_unit"),
-        ({"format_version": 2}, "format_version"),
+        ({"format_version": 1}, "format_version"),
         ({"extra": 1}, "extra"),
     ]
     for change, message in bad:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from schemas import SwapVAEConfig
-from training.data import split_session
+from schemas.session import split_session
 from training.estimator import SwapVAEEstimator
 from training.generate import decode_counts, encode, generate, generated_training_set
 from training.simulate import simulate_reaching

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from schemas import ReadoutConfig
-from training.data import Session
+from schemas.session import Session
 from training.metrics import (bits_per_spike, disentanglement_per_latent, disentanglement_score, label_variances, mean_std,
                               reconstruction_rmse, temporal_scores, trial_average)
 

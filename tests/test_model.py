@@ -83,28 +83,3 @@ def test_rates_non_negative_and_inference_deterministic():
     x = torch.rand(3, 7) * 5
     r1, r2 = model(x), model(x)
     assert (r1 >= 0).all() and torch.equal(r1, r2)  # no sampling at inference
-
-
-def test_batchnorm_equals_torchs_in_both_modes():
-    from torch import nn
-
-    from training.model import BatchNorm
-
-    torch.manual_seed(0)
-    ref, ours = nn.BatchNorm1d(7), BatchNorm(7)
-    with torch.no_grad():
-        ref.weight.uniform_(0.5, 2)
-        ref.bias.uniform_(-1, 1)
-    ours.load_state_dict(ref.state_dict())
-    x = torch.randn(50, 7) * 3 + 1
-    g = torch.randn(50, 7)
-    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
-    yr, yo = ref(xr), ours(xo)
-    yr.backward(g)
-    yo.backward(g)
-    for a, b in ((yr, yo), (xr.grad, xo.grad), (ref.weight.grad, ours.weight.grad), (ref.bias.grad, ours.bias.grad),
-                 (ref.running_mean, ours.running_mean), (ref.running_var, ours.running_var)):
-        assert torch.allclose(a, b, atol=1e-5)
-    assert ours.num_batches_tracked.item() == 1
-    ref.eval(), ours.eval()
-    assert torch.allclose(ref(x), ours(x), atol=1e-5)

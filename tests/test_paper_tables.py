@@ -1,6 +1,7 @@
 """benchmarks/paper_tables.py: seeds are summarised right, the tables carry the paper's numbers,
 and the target checks read the right cells (on made-up results; the benchmark itself is long)."""
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_tables.py"
 
 @pytest.fixture(scope="module")
 def pt():
+    sys.path.insert(0, str(PATH.parent))  # as when run as a script: its own folder first
     spec = importlib.util.spec_from_file_location("paper_tables", PATH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

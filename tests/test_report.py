@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from schemas import SwapVAEConfig
-from training.cli import main as cli
-from training.data import load_session, split_session
-from training.estimator import SwapVAEEstimator
+from swapvae.cli import main as cli
+from schemas.session import split_session
 from training.data import load_session
+from training.estimator import SwapVAEEstimator
+from training.rundir import RunDir
 from training.report import FIGURES, _pca, example_neurons, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -22,13 +23,13 @@ def _run(tmp_path, raw, data="simulated"):
     split = split_session(session)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    config = SwapVAEConfig.model_validate(raw)
+    run = RunDir.create(tmp_path, config, data, session.name)
     try:
-        SwapVAEEstimator(SwapVAEConfig.model_validate(raw)).fit(
-            split.train.counts, split.train.trial, split.train.bin_in_trial, neurons=split.neurons, run_dir=tmp_path,
-            progress=False)
+        SwapVAEEstimator(config).fit(split.train.counts, split.train.trial, split.train.bin_in_trial,
+                                     neurons=split.neurons, checkpoint=run.checkpoint, progress=False)
     finally:
         torch.set_num_threads(threads)
-    (tmp_path / "run.json").write_text(json.dumps({"data": data}))
     return tmp_path
 
 

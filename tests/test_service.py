@@ -21,6 +21,7 @@ import zmq
 from runtime import wire
 from runtime.client import Client, ServiceError, ServiceTimeout
 from schemas.protocol import DType, ErrorCode, InfoReply, MsgType
+from training.data import load_session
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 60.0
@@ -30,7 +31,7 @@ class Service:
     """``swapvae serve`` in a subprocess; ``endpoints`` from its ready line."""
 
     def __init__(self, bundle, *extra: str):
-        cmd = [sys.executable, "-m", "training.cli", "serve", str(bundle), "--bind", "tcp://127.0.0.1:*", *extra]
+        cmd = [sys.executable, "-m", "swapvae", "serve", str(bundle), "--bind", "tcp://127.0.0.1:*", *extra]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.endpoints = self._ready()
         self.endpoint = self.endpoints.get("router")
@@ -286,12 +287,12 @@ def test_streaming_sub_to_pub(tiny_bundle, engine, bins):
 def test_replay_accuracy_equals_offline_evaluation(service, tiny_bundle, tiny_run):
     from runtime.replay import offline_reach
 
-    out = subprocess.run([sys.executable, "-m", "training.cli", "replay", str(tiny_bundle), "--data", "simulated",
+    out = subprocess.run([sys.executable, "-m", "swapvae", "replay", str(tiny_bundle), "--data", "simulated",
                           "--endpoint", service.endpoint, "--json"], cwd=ROOT, capture_output=True, text=True,
                          timeout=180)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
-    offline = offline_reach(tiny_bundle, "simulated")
+    offline = offline_reach(tiny_bundle, load_session("simulated"))
     assert got["reach_acc"] == offline["reach_acc"]
     assert (got["n_bins"], got["n_scored"]) == (offline["n_bins"], offline["n_scored"])
     assert set(got["latency_us"]) >= {"p50", "p99", "p999"} and 0 < got["latency_us"]["p50"] <= got["latency_us"]["p999"]
@@ -312,7 +313,7 @@ def test_replay_refuses_another_bundles_service(service, tmp_path, tiny_bundle):
     m["files"] = {k: "f" * 64 for k in m["files"]}
     (other / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match="different bundle"):
-        replay(other, "simulated", service.endpoint)
+        replay(other, load_session("simulated"), service.endpoint)
 
 
 def test_stats_reply_validates(service):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.data import split_session
+from schemas.session import split_session
 from training.simulate import simulate_reaching
 from training.supervised import SupervisedDecoder
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from training.data import split_session, validate
+from schemas.session import split_session, validate
 from training.synthetic import N_CLUSTERS, SEQ_LEN, RealNVP, make_synthetic, sample_latents, synthetic_config
 
 

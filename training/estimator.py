@@ -1,5 +1,5 @@
 """A scikit-learn style estimator around the Swap-VAE model: ``fit`` on training bins,
-``transform`` to the frozen representation, ``save``/``load`` a run directory.
+``transform`` to the frozen representation, ``save``/``load`` a checkpoint file.
 
 The estimator owns the preprocessing that inference must repeat: which recording channels
 are kept (static-neuron filter, fitted on training bins) and the input unit (counts or Hz).
@@ -7,6 +7,7 @@ Inputs to every method are raw count vectors over all recorded channels.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -17,12 +18,10 @@ import numpy as np
 import torch
 
 from schemas import SwapVAEConfig
-from training.data import jitter_pairs, static_filter
+from schemas.session import static_filter
+from training.data import jitter_pairs
 from training.model import SwapVAE
 
-CHECKPOINT = "checkpoint.pt"
-CONFIG = "config.json"
-HISTORY = "history.json"
 SPACES = ("full", "content", "style")
 
 
@@ -69,8 +68,10 @@ class SwapVAEEstimator:
 
     # -- training ------------------------------------------------------------------------------
     def fit(self, counts: np.ndarray, trial: np.ndarray, bin_in_trial: np.ndarray, *,
-            neurons: np.ndarray | None = None, bin_size_s: float = 0.1, run_dir: str | Path | None = None,
+            neurons: np.ndarray | None = None, bin_size_s: float = 0.1, checkpoint: str | Path | None = None,
             progress: bool = True) -> "SwapVAEEstimator":
+        """Train on these bins (raw counts over all channels); with ``checkpoint``, save there
+        every ``optim.checkpoint_every`` epochs and at the end."""
         cfg = self.config
         torch.manual_seed(cfg.seed)
         device = resolve_device(cfg.device)
@@ -89,27 +90,54 @@ class SwapVAEEstimator:
         opt = torch.optim.Adam(self.model_.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                fused=True)
         steps_per_epoch = max(1, len(x) // cfg.optim.batch_size)
-        run_dir = Path(run_dir) if run_dir is not None else None
-        if run_dir is not None:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / CONFIG).write_text(cfg.model_dump_json(indent=2))
+        checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.history_ = []
         threads = torch.get_num_threads()
-        tuner = None
-        if device.type == "cpu" and cfg.optim.cpu_threads:
-            torch.set_num_threads(cfg.optim.cpu_threads)
-        elif device.type == "cpu" and threads > 1:
-            tuner = ThreadTuner(threads)
         try:
-            self._train(x, pairs, gen, opt, steps_per_epoch, run_dir, progress, tuner)
+            if device.type == "cpu":
+                torch.set_num_threads(cfg.optim.cpu_threads or self._calibrate_threads(x, pairs, threads))
+            self._train(x, pairs, gen, opt, steps_per_epoch, checkpoint, progress)
         finally:
             torch.set_num_threads(threads)
         self.model_.eval()
-        if run_dir is not None:
-            self.save(run_dir)
+        if checkpoint is not None:
+            self.save(checkpoint)
         return self
 
-    def _train(self, x, pairs, gen, opt, steps_per_epoch, run_dir, progress, tuner=None) -> None:
+    def _step(self, model: SwapVAE, opt, x: torch.Tensor, pairs: torch.Tensor, gen: torch.Generator) -> dict:
+        """One optimiser step on a batch of in-trial view pairs; returns the loss terms."""
+        cfg = self.config
+        idx = pairs[torch.randint(len(pairs), (cfg.optim.batch_size,), generator=gen, device=x.device)]
+        x1, x2 = x[idx.T.reshape(-1)].chunk(2)  # one gather for both views
+        if cfg.data.dropout_max > 0:  # the dropped bin is the view and its target
+            x1, x2 = _neuron_dropout(x1, cfg.data.dropout_max, gen), _neuron_dropout(x2, cfg.data.dropout_max, gen)
+        targets = None
+        if cfg.data.thin_min < 1:  # the encoder sees thinned bins, the decoder reconstructs whole ones
+            targets = (x1, x2)
+            thin, scale = cfg.data.thin_min, self.input_scale
+            x1, x2 = _thin(x1, thin, scale, gen), _thin(x2, thin, scale, gen)
+        out = model.loss(x1, x2, cfg.loss.swap, cfg.loss.kl_weight, cfg.loss.align_weight, cfg.loss.eps, targets)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        return out
+
+    def _calibrate_threads(self, x: torch.Tensor, pairs: torch.Tensor, cores: int) -> int:
+        """Training's CPU thread count when ``optim.cpu_threads`` is 0: one per core or one,
+        whichever runs a training step faster here and now (one thread wins beside other busy
+        processes, whose cores OpenMP's barriers wait for). Timed on a scratch copy of the
+        model with its own random draws, so the run itself is exactly the run it would be with
+        that thread count fixed: a run is bit-reproducible for a seed at a given thread count,
+        and BLAS may sum in a different order at another one."""
+        if cores < 2:
+            return 1
+        scratch = copy.deepcopy(self.model_)
+        opt = torch.optim.Adam(scratch.parameters(), lr=self.config.optim.lr, fused=True)
+        gen = torch.Generator(device=x.device).manual_seed(0)
+        with torch.random.fork_rng(devices=[]):
+            return choose_threads(lambda: self._step(scratch, opt, x, pairs, gen), (cores, 1))
+
+    def _train(self, x, pairs, gen, opt, steps_per_epoch, checkpoint, progress) -> None:
         cfg, device = self.config, x.device
         bar = _progress(cfg.optim.epochs, progress)
         terms = ("loss", "rec", "kl", "align")
@@ -118,38 +146,21 @@ class SwapVAEEstimator:
         for epoch in range(1, cfg.optim.epochs + 1):
             sums = torch.zeros(len(terms), device=device)
             for _ in range(steps_per_epoch):
-                if tuner is not None:
-                    torch.set_num_threads(tuner.threads())
-                    t_step = time.perf_counter()
-                idx = pairs[torch.randint(len(pairs), (cfg.optim.batch_size,), generator=gen, device=device)]
-                x1, x2 = x[idx.T.reshape(-1)].chunk(2)  # one gather for both views
-                if cfg.data.dropout_max > 0:  # the dropped bin is the view and its target
-                    x1, x2 = _neuron_dropout(x1, cfg.data.dropout_max, gen), _neuron_dropout(x2, cfg.data.dropout_max, gen)
-                targets = None
-                if cfg.data.thin_min < 1:  # the encoder sees thinned bins, the decoder reconstructs whole ones
-                    targets = (x1, x2)
-                    thin, scale = cfg.data.thin_min, self.input_scale
-                    x1, x2 = _thin(x1, thin, scale, gen), _thin(x2, thin, scale, gen)
-                out = self.model_.loss(x1, x2, cfg.loss.swap, cfg.loss.kl_weight, cfg.loss.align_weight, cfg.loss.eps,
-                                       targets)
-                opt.zero_grad(set_to_none=True)
-                out["loss"].backward()
-                opt.step()
+                out = self._step(self.model_, opt, x, pairs, gen)
                 sums += torch.stack([out[k].detach() for k in terms])
-                if tuner is not None:
-                    tuner.record(time.perf_counter() - t_step)
             epoch_terms = dict(zip(terms, (sums / steps_per_epoch).tolist()))
             if not all(math.isfinite(v) for v in epoch_terms.values()):
                 # The epoch's weights are suspect; the checkpoint on disk is from a finite epoch.
-                saved = f"the last good checkpoint is {run_dir / CHECKPOINT}" if run_dir and (run_dir / CHECKPOINT).exists() else "no checkpoint was written yet"
+                saved = (f"the last good checkpoint is {checkpoint}" if checkpoint is not None and checkpoint.exists()
+                         else "no checkpoint was written yet")
                 raise TrainingDiverged(f"loss became non-finite in epoch {epoch} ({_fmt(epoch_terms)}); {saved}. "
                                        f"Try a lower optim.lr or check the input counts.")
             self.history_.append({"epoch": epoch, **epoch_terms, "threads": torch.get_num_threads()})
             if bar is not None:
                 bar.set_postfix_str(_fmt(epoch_terms), refresh=False)
                 bar.update()
-            if run_dir is not None and epoch % cfg.optim.checkpoint_every == 0 and epoch < cfg.optim.epochs:
-                self.save(run_dir)  # the final one is saved below, with the training time
+            if checkpoint is not None and epoch % cfg.optim.checkpoint_every == 0 and epoch < cfg.optim.epochs:
+                self.save(checkpoint)  # the final one is saved below, with the training time
         if bar is not None:
             bar.close()
         self.train_seconds_ = time.perf_counter() - start
@@ -172,94 +183,72 @@ class SwapVAEEstimator:
         return {"full": z, "content": z[:, :k], "style": z[:, k:]}[space]
 
     @torch.no_grad()
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """Firing rates g(z) of latents z = [c, s] (content, then style), in the model's input unit."""
+        self._check_fitted()
+        self.model_.eval()
+        device = next(self.model_.parameters()).device
+        return self.model_.decoder(torch.as_tensor(np.asarray(z), dtype=torch.float32, device=device)).cpu().numpy()
+
+    @torch.no_grad()
     def reconstruct(self, counts: np.ndarray) -> np.ndarray:
         """Denoised firing rates g([c, mu]) in the model's input unit, over the kept neurons."""
         self.model_.eval()
         return self.model_(self._inputs(counts)).cpu().numpy()
 
     # -- persistence (no pickled objects: tensors and plain JSON only) -----------------------
-    def save(self, run_dir: str | Path) -> Path:
+    def save(self, path: str | Path) -> Path:
+        """Write the fitted model to ``path`` atomically: a crash mid-write never clobbers the
+        last good checkpoint."""
         self._check_fitted()
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         state = {
             "state_dict": {k: v.detach().cpu() for k, v in self.model_.state_dict().items()},
             "neurons": torch.as_tensor(self.neurons_, dtype=torch.int64),
             "meta": json.dumps({"config": self.config.model_dump(mode="json"), "n_channels": self.n_channels_,
-                                "bin_size_s": self.bin_size_s_, "epochs_done": len(self.history_),
+                                "bin_size_s": self.bin_size_s_, "history": self.history_,
                                 "train_seconds": self.train_seconds_}),
         }
-        path = run_dir / CHECKPOINT
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
-        os.replace(tmp, path)  # atomic: a crash mid-write never clobbers the last good checkpoint
-        (run_dir / HISTORY).write_text(json.dumps(self.history_))
+        os.replace(tmp, path)
         return path
 
     @classmethod
-    def load(cls, run_dir: str | Path, device: str = "cpu") -> "SwapVAEEstimator":
-        path = Path(run_dir) / CHECKPOINT
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no checkpoint (is {run_dir} a training run directory?)")
+    def load(cls, path: str | Path, device: str = "cpu") -> "SwapVAEEstimator":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such checkpoint file")
         state = torch.load(path, map_location=device, weights_only=True)
         meta = json.loads(state["meta"])
         est = cls(SwapVAEConfig.model_validate(meta["config"]))
         est.neurons_ = state["neurons"].numpy()
         est.n_channels_, est.bin_size_s_ = meta["n_channels"], meta["bin_size_s"]
-        est.train_seconds_ = meta["train_seconds"]
+        est.train_seconds_, est.history_ = meta["train_seconds"], meta["history"]
         est.model_ = build_model(est.config, len(est.neurons_))
         est.model_.load_state_dict(state["state_dict"])
         est.model_.to(device).eval()
-        hist = Path(run_dir) / HISTORY
-        est.history_ = json.loads(hist.read_text()) if hist.exists() else []
         return est
 
 
-class ThreadTuner:
-    """Training's CPU thread count when ``optim.cpu_threads`` is 0, chosen by measured step time.
-
-    On an idle CPU all cores are fastest; beside other busy processes OpenMP's barriers wait
-    for descheduled threads and make them several times slower than one thread. So the tuner
-    times every step and, now and then, tries a few steps on the other choice (one thread or
-    all cores), keeping the faster. A probe that loses makes the next one wait twice as long;
-    a probe step far slower than the current pace ends the probe at once. The choice changes
-    speed only: BatchNorm's statistics are plain reductions (training.model.BatchNorm) and
-    the other ops give the same bits at any thread count, so results do not depend on it."""
-
-    def __init__(self, cores: int, probe_steps: int = 4, probe_every: int = 50, max_every: int = 800):
-        self.choices = (cores, 1)
-        self.current = cores
-        self.probe_steps, self.every, self.base_every, self.max_every = probe_steps, probe_every, probe_every, max_every
-        self._recent: list[float] = []  # last step times at the current choice
-        self._probe: list[float] | None = None  # step times of a running probe
-        self._until_probe = probe_steps  # first probe as soon as the current pace is known
-
-    @property
-    def _other(self) -> int:
-        return self.choices[1] if self.current == self.choices[0] else self.choices[0]
-
-    def threads(self) -> int:
-        """The thread count for the next step."""
-        return self._other if self._probe is not None else self.current
-
-    def record(self, seconds: float) -> None:
-        """The time the step just run took."""
-        if self._probe is None:
-            self._recent = (self._recent + [seconds])[-self.probe_steps:]
-            self._until_probe -= 1
-            if self._until_probe <= 0 and len(self._recent) == self.probe_steps:
-                self._probe = []
-            return
-        pace = float(np.median(self._recent))
-        self._probe.append(seconds)
-        if seconds > 3 * pace or len(self._probe) == self.probe_steps:
-            # the first step on a new thread count can pay for waking its pool: judge the rest
-            won = len(self._probe) == self.probe_steps and float(np.median(self._probe[1:])) < 0.95 * pace
-            if won:
-                self.current, self._recent, self.every = self._other, self._probe[1:], self.base_every
-            else:
-                self.every = min(2 * self.every, self.max_every)
-            self._probe, self._until_probe = None, self.every
+def choose_threads(step, choices: tuple[int, ...], rounds: int = 3) -> int:
+    """The thread count among ``choices`` (the first preferred on a tie within 5%) that runs
+    ``step`` fastest: one untimed step each (a new count pays for waking its pool), then
+    ``rounds`` alternating timed steps each, so drift on a shared CPU hits every choice alike."""
+    times: dict[int, list[float]] = {n: [] for n in choices}
+    for r in range(rounds + 1):
+        for n in choices:
+            torch.set_num_threads(n)
+            t = time.perf_counter()
+            step()
+            if r:
+                times[n].append(time.perf_counter() - t)
+    best = choices[0]
+    for n in choices[1:]:
+        if np.median(times[n]) < 0.95 * np.median(times[best]):
+            best = n
+    return best
 
 
 def build_model(cfg: SwapVAEConfig, n_in: int) -> SwapVAE:

@@ -9,31 +9,16 @@ penalised like a regression error and a split decision lands between two sectors
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupKFold
 from threadpoolctl import threadpool_limits
 
+from runtime.reach import angle_from_proba, class_angles, reach_scores
 from schemas import ReadoutConfig
-from training.data import Session, Split
-
-READOUT = "readout.json"
-
-
-def angular_error(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """Absolute circular difference in [0, pi]."""
-    return np.abs(np.angle(np.exp(1j * (pred - true))))
-
-
-def reach_scores(pred_angle: np.ndarray, target: np.ndarray, n_directions: int) -> tuple[float, float]:
-    """acc = error < pi/8 (within the sector), delta-acc = error < 3 pi/16."""
-    err = angular_error(pred_angle, 2 * np.pi * target / n_directions)
-    return float(np.mean(err < np.pi / 8)), float(np.mean(err < 3 * np.pi / 16))
-
+from schemas.session import Session, Split
 
 @dataclass
 class Readout:
@@ -52,8 +37,7 @@ class Readout:
         return p / p.sum(axis=1, keepdims=True)
 
     def angle(self, z: np.ndarray) -> np.ndarray:
-        p = self.proba(z)
-        return np.arctan2(p @ np.sin(self.class_angles), p @ np.cos(self.class_angles))
+        return angle_from_proba(self.proba(z), self.class_angles)
 
     def to_json(self) -> dict:
         return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()}
@@ -68,7 +52,7 @@ def _fit(z: np.ndarray, target: np.ndarray, C: float, cfg: ReadoutConfig) -> Rea
     scale = z.std(axis=0) if cfg.scaling == "feature" else np.full(z.shape[1], z.std())
     scale = np.where(scale > 0, scale, 1.0)
     clf = LogisticRegression(C=C, max_iter=5000).fit((z - mean) / scale, target)
-    return Readout(mean, scale, clf.coef_, clf.intercept_, 2 * np.pi * clf.classes_ / cfg.n_directions, C)
+    return Readout(mean, scale, clf.coef_, clf.intercept_, class_angles(clf.classes_, cfg.n_directions), C)
 
 
 @threadpool_limits.wrap(limits=1)  # these fits are small: BLAS threads only add wake-ups, and spin badly on a busy CPU
@@ -120,11 +104,3 @@ def raw_rate_baseline(split: Split, neurons: np.ndarray, cfg: ReadoutConfig) -> 
     cfg = cfg.model_copy(update={"scaling": "feature"})
     _, acc, dacc = readout_scores(to_rates(split.train), to_rates(split.test), split, cfg)
     return {"reach_acc": acc, "reach_delta_acc": dacc}
-
-
-def save_readout(readout: Readout, run_dir: str | Path) -> None:
-    (Path(run_dir) / READOUT).write_text(json.dumps(readout.to_json()))
-
-
-def load_readout(run_dir: str | Path) -> Readout:
-    return Readout.from_json(json.loads((Path(run_dir) / READOUT).read_text()))

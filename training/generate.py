@@ -13,27 +13,19 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-import torch
 
 Style = Literal["prior", "bins"]
 
 
-@torch.no_grad()
 def encode(estimator, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(content c, style mean mu) of raw count vectors."""
-    estimator.model_.eval()
-    c, mu, _ = estimator.model_.encoder(estimator._inputs(counts))
-    return c.cpu().numpy(), mu.cpu().numpy()
+    c, mu, _ = estimator.encode(counts)
+    return c, mu
 
 
-@torch.no_grad()
 def decode_counts(estimator, c: np.ndarray, s: np.ndarray) -> np.ndarray:
     """Firing rates in spikes per bin over the kept neurons for latents [c, s]."""
-    model = estimator.model_
-    model.eval()
-    device = next(model.parameters()).device
-    z = torch.as_tensor(np.concatenate([c, s], axis=1), dtype=torch.float32, device=device)
-    return model.decoder(z).cpu().numpy() / estimator.input_scale
+    return estimator.decode(np.concatenate([c, s], axis=1)) / estimator.input_scale
 
 
 def generate(estimator, content_counts: np.ndarray, n: int, rng: np.random.Generator, *, style: Style = "prior",

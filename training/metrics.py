@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from schemas import ReadoutConfig
-from training.data import Session
-from training.evaluate import fit_readout, reach_scores
+from schemas.session import Session
+from runtime.reach import reach_scores
+from training.evaluate import fit_readout
 
 TEMPORAL_BINS = 9  # the paper decodes time over the first 9 bins: the shortest trial has 9
 

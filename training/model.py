@@ -19,31 +19,11 @@ from torch import nn
 from torch.nn import functional as F
 
 
-class BatchNorm(nn.BatchNorm1d):
-    """BatchNorm1d whose training-mode batch statistics are plain reductions over the batch.
-    torch's fused CPU kernel splits the batch across threads, so its sums, and every weight
-    after them, depend on the thread count; these do not, so training can change its thread
-    count mid-run without changing a bit of the result (training.estimator.ThreadTuner).
-    Eval mode is torch's own (running statistics)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)
-        mean = x.mean(0)
-        xc = x - mean
-        var = (xc * xc).mean(0)
-        with torch.no_grad():
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * (len(x) / (len(x) - 1)), self.momentum)  # unbiased, as torch
-            self.num_batches_tracked += 1
-        return xc * (torch.rsqrt(var + self.eps) * self.weight) + self.bias
-
-
 def mlp(sizes: list[int]) -> list[nn.Module]:
     """Linear -> BatchNorm -> ReLU for each consecutive pair of ``sizes``."""
     layers: list[nn.Module] = []
     for a, b in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(a, b), BatchNorm(b), nn.ReLU()]
+        layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU()]
     return layers
 
 

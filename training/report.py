@@ -12,13 +12,12 @@ representation, not made by the projection. Reconstructions are of test trials.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from training.data import Session, Split, load_session, split_session
-from training.estimator import SwapVAEEstimator
+from schemas.session import Session, Split
+from training.rundir import FIGURES_DIR, RunDir
 from training.metrics import TEMPORAL_BINS, trial_average
 
 FIGURES = ("embedding.png", "trajectories.png", "reconstruction.png", "generation.png", "training_curves.png")
@@ -200,19 +199,10 @@ def _concat(split: Split) -> Session:
 
 
 def write_report(run_dir: str | Path, data: str | None = None, out: str | Path | None = None) -> list[Path]:
-    run_dir = Path(run_dir)
-    est = SwapVAEEstimator.load(run_dir)
-    if data is None:
-        run_file = run_dir / "run.json"
-        if not run_file.exists():
-            raise FileNotFoundError(f"{run_file}: no run.json; pass --data")
-        data = json.loads(run_file.read_text())["data"]
-    cfg = est.config
-    session = load_session(data, cfg.data.min_trials)
-    if session.n_neurons != est.n_channels_:
-        raise ValueError(f"{data} has {session.n_neurons} channels but the run was trained on {est.n_channels_}")
-    split = split_session(session, cfg.data.train_fraction, cfg.data.static_std)
-    out = Path(out) if out is not None else run_dir / "figures"
+    run = RunDir(run_dir)
+    loaded = run.load(data)
+    est, split = loaded.estimator, loaded.split
+    out = Path(out) if out is not None else run.path / FIGURES_DIR
     out.mkdir(parents=True, exist_ok=True)
     written = []
     plot_embedding(est, split, out / "embedding.png")

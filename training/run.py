@@ -1,47 +1,37 @@
-"""``swapvae train`` and ``swapvae evaluate``: a run directory from a session and a config.
-
-A run directory holds config.json, checkpoint.pt (weights, neuron selection; no pickles),
-history.json (loss terms per epoch), readout.json, metrics.json and run.json (where the
-data came from, so ``evaluate`` can rebuild the same split).
-"""
+"""``swapvae train`` and ``swapvae evaluate``: a run directory (training.rundir) from a session
+and a config, and its metrics table."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 from schemas import SwapVAEConfig
-from training.data import load_session, split_session
+from schemas.session import split_session
+from training.data import load_session
 from training.estimator import SwapVAEEstimator
-from training.evaluate import evaluate_reach, raw_rate_baseline, save_readout
-
-METRICS = "metrics.json"
-RUN = "run.json"
+from training.evaluate import evaluate_reach, raw_rate_baseline
+from training.rundir import RunDir
 
 
 def train_run(data: str, out: str | Path, config: SwapVAEConfig, progress: bool = True) -> dict:
     """Load, split, fit, evaluate; write everything into ``out``; return the metrics."""
-    out = Path(out)
     session = load_session(data, min_trials=config.data.min_trials)
     split = split_session(session, config.data.train_fraction, config.data.static_std)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RUN).write_text(json.dumps({"data": str(data), "session": session.name}))
+    run = RunDir.create(out, config, data, session.name)
     est = SwapVAEEstimator(config).fit(split.train.counts, split.train.trial, split.train.bin_in_trial,
-                                       neurons=split.neurons, bin_size_s=session.bin_size_s, run_dir=out,
-                                       progress=progress)
+                                       neurons=split.neurons, bin_size_s=session.bin_size_s,
+                                       checkpoint=run.checkpoint, progress=progress)
+    run.save_history(est.history_)
     metrics, readout = evaluate_reach(est, split, config.readout)
     metrics["train_seconds"] = est.train_seconds_
-    save_readout(readout, out)
-    (out / METRICS).write_text(json.dumps(metrics, indent=2))
+    run.save_readout(readout)
+    run.save_metrics(metrics)
     return metrics
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None) -> dict:
-    run_dir = Path(run_dir)
-    est = SwapVAEEstimator.load(run_dir)
-    if data is None:
-        data = json.loads((run_dir / RUN).read_text())["data"]
-    cfg = est.config
-    split = split_session(load_session(data, min_trials=cfg.data.min_trials), cfg.data.train_fraction, cfg.data.static_std)
+    loaded = RunDir(run_dir).load(data)
+    est, split, cfg = loaded.estimator, loaded.split, loaded.config
     metrics, _ = evaluate_reach(est, split, cfg.readout)
     metrics["train_seconds"] = est.train_seconds_
     baseline = raw_rate_baseline(split, est.neurons_, cfg.readout)

@@ -3,7 +3,7 @@
 Encoder Linear(d, d) -> BN -> ReLU -> Linear(d, 128) -> BN -> ReLU -> Linear(128, rep_dim)
 gives the representation (compared with Swap-VAE's [c, mu] by the same linear readouts);
 a linear head on it predicts the reach direction (cross-entropy). The direction's angle is
-that of the probability-weighted class unit vectors, as in ``training.evaluate.Readout``.
+that of the probability-weighted class unit vectors, as everywhere (``runtime.reach``).
 
 Honest protocol: the number of epochs is chosen on a validation split carved from the
 training trials (the last ``val_fraction``, chronologically), then the decoder is refitted
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.evaluate import reach_scores
+from runtime.reach import angle_from_proba, class_angles, reach_scores
 from training.model import mlp
 
 # rows of the fitted bins -> (generated counts over the kept neurons, their direction labels)
@@ -49,7 +49,7 @@ class SupervisedDecoder:
 
     @property
     def class_angles(self) -> np.ndarray:
-        return 2 * np.pi * np.arange(self.n_classes) / self.n_classes
+        return class_angles(np.arange(self.n_classes), self.n_classes)
 
     def _x(self, counts: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.asarray(counts)[:, self.neurons_], dtype=torch.float32)
@@ -83,7 +83,7 @@ class SupervisedDecoder:
         return net, curve
 
     def _angle(self, proba: np.ndarray) -> np.ndarray:
-        return np.arctan2(proba @ np.sin(self.class_angles), proba @ np.cos(self.class_angles))
+        return angle_from_proba(proba, self.class_angles)
 
     def fit(self, counts: np.ndarray, target: np.ndarray, trial: np.ndarray, *, neurons: np.ndarray | None = None,
             augment: Augment | None = None) -> "SupervisedDecoder":

@@ -35,7 +35,7 @@ from typing import Literal
 import numpy as np
 
 from schemas import ModelConfig, SwapVAEConfig
-from training.data import Session
+from schemas.session import Session
 
 N_CLUSTERS = 4
 SEQ_LEN = 4

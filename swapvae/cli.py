@@ -1,5 +1,7 @@
-"""The ``swapvae`` command. Sub-commands import their module only when run, so
-``swapvae serve`` on a rig PC never imports torch."""
+"""The ``swapvae`` command. It sits above both sides: each sub-command imports its module only
+when run, training commands from ``training`` (the [train] extra: torch, scikit-learn, onnx)
+and serving commands from ``runtime``, so ``swapvae serve`` and ``replay`` on a rig PC never
+import torch or scikit-learn."""
 from __future__ import annotations
 
 import argparse
@@ -53,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--endpoint", default="tcp://127.0.0.1:5555")
     r.add_argument("--rate", type=float, default=0.0, help="bins per second (0: back to back)")
     r.add_argument("--json", action="store_true")
-    r.set_defaults(run="runtime.replay:replay_command")
+    r.set_defaults(run="swapvae.cli:replay_command")
 
     g = sub.add_parser("report", help="write PNG figures of what a run learned")
     g.add_argument("run_dir")
@@ -63,11 +65,39 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# What the [train] extra brings; a training command without them says so in one line.
+TRAIN_MODULES = {"torch", "sklearn", "onnx", "matplotlib", "tqdm", "threadpoolctl"}
+
+
+def load_session_any(data: str, min_trials: int = 4):
+    """A session for the runtime's replay: a .npz with numpy alone (a rig install), anything
+    else (simulated, synthetic) through ``training.data``."""
+    from schemas.session import read_npz
+
+    if str(data).endswith(".npz"):
+        return read_npz(data, min_trials)
+    from training.data import load_session
+
+    return load_session(data, min_trials)
+
+
+def replay_command(args) -> int:
+    from runtime.replay import replay_command as run
+
+    return run(args, load_session_any)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     module, func = args.run.split(":")
     try:
         return getattr(importlib.import_module(module), func)(args) or 0
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] in TRAIN_MODULES:
+            print(f"swapvae {args.command}: needs the training dependencies ({e.name} is not installed): "
+                  f"pip install 'swapvae-bci[train]'", file=sys.stderr)
+            return 2
+        raise
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # user-facing errors: no traceback
         print(f"swapvae {args.command}: error: {e}", file=sys.stderr)
         return 2

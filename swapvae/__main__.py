@@ -1,0 +1,5 @@
+import sys
+
+from swapvae.cli import main
+
+sys.exit(main())

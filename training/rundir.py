@@ -1,0 +1,97 @@
+"""A training run directory: the one module that knows its files and how to reopen a run.
+
+    config.json     the SwapVAEConfig, written first (a crashed run still says what it was)
+    checkpoint.pt   weights, neuron selection and loss history: tensors and JSON, no pickles
+    history.json    the loss terms per epoch, readable
+    readout.json    the fitted readouts, plain arrays
+    metrics.json    the evaluation
+    run.json        where the data came from, so later steps rebuild the same split
+
+``swapvae train`` writes one; ``evaluate``, ``report`` and ``export`` reopen it with
+``RunDir(path).load()``: the estimator, its session and the split it was trained on.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from schemas import SwapVAEConfig
+from schemas.session import Session, Split, split_session
+from training.data import load_session
+from training.estimator import SwapVAEEstimator
+from training.evaluate import Readout
+
+CONFIG, CHECKPOINT, HISTORY = "config.json", "checkpoint.pt", "history.json"
+READOUT, METRICS, SOURCE = "readout.json", "metrics.json", "run.json"
+FIGURES_DIR = "figures"
+
+
+@dataclass(frozen=True)
+class LoadedRun:
+    estimator: SwapVAEEstimator
+    session: Session
+    split: Split
+
+    @property
+    def config(self) -> SwapVAEConfig:
+        return self.estimator.config
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT
+
+    @classmethod
+    def create(cls, path: str | Path, config: SwapVAEConfig, data: str, session: str) -> "RunDir":
+        run = cls(path)
+        run.path.mkdir(parents=True, exist_ok=True)
+        (run.path / CONFIG).write_text(config.model_dump_json(indent=2))
+        (run.path / SOURCE).write_text(json.dumps({"data": str(data), "session": session}))
+        return run
+
+    def _need(self, name: str, hint: str) -> Path:
+        path = self.path / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.path}: no {name} ({hint})")
+        return path
+
+    # -- what a run holds -------------------------------------------------------------------------
+    def estimator(self, device: str = "cpu") -> SwapVAEEstimator:
+        return SwapVAEEstimator.load(self._need(CHECKPOINT, f"is {self.path} a training run directory?"), device)
+
+    def save_history(self, history: list[dict]) -> None:
+        (self.path / HISTORY).write_text(json.dumps(history))
+
+    def readout(self) -> Readout:
+        return Readout.from_json(json.loads(self._need(READOUT, "was the run evaluated?").read_text()))
+
+    def save_readout(self, readout: Readout) -> None:
+        (self.path / READOUT).write_text(json.dumps(readout.to_json()))
+
+    def metrics(self) -> dict:
+        path = self.path / METRICS
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def save_metrics(self, metrics: dict) -> None:
+        (self.path / METRICS).write_text(json.dumps(metrics, indent=2))
+
+    def source(self) -> dict:
+        """``{"data": ..., "session": ...}``: what the run was trained on."""
+        return json.loads(self._need(SOURCE, "pass the data explicitly").read_text())
+
+    # -- reopening a run ------------------------------------------------------------------------
+    def load(self, data: str | None = None, device: str = "cpu") -> LoadedRun:
+        """The estimator, the session (the run's own data unless ``data`` is given) and the
+        split the run's config makes of it."""
+        est = self.estimator(device)
+        data = data if data is not None else self.source()["data"]
+        cfg = est.config
+        session = load_session(data, min_trials=cfg.data.min_trials)
+        if session.n_neurons != est.n_channels_:
+            raise ValueError(f"{data} has {session.n_neurons} channels but the run was trained on {est.n_channels_}")
+        return LoadedRun(est, session, split_session(session, cfg.data.train_fraction, cfg.data.static_std))
