@@ -451,9 +451,32 @@ static void check_arguments(void) {
 /* -- main --------------------------------------------------------------------------------------- */
 
 #ifdef SVAE_LIBFUZZER
+/* Each input is parsed as a frame, and also seeds one generated input of the kinds above. */
+int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+int LLVMFuzzerInitialize(int *argc, char ***argv) {
+    (void)argc;
+    (void)argv;
+    check_arithmetic();
+    check_arguments();
+    return 0;
+}
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    static unsigned char frame[FRAME_CAP];
+    expect_t e;
+    size_t i, len;
+    category = "libfuzzer";
     check_input(data, size, NULL, 0);
+    for (rng = 0x5BAE12C11E47ull, i = 0; i < size; i++) rng = (rng ^ data[i]) * 0x100000001B3ull;  /* FNV-1a */
+    memset(&e, 0, sizeof e);
+    switch (size ? data[0] % 5 : 0) {
+    case 0: len = build_valid(frame, &e); break;
+    case 1: len = mutate(frame, build_valid(frame, &e)); e.valid = 0; break;
+    case 2: len = build_wrap(frame); break;
+    case 3: len = build_random(frame); break;
+    default: len = build_issue12(frame); set_field(frame, dim_fields[below(5)], extremes[below(N_EXTREMES)]); break;
+    }
+    check_input(frame, len, &e, (size_t)below(4));
     if (failures) abort();
     return 0;
 }
