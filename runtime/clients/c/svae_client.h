@@ -1,13 +1,20 @@
 /* svae_client.h: a minimal C client for the swapvae decoding service, wire protocol v1.
  *
  * Written from schemas/PROTOCOL.md alone (that is its purpose: it proves the spec is enough).
- * Header-only; needs libzmq (Debian: libzmq3-dev) and a little-endian host.
+ * Header-only: copy it with svae_protocol.h (the protocol and the reply parser, which this file
+ * includes). Needs libzmq (Debian: libzmq3-dev) and a little-endian host.
  *
  *     void *ctx = zmq_ctx_new();
  *     void *sock = svae_connect(ctx, "tcp://127.0.0.1:5555", 100);    // DEALER, 100 ms timeouts
- *     svae_reply r;
+ *     svae_reply r = {0};
  *     if (svae_decode_f32(sock, seq, counts, n_channels, &r) == 0)    // one bin of float32 counts
  *         use(r.angle[0], r.direction[0]);
+ *     svae_reply_free(&r);
+ *
+ * Every reply goes through svae_parse_reply (see svae_protocol.h for what it guarantees) and must
+ * answer the request sent (reply type, and n_bins for a decode) before any pointer is set, so a
+ * server, or an impostor on the endpoint during a restart, cannot make these calls read outside
+ * the reply: they return SVAE_E_REPLY with the reason in reply.reply_error.
  */
 #ifndef SVAE_CLIENT_H
 #define SVAE_CLIENT_H
@@ -20,54 +27,28 @@
 #include <time.h>
 #include <zmq.h>
 
-#define SVAE_PROTOCOL_VERSION 1
+#include "svae_protocol.h"
 
-enum { SVAE_DECODE = 1, SVAE_INFO = 2, SVAE_STATS = 3, SVAE_PING = 4,
-       SVAE_DECODE_REPLY = 0x81, SVAE_INFO_REPLY = 0x82, SVAE_STATS_REPLY = 0x83, SVAE_PONG = 0x84,
-       SVAE_ERROR = 0xFF };
-enum { SVAE_FLOAT32 = 1, SVAE_FLOAT64 = 2, SVAE_UINT8 = 3, SVAE_INT16 = 4, SVAE_UINT16 = 5, SVAE_INT32 = 6 };
-enum { SVAE_OK = 0, SVAE_BAD_HEADER = 1, SVAE_BAD_VERSION = 2, SVAE_UNKNOWN_TYPE = 3, SVAE_BAD_DTYPE = 4,
-       SVAE_BAD_SHAPE = 5, SVAE_BAD_LENGTH = 6, SVAE_BAD_VALUE = 7, SVAE_INTERNAL = 8, SVAE_BAD_ENVELOPE = 9 };
+/* The largest reply frame the client accepts (libzmq drops the connection of a bigger one, via
+ * ZMQ_MAXMSGSIZE, before allocating it). The default holds a 4096-bin batch of a bundle with
+ * about 1000 kept neurons; define it before including this file to change it. */
+#ifndef SVAE_MAX_REPLY_BYTES
+#define SVAE_MAX_REPLY_BYTES ((size_t)16 << 20)
+#endif
 
-/* Return codes of the functions below (besides SVAE_OK). */
-#define SVAE_E_TIMEOUT (-1)   /* no reply in time: close the socket and connect a new one */
-#define SVAE_E_ZMQ (-2)       /* a libzmq error: see zmq_errno() */
-#define SVAE_E_REPLY (-3)     /* a reply that breaks the protocol */
-#define SVAE_E_SERVICE (-4)   /* an ERROR reply: see svae_reply.header.status and .error_json */
-
-typedef struct {            /* 32 bytes, PROTOCOL.md section 3 */
-    char     magic[4];
-    uint8_t  version, msg_type, dtype, flags;
-    uint64_t seq;
-    uint64_t t_client_ns;
-    uint32_t n_channels;
-    uint32_t n_bins;
-} svae_request_header;
-
-typedef struct {            /* 48 bytes, PROTOCOL.md section 4 */
-    char     magic[4];
-    uint8_t  version, msg_type, status, flags;
-    uint64_t seq;
-    uint64_t t_client_ns;
-    uint32_t server_ns;
-    uint32_t n_bins;
-    uint16_t content_dim, style_dim, n_classes, reserved;
-    uint32_t n_rates;
-    uint32_t body_bytes;
-} svae_reply_header;
-
-typedef char svae_check_request_size[sizeof(svae_request_header) == 32 ? 1 : -1];
-typedef char svae_check_reply_size[sizeof(svae_reply_header) == 48 ? 1 : -1];
-
-/* A received reply. The pointers point into `frame` (4-byte aligned), valid until the next
- * call with this svae_reply; call svae_reply_free when done with it. */
+/* A received reply. Pointers point into `frame`, valid until the next call with this svae_reply;
+ * call svae_reply_free when done with it. The frame is a malloc'd buffer, so the typed section
+ * pointers are 4-byte aligned. */
 typedef struct {
     svae_reply_header header;
-    const float *content, *style_mean, *angle, *proba, *rates; /* decode replies: n_bins rows each */
-    const int32_t *direction;
-    const char *json;       /* INFO/STATS/ERROR body (NUL-terminated copy), else NULL */
-    uint64_t rtt_ns;        /* measured here, send to receipt */
-    uint32_t *frame;        /* owned buffer */
+    const float *content, *style_mean, *angle, *proba, *rates; /* DECODE_REPLY: n_bins rows each, else NULL */
+    const int32_t *direction;   /* values as the server sent them: check before indexing with one */
+    const char *json;           /* INFO/STATS/ERROR body, NUL-terminated (in frame), else NULL */
+    size_t json_len;
+    uint64_t rtt_ns;            /* measured here, send to receipt */
+    int reply_error;            /* after SVAE_E_REPLY: why (SVAE_E_*, see svae_strerror), else 0 */
+    svae_reply_view view;       /* the parsed reply (sections with their row counts and widths) */
+    uint32_t *frame;            /* owned buffer: the last reply frame and a NUL after it */
     size_t frame_cap;
 } svae_reply;
 
@@ -82,14 +63,17 @@ static inline uint64_t svae_now_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/* A DEALER socket connected to `endpoint` with send/receive timeouts and no linger, or NULL. */
+/* A DEALER socket connected to `endpoint` with send/receive timeouts, no linger and the reply
+ * size limit, or NULL. */
 static inline void *svae_connect(void *ctx, const char *endpoint, int timeout_ms) {
-    if (!svae_little_endian()) return NULL; /* the header structs below assume it */
+    if (!svae_little_endian()) return NULL; /* the request struct is sent as raw bytes */
     void *s = zmq_socket(ctx, ZMQ_DEALER);
     int zero = 0;
+    int64_t max_size = (int64_t)SVAE_MAX_REPLY_BYTES;
     if (!s) return NULL;
     if (zmq_setsockopt(s, ZMQ_LINGER, &zero, sizeof zero) || zmq_setsockopt(s, ZMQ_RCVTIMEO, &timeout_ms, sizeof timeout_ms) ||
-        zmq_setsockopt(s, ZMQ_SNDTIMEO, &timeout_ms, sizeof timeout_ms) || zmq_connect(s, endpoint)) {
+        zmq_setsockopt(s, ZMQ_SNDTIMEO, &timeout_ms, sizeof timeout_ms) ||
+        zmq_setsockopt(s, ZMQ_MAXMSGSIZE, &max_size, sizeof max_size) || zmq_connect(s, endpoint)) {
         zmq_close(s);
         return NULL;
     }
@@ -107,63 +91,119 @@ static inline void svae_request_init(svae_request_header *h, uint8_t msg_type, u
 
 static inline void svae_reply_free(svae_reply *r) {
     free(r->frame);
-    free((void *)r->json);
     memset(r, 0, sizeof *r);
 }
 
+/* Clear everything a previous reply left in `r` except the buffer. */
+static inline void svae_reply_clear(svae_reply *r) {
+    uint32_t *frame = r->frame;
+    size_t cap = r->frame_cap;
+    memset(r, 0, sizeof *r);
+    r->frame = frame;
+    r->frame_cap = cap;
+}
+
+/* Receive one frame into r->frame (grown as needed, NUL after the frame); its length in *len.
+ * The remaining parts of a multi-part message are drained and it is refused. */
+static inline int svae_recv_frame(void *sock, svae_reply *r, size_t *len) {
+    zmq_msg_t m;
+    size_t size, need;
+    int more, multipart;
+    zmq_msg_init(&m);
+    if (zmq_msg_recv(&m, sock, 0) < 0) {
+        int e = zmq_errno();
+        zmq_msg_close(&m);
+        return e == EAGAIN ? SVAE_E_TIMEOUT : SVAE_E_ZMQ;
+    }
+    size = zmq_msg_size(&m);
+    multipart = more = zmq_msg_more(&m);
+    while (more) {  /* the parts of one message arrive together: no waiting here */
+        if (zmq_msg_recv(&m, sock, 0) < 0) break;
+        more = zmq_msg_more(&m);
+    }
+    if (multipart) {
+        zmq_msg_close(&m);
+        r->reply_error = SVAE_E_MULTIPART;
+        return SVAE_E_REPLY;
+    }
+    if (size > SVAE_MAX_REPLY_BYTES || svae_add_size(size, 1, &need)) {
+        zmq_msg_close(&m);
+        r->reply_error = SVAE_E_TOO_BIG;
+        return SVAE_E_REPLY;
+    }
+    if (need > r->frame_cap) {
+        size_t cap = need < ((size_t)1 << 16) ? ((size_t)1 << 16) : need;
+        void *f = realloc(r->frame, cap);
+        if (!f) { zmq_msg_close(&m); return SVAE_E_NOMEM; }
+        r->frame = (uint32_t *)f;
+        r->frame_cap = cap;
+    }
+    if (size) memcpy(r->frame, zmq_msg_data(&m), size);
+    ((unsigned char *)r->frame)[size] = 0;
+    zmq_msg_close(&m);
+    *len = size;
+    return SVAE_OK;
+}
+
 /* Send one request frame (header + body) and receive the reply with the same seq into `r`.
- * Replies with another seq (late answers to earlier requests) are skipped. */
+ * Replies with another seq (late answers to earlier requests) are skipped, within the socket's
+ * receive timeout counted from the send. Returns SVAE_OK, SVAE_E_SERVICE (an ERROR reply: status
+ * and json are set), or another SVAE_E_* code with no section pointer set. */
 static inline int svae_exchange(void *sock, const svae_request_header *h, const void *body, size_t body_len,
                                 svae_reply *r) {
-    size_t len = sizeof *h + body_len;
+    size_t len, n;
     uint8_t stack[4096];
-    uint8_t *req = len <= sizeof stack ? stack : (uint8_t *)malloc(len);
-    uint64_t t0 = svae_now_ns();
-    int rc, n;
-    if (!req) return SVAE_E_ZMQ;
+    uint8_t *req;
+    uint64_t t0 = svae_now_ns(), t1 = t0;
+    int rc, timeout_ms = -1, left_ms, shortened = 0;
+    size_t optlen = sizeof timeout_ms;
+    svae_reply_clear(r);
+    if (svae_add_size(sizeof *h, body_len, &len) || (body_len && !body)) return SVAE_E_ARG;
+    req = len <= sizeof stack ? stack : (uint8_t *)malloc(len);
+    if (!req) return SVAE_E_NOMEM;
     memcpy(req, h, sizeof *h);
     if (body_len) memcpy(req + sizeof *h, body, body_len);
     rc = zmq_send(sock, req, len, 0);
     if (req != stack) free(req);
     if (rc < 0) return zmq_errno() == EAGAIN ? SVAE_E_TIMEOUT : SVAE_E_ZMQ;
-    if (!r->frame) {
-        r->frame_cap = 1u << 16;
-        r->frame = (uint32_t *)malloc(r->frame_cap);
-        if (!r->frame) return SVAE_E_ZMQ;
-    }
+    if (zmq_getsockopt(sock, ZMQ_RCVTIMEO, &timeout_ms, &optlen)) timeout_ms = -1;
     for (;;) {
-        n = zmq_recv(sock, r->frame, r->frame_cap, 0);
-        if (n < 0) return zmq_errno() == EAGAIN ? SVAE_E_TIMEOUT : SVAE_E_ZMQ;
-        if ((size_t)n > r->frame_cap) return SVAE_E_REPLY; /* over 64 KiB: a batch too big for this client */
-        if ((size_t)n < sizeof r->header) return SVAE_E_REPLY;
-        memcpy(&r->header, r->frame, sizeof r->header);
-        if (memcmp(r->header.magic, "SVAE", 4) || r->header.body_bytes != (uint32_t)n - sizeof r->header)
-            return SVAE_E_REPLY;
-        if (r->header.seq == h->seq) break;
+        rc = svae_recv_frame(sock, r, &n);
+        if (rc != SVAE_OK) break;
+        t1 = svae_now_ns();
+        rc = svae_parse_reply(r->frame, n, &r->view);
+        if (rc == SVAE_OK && r->view.header.seq != h->seq) {  /* a late reply: skip it */
+            if (timeout_ms < 0) continue;
+            left_ms = timeout_ms - (int)((t1 - t0) / 1000000u);
+            if (left_ms <= 0) { rc = SVAE_E_TIMEOUT; break; }
+            zmq_setsockopt(sock, ZMQ_RCVTIMEO, &left_ms, sizeof left_ms);
+            shortened = 1;
+            continue;
+        }
+        if (rc == SVAE_OK) rc = svae_reply_answers(&r->view, h->msg_type, h->n_bins);
+        if (rc != SVAE_OK) { r->reply_error = rc; rc = SVAE_E_REPLY; }
+        break;
     }
-    r->rtt_ns = svae_now_ns() - t0;
-    free((void *)r->json);
-    r->json = NULL;
-    r->content = r->style_mean = r->angle = r->proba = r->rates = NULL;
-    r->direction = NULL;
-    const uint8_t *b = (const uint8_t *)r->frame + sizeof r->header;
-    if (r->header.msg_type == SVAE_DECODE_REPLY) {
-        const svae_reply_header *x = &r->header;
-        size_t B = x->n_bins, off = 0;
-        size_t need = 4 * B * ((size_t)x->content_dim + x->style_dim + 2 + x->n_classes + x->n_rates);
-        if (need != x->body_bytes) return SVAE_E_REPLY;
-        r->content = (const float *)(b + off);     off += 4 * B * x->content_dim;
-        r->style_mean = (const float *)(b + off);  off += 4 * B * x->style_dim;
-        r->angle = (const float *)(b + off);       off += 4 * B;
-        r->direction = (const int32_t *)(b + off); off += 4 * B;
-        r->proba = (const float *)(b + off);       off += 4 * B * x->n_classes;
-        r->rates = (const float *)(b + off);
-    } else if (r->header.body_bytes) {
-        char *j = (char *)malloc(r->header.body_bytes + 1);
-        if (!j) return SVAE_E_ZMQ;
-        memcpy(j, b, r->header.body_bytes);
-        j[r->header.body_bytes] = 0;
-        r->json = j;
+    if (shortened) zmq_setsockopt(sock, ZMQ_RCVTIMEO, &timeout_ms, sizeof timeout_ms);
+    if (rc != SVAE_OK) {
+        int reply_error = r->reply_error;
+        svae_reply_clear(r);
+        r->reply_error = reply_error;
+        return rc;
+    }
+    r->rtt_ns = t1 - t0;
+    r->header = r->view.header;
+    if (r->header.msg_type == SVAE_DECODE_REPLY) {  /* malloc'd frame: the sections are aligned */
+        const svae_array *s = r->view.section;
+        r->content = (const float *)(const void *)s[SVAE_SEC_CONTENT].data;
+        r->style_mean = (const float *)(const void *)s[SVAE_SEC_STYLE_MEAN].data;
+        r->angle = (const float *)(const void *)s[SVAE_SEC_ANGLE].data;
+        r->direction = (const int32_t *)(const void *)s[SVAE_SEC_DIRECTION].data;
+        r->proba = (const float *)(const void *)s[SVAE_SEC_PROBA].data;
+        r->rates = (const float *)(const void *)s[SVAE_SEC_RATES].data;
+    } else if (r->view.json) {  /* the buffer holds a NUL after the frame and none inside the body */
+        r->json = r->view.json;
+        r->json_len = r->view.json_len;
     }
     return r->header.status ? SVAE_E_SERVICE : SVAE_OK;
 }
@@ -179,11 +219,16 @@ static inline int svae_control(void *sock, uint8_t msg_type, uint64_t seq, svae_
 static inline int svae_decode(void *sock, uint64_t seq, const void *counts, uint8_t dtype, size_t itemsize,
                               uint32_t n_channels, uint32_t n_bins, svae_reply *r) {
     svae_request_header h;
+    size_t body_len;
+    if (svae_mul_size(n_channels, n_bins, &body_len) || svae_mul_size(body_len, itemsize, &body_len)) {
+        svae_reply_clear(r);
+        return SVAE_E_ARG;
+    }
     svae_request_init(&h, SVAE_DECODE, seq);
     h.dtype = dtype;
     h.n_channels = n_channels;
     h.n_bins = n_bins;
-    return svae_exchange(sock, &h, counts, (size_t)n_channels * n_bins * itemsize, r);
+    return svae_exchange(sock, &h, counts, body_len, r);
 }
 
 static inline int svae_decode_f32(void *sock, uint64_t seq, const float *counts, uint32_t n_channels, svae_reply *r) {

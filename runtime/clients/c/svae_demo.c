@@ -33,7 +33,9 @@ int main(int argc, char **argv) {
     if (svae_control(sock, SVAE_INFO, seq++, &r) != SVAE_OK || !r.json) { fprintf(stderr, "no INFO\n"); goto out; }
     const char *key = strstr(r.json, "\"n_channels\":");
     if (!key) { fprintf(stderr, "INFO without n_channels\n"); goto out; }
-    uint32_t n = (uint32_t)strtoul(key + strlen("\"n_channels\":"), NULL, 10);
+    unsigned long nl = strtoul(key + strlen("\"n_channels\":"), NULL, 10);
+    if (nl < 1 || nl > (1ul << 20)) { fprintf(stderr, "INFO n_channels=%lu is out of range\n", nl); goto out; }
+    uint32_t n = (uint32_t)nl;  /* 0 would make the malformed request below send 2^32 - 1 channels */
     printf("info n_channels=%u\n", n);
 
     float *x = (float *)calloc(n, sizeof(float));
@@ -46,7 +48,8 @@ int main(int argc, char **argv) {
         if (i != n) { fprintf(stderr, "a line had %u of %u counts\n", i, n); free(x); goto out; }
         int e = svae_decode_f32(sock, seq, x, n, &r);
         if (e != SVAE_OK) {
-            fprintf(stderr, "decode seq=%llu failed: %d %s\n", (unsigned long long)seq, e, r.json ? r.json : "");
+            fprintf(stderr, "decode seq=%llu failed: %d %s (%s) %s\n", (unsigned long long)seq, e, svae_strerror(e),
+                    svae_strerror(r.reply_error), r.json ? r.json : "");
             free(x);
             goto out;
         }
@@ -57,7 +60,10 @@ int main(int argc, char **argv) {
     /* A malformed request: the server answers with an error and keeps serving. */
     int e = svae_decode_f32(sock, seq, x, n - 1, &r);
     free(x);
-    if (e != SVAE_E_SERVICE) { fprintf(stderr, "expected an error reply, got %d\n", e); goto out; }
+    if (e != SVAE_E_SERVICE) {
+        fprintf(stderr, "expected an error reply, got %d (%s)\n", e, svae_strerror(e));
+        goto out;
+    }
     printf("error seq=%llu status=%u body=%s\n", (unsigned long long)r.header.seq, r.header.status, r.json);
     rc = 0;
 out:
