@@ -1,17 +1,26 @@
 """The embeddable decoder: load a bundle, decode bins with ONNX Runtime. Never imports torch.
 
     dec = BundleDecoder("bundles/chewie")           # checks every file's sha256 first
-    out = dec.decode(counts)                        # (n_channels,) or (B, n_channels) raw counts
-    out.angle[0], out.direction[0], out.rates[0]
+    out = dec.decode(counts, reset=True)            # a trial's first bin: (n_channels,) raw counts
+    out = dec.decode(counts)                        # the next bins of the same stream
+    out.angle[0], out.direction[0], out.velocity[0], out.rates[0]
+
+The readout sees a causal window of the stream's last ``history_bins`` latents
+(runtime/history.py): ``decode`` keeps this decoder's own stream (a rig's one stream,
+in-process), ``reset=True`` starts a new trial. A server holding many streams passes each
+stream's ``StreamHistory`` to ``decode_stream``, or one bin of each of several streams to
+``decode_streams`` (one batched call). A batch ``(B, n_channels)`` given to ``decode`` or
+``decode_stream`` is B consecutive bins of that stream.
 
 One bin costs one ORT call of the fused ``decode.onnx`` graph (BatchNorm and preprocessing
-folded into its Gemms at export; the input checks, count min and sum, are outputs of the same
-call) plus the atan2 of two floats for the angle. Batch-1 decodes run through an IOBinding
-on preallocated input/output buffers, so the hot path allocates nothing: the
+folded into its Gemms at export; the window and the input checks, count min and sum, are part
+of the same call) plus the atan2 of two floats for the angle. Batch-1 decodes run through an
+IOBinding on preallocated input/output buffers, so the hot path allocates nothing: the
 ``DecodeOutput`` returned for a single bin is the same object, holding views of those
-buffers, every call; it stays valid until the next ``decode`` of a single bin. Copy it
+buffers, every call; it stays valid until the next single-bin decode. Copy it
 (``out.copy()``) to keep it. Batched decodes return fresh arrays. A decoder is not
-thread-safe: use one per thread.
+thread-safe: use one per thread. A bundle without a readout (trained without labels) gives
+None for angle, direction, proba and velocity.
 
 Session settings are chosen for batch-1 latency on a shared CPU (benchmarks/engine_latency.py
 measures them): one intra-op thread, so ORT runs the graph on the calling thread and there
@@ -32,10 +41,12 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import ValidationError
 
-from schemas.manifest import CORE_KEY, GRAPH_IO, MANIFEST, BundleManifest
+from runtime.history import StreamHistory
+from schemas.manifest import CORE_KEY, MANIFEST, BundleManifest, graph_io
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
-FIELDS = ("content", "style_mean", "angle", "direction", "proba", "rates")
+# The decode reply's sections, in wire order (schemas/protocol.py DECODE_SECTIONS)
+FIELDS = ("content", "style_mean", "angle", "direction", "proba", "velocity", "rates")
 _INF = float("inf")
 
 
@@ -47,17 +58,18 @@ class BundleError(ValueError):
 class DecodeOutput:
     content: np.ndarray  # (B, content_dim) float32
     style_mean: np.ndarray  # (B, style_dim) float32
-    angle: np.ndarray  # (B,) float32, radians in [-pi, pi]
-    direction: np.ndarray  # (B,) int64 direction class
-    proba: np.ndarray  # (B, n_classes) float32, columns follow manifest.direction.classes
+    angle: np.ndarray | None  # (B,) float32, radians in [-pi, pi]
+    direction: np.ndarray | None  # (B,) int64 direction class
+    proba: np.ndarray | None  # (B, n_classes) float32, columns follow manifest.readout.direction.classes
+    velocity: np.ndarray | None  # (B, 2) float32 hand velocity, in the training data's unit
     rates: np.ndarray  # (B, n_kept_neurons) float32, denoised, in manifest.rates_unit
 
     def copy(self) -> "DecodeOutput":
-        return DecodeOutput(*(getattr(self, k).copy() for k in FIELDS))
+        return DecodeOutput(*(None if getattr(self, k) is None else getattr(self, k).copy() for k in FIELDS))
 
     def as_dict(self) -> dict[str, np.ndarray]:
-        """Copies of the arrays by field name."""
-        return {k: getattr(self, k).copy() for k in FIELDS}
+        """Copies of the arrays by field name (absent sections left out)."""
+        return {k: getattr(self, k).copy() for k in FIELDS if getattr(self, k) is not None}
 
 
 def load_bundle(bundle_dir: str | Path) -> tuple[BundleManifest, dict[str, bytes]]:
@@ -112,37 +124,58 @@ class BundleDecoder:
         self.bundle_dir = Path(bundle_dir)
         self.manifest, blobs = load_bundle(self.bundle_dir)
         m = self.manifest
-        self.n_channels = m.n_channels
-        self.provider = provider
+        self.n_channels, self.provider = m.n_channels, provider
+        self.history_bins, self.latent_dim = m.history_bins, m.latent_dim
+        self.has_readout = m.readout is not None
         try:
             self.session = ort.InferenceSession(blobs[m.graphs["decode"].file], session_options(intra_op_threads, spin),
                                                 providers=PROVIDERS[provider])
         except Exception as e:  # ORT's own exception classes: say which bundle
             raise BundleError(f"{self.bundle_dir}: onnxruntime {ort.__version__} cannot load the decode graph: {e}") from None
-        widths = {"latent": m.latent_dim, "resultant": 2, "direction": None, "proba": m.n_classes,
+        self._inputs, self._outputs = graph_io(m.readout)["decode"]
+        widths = {"latent": m.latent_dim, "resultant": 2, "direction": None, "proba": m.n_classes, "velocity": 2,
                   "rates": m.n_neurons, "count_min": None, "count_sum": None}
+        widths = {k: widths[k] for k in self._outputs}
         self._check_graph_io(widths)
         self._check_graph_metadata()
         self._k = m.content_dim
 
-        # Batch-1 fast path: buffers bound once; a decode copies the bin in, runs, and reads
-        # a few scalars back through memoryviews (cheaper than numpy calls on tiny arrays).
-        self._x1 = np.zeros((1, self.n_channels), np.float32)
+        # Batch-1 fast path: buffers bound once; a decode copies the bin (and the stream's
+        # history) in, runs, and reads a few scalars back through memoryviews (cheaper than
+        # numpy calls on tiny arrays).
+        x = {"counts": np.zeros((1, self.n_channels), np.float32)}
+        if "history" in self._inputs:
+            x.update(history=np.zeros((1, (self.history_bins - 1) * self.latent_dim), np.float32),
+                     first=np.zeros((1, 1), bool))
+        self._x1 = x["counts"]
         self._x1_mv = memoryview(self._x1[0])
+        self._hist1 = x.get("history")
+        self._first1 = x.get("first")
         y = {k: np.zeros((1, w) if w is not None else (1,), np.int64 if k == "direction" else np.float32)
              for k, w in widths.items()}
-        self._run, self._bound, self._io = _bound_runner(self.session, self._x1, y)
-        angle = np.zeros(1, np.float32)
-        self._out1 = DecodeOutput(y["latent"][:, :self._k], y["latent"][:, self._k:], angle, y["direction"],
-                                  y["proba"], y["rates"])
-        self._angle_mv, self._res_mv = memoryview(angle), memoryview(y["resultant"].reshape(-1))
+        self._run, self._bound, self._io = _bound_runner(self.session, x, y)
+        self._latent1 = y["latent"]
+        angle = np.zeros(1, np.float32) if self.has_readout else None
+        self._out1 = DecodeOutput(y["latent"][:, :self._k], y["latent"][:, self._k:], angle, y.get("direction"),
+                                  y.get("proba"), y.get("velocity"), y["rates"])
+        if self.has_readout:
+            self._angle_mv, self._res_mv = memoryview(angle), memoryview(y["resultant"].reshape(-1))
         self._min_mv, self._sum_mv = memoryview(y["count_min"]), memoryview(y["count_sum"])
         # warm() runs a zero bin into scratch buffers, leaving the last decode's outputs alone.
         self._warm_run, self._warm_bound, self._warm_io = _bound_runner(
-            self.session, np.zeros_like(self._x1), {k: np.zeros_like(v) for k, v in y.items()})
+            self.session, {k: np.zeros_like(v) for k, v in x.items()}, {k: np.zeros_like(v) for k, v in y.items()})
+        self.stream = self.new_stream()  # this decoder's own stream (in-process use)
         for _ in range(3):  # first runs allocate and plan; keep that off the first real bin
             self.warm()
-        self.decode(np.zeros((2, self.n_channels), np.float32))
+        self.decode_stream(self.new_stream(), np.zeros((2, self.n_channels), np.float32))
+
+    def new_stream(self) -> StreamHistory:
+        """An empty history for one more stream (a server's client)."""
+        return StreamHistory(self.history_bins, self.latent_dim)
+
+    def reset(self) -> None:
+        """Start a new trial on this decoder's own stream."""
+        self.stream.reset()
 
     def warm(self) -> None:
         """Run the graph once without touching the last decode's outputs. After the process
@@ -168,12 +201,11 @@ class BundleDecoder:
 
     def _check_graph_io(self, widths: dict[str, int | None]) -> None:
         ins, outs = self.session.get_inputs(), self.session.get_outputs()
-        names = list(GRAPH_IO["decode"][1])
         problem = None
-        if [i.name for i in ins] != ["counts"] or ins[0].shape[1:] != [self.n_channels]:
-            problem = f"input {[(i.name, i.shape) for i in ins]}, expected counts (batch, {self.n_channels})"
-        elif [o.name for o in outs] != names:
-            problem = f"outputs {[o.name for o in outs]}, expected {names}"
+        if [i.name for i in ins] != list(self._inputs) or ins[0].shape[1:] != [self.n_channels]:
+            problem = f"inputs {[(i.name, i.shape) for i in ins]}, expected {self._inputs} (counts of {self.n_channels})"
+        elif [o.name for o in outs] != list(self._outputs):
+            problem = f"outputs {[o.name for o in outs]}, expected {self._outputs}"
         else:
             for o in outs:
                 want = [widths[o.name]] if widths[o.name] is not None else []
@@ -182,11 +214,17 @@ class BundleDecoder:
         if problem:
             raise BundleError(f"{self.bundle_dir}: the decode graph does not match the manifest: {problem}")
 
-    def decode(self, counts: np.ndarray) -> DecodeOutput:
-        """Decode raw counts of all ``n_channels`` channels: one bin ``(n_channels,)`` or a batch
-        ``(B, n_channels)``, any real dtype (float32 is fastest). Raises ValueError naming the
-        problem on a wrong shape or dtype, or values that are NaN, infinite or negative. For
-        one bin, the result's arrays are reused by the next single-bin call."""
+    # -- decoding ---------------------------------------------------------------------------------
+    def decode(self, counts: np.ndarray, reset: bool = False) -> DecodeOutput:
+        """Decode raw counts of all ``n_channels`` channels on this decoder's own stream: one bin
+        ``(n_channels,)`` or consecutive bins ``(B, n_channels)``, any real dtype (float32 is
+        fastest); ``reset`` first (a trial start). Raises ValueError naming the problem on a
+        wrong shape or dtype, or values that are NaN, infinite or negative (the stream is then
+        left as it was). For one bin, the result's arrays are reused by the next single-bin call."""
+        return self.decode_stream(self.stream, counts, reset)
+
+    def decode_stream(self, stream: StreamHistory, counts: np.ndarray, reset: bool = False) -> DecodeOutput:
+        """``decode`` on the given stream's history (``new_stream()``), which it advances."""
         try:
             self._x1_mv[:] = counts  # one memcpy when counts is a float32 (n_channels,) array
         except (TypeError, ValueError):
@@ -194,39 +232,98 @@ class BundleDecoder:
             if x.dtype.kind not in "fiu":
                 raise ValueError(f"counts must be a real numeric array, got dtype {x.dtype}") from None
             if x.shape not in ((self.n_channels,), (1, self.n_channels)):
-                return self._decode_batch(x)
+                return self._decode_sequence(stream, self._batch(x), reset)
             with np.errstate(over="ignore"):  # beyond float32 becomes inf, refused below
                 np.copyto(self._x1, x.reshape(self._x1.shape), casting="unsafe")
+        if self._hist1 is not None:
+            self._hist1[0] = stream.row
+            self._first1[0, 0] = reset or stream.fresh
         self._run(self._bound, None)
         if not (self._min_mv[0] >= 0.0 and self._sum_mv[0] < _INF):  # also False for NaN
             _check_values(self._x1)
-        self._angle_mv[0] = atan2(self._res_mv[1], self._res_mv[0])
+        if reset:  # only now: a refused bin leaves the stream as it was
+            stream.reset()
+        stream.push(self._latent1[0])
+        if self.has_readout:
+            self._angle_mv[0] = atan2(self._res_mv[1], self._res_mv[0])
         return self._out1
 
-    def _decode_batch(self, x: np.ndarray) -> DecodeOutput:
+    def decode_streams(self, streams: list[StreamHistory], counts: np.ndarray, resets=None) -> DecodeOutput:
+        """One bin of each of several distinct streams ``(B, n_channels)`` in one call (fresh
+        arrays); ``resets``: which streams start a trial with this bin."""
+        x = self._batch(np.asarray(counts))
+        if len(streams) != len(x) or len({id(s) for s in streams}) != len(streams):
+            raise ValueError(f"decode_streams takes one bin of each of {len(x)} distinct streams, got {len(streams)}")
+        feed = {"counts": x}
+        if self._hist1 is not None:
+            resets = np.zeros(len(x), bool) if resets is None else np.asarray(resets, bool)
+            feed["history"] = np.stack([s.row for s in streams])
+            feed["first"] = (resets | np.array([s.fresh for s in streams]))[:, None]
+        out = self._run_checked(feed)  # refused bins raise before any stream moves
+        for i, s in enumerate(streams):
+            if resets is not None and resets[i]:
+                s.reset()
+            s.push(out["latent"][i])
+        return self._output(out)
+
+    def _batch(self, x: np.ndarray) -> np.ndarray:
+        if x.dtype.kind not in "fiu":
+            raise ValueError(f"counts must be a real numeric array, got dtype {x.dtype}")
         if x.ndim != 2 or x.shape[1] != self.n_channels:
             raise ValueError(f"counts must have shape ({self.n_channels},) or (B, {self.n_channels}) "
                              f"(one value per recorded channel), got {x.shape}")
         if x.shape[0] == 0:
             raise ValueError("counts is an empty batch (0 bins)")
         with np.errstate(over="ignore"):
-            x = np.ascontiguousarray(x, dtype=np.float32)
-        latent, resultant, direction, proba, rates, cmin, csum = self.session.run(None, {"counts": x})
-        if not ((cmin >= 0).all() and (csum < _INF).all()):
-            _check_values(x)
-        angle = np.arctan2(resultant[:, 1], resultant[:, 0])
-        return DecodeOutput(latent[:, :self._k], latent[:, self._k:], angle, direction, proba, rates)
+            return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _run_checked(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = dict(zip(self._outputs, self.session.run(None, feed)))
+        if not ((out["count_min"] >= 0).all() and (out["count_sum"] < _INF).all()):
+            _check_values(feed["counts"])
+        return out
+
+    def _decode_sequence(self, stream: StreamHistory, x: np.ndarray, reset: bool) -> DecodeOutput:
+        """Consecutive bins of one stream: the latents first, then the readout on the windows
+        they make with the stream's history (the same graph, so the same numbers as bin by bin)."""
+        if self._hist1 is None:
+            out = self._run_checked({"counts": x})
+        else:
+            n, d, k = len(x), self.latent_dim, self.history_bins
+            latent = self._run_checked({"counts": x, "history": np.zeros((n, (k - 1) * d), np.float32),
+                                        "first": np.ones((n, 1), bool)})["latent"]
+            fresh = reset or stream.fresh
+            past = np.repeat(latent[:1], k - 1, axis=0) if fresh else stream.row.reshape(k - 1, d)[::-1]
+            seq = np.concatenate([past, latent])  # oldest first: bin t of x is row t + k - 1
+            history = np.concatenate([seq[k - 1 - lag:k - 1 - lag + n] for lag in range(1, k)], axis=1)
+            first = np.zeros((n, 1), bool)
+            out = self._run_checked({"counts": x, "history": history, "first": first})
+        if reset:
+            stream.reset()
+        for z in out["latent"]:
+            stream.push(z)
+        return self._output(out)
+
+    def _output(self, out: dict[str, np.ndarray]) -> DecodeOutput:
+        angle = None
+        if self.has_readout:  # as the one-bin path: atan2 in double precision, then float32
+            r = out["resultant"].astype(np.float64)
+            angle = np.arctan2(r[:, 1], r[:, 0]).astype(np.float32)
+        latent = out["latent"]
+        return DecodeOutput(latent[:, :self._k], latent[:, self._k:], angle, out.get("direction"), out.get("proba"),
+                            out.get("velocity"), out["rates"])
 
 
-def _bound_runner(session: ort.InferenceSession, x: np.ndarray, outputs: dict[str, np.ndarray]):
+def _bound_runner(session: ort.InferenceSession, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]):
     """An IOBinding of fixed CPU buffers as ``(run, arg, io)``: ``run(arg, None)`` is one
     inference. The binding holds raw pointers to the buffers: keep ``io`` (which references
     them) as long as ``run`` may be called."""
     io = session.io_binding()
-    io.bind_input("counts", "cpu", 0, np.float32, x.shape, x.ctypes.data)
+    for k, buf in inputs.items():
+        io.bind_input(k, "cpu", 0, buf.dtype.type, buf.shape, buf.ctypes.data)
     for k, buf in outputs.items():
         io.bind_output(k, "cpu", 0, buf.dtype.type, buf.shape, buf.ctypes.data)
-    io._swapvae_buffers = (x, outputs)  # the binding holds raw pointers: keep the arrays alive with it
+    io._swapvae_buffers = (inputs, outputs)  # the binding holds raw pointers: keep the arrays alive with it
     try:  # the public run_with_iobinding re-checks WebGPU graph-capture state on every call
         run, arg = session._sess.run_with_iobinding, io._iobinding
         run(arg, None)

@@ -4,12 +4,16 @@ Closed-loop rigs update faster than the model's bin (e.g. every 10 or 20 ms for 
 model). ``SlidingWindowDecoder`` keeps the last ``k = bin_size_s / fine_bin_s`` fine bins and
 decodes their sum (a full-size bin, which is what the model was trained on) at every fine
 bin. Until ``k`` fine bins have arrived there is no full window, and ``push`` returns None.
+
+The readout's history stays at the model's bin spacing: windows that end ``k`` fine bins
+apart form one stream (``k`` interleaved streams in all), so the latents a decode sees are
+100 ms apart for a 100 ms model, as in training.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from runtime.engine import BundleDecoder, DecodeOutput, _check_values
+from runtime.engine import FIELDS, BundleDecoder, DecodeOutput, _check_values
 
 
 class SlidingWindowDecoder:
@@ -30,6 +34,7 @@ class SlidingWindowDecoder:
         self._window = np.zeros(n, np.float32)
         self._next = 0
         self._seen = 0
+        self._streams = [decoder.new_stream() for _ in range(k)]  # one per phase of the fine bin
 
     @property
     def ready(self) -> bool:
@@ -37,10 +42,12 @@ class SlidingWindowDecoder:
         return self._seen >= self.k
 
     def reset(self) -> None:
-        """Forget the window, e.g. after a gap in the stream."""
+        """Forget the window and the readout's history, e.g. at a trial start or after a gap."""
         self._ring[:] = 0
         self._sum[:] = 0
         self._next = self._seen = 0
+        for s in self._streams:
+            s.reset()
 
     def push(self, counts_fine: np.ndarray) -> DecodeOutput | None:
         """Add one fine bin of raw counts ``(n_channels,)``; return the decode of the last
@@ -51,18 +58,21 @@ class SlidingWindowDecoder:
         if self._seen < self.k:
             return None
         self._window[:] = self._sum
-        return self.decoder.decode(self._window)
+        return self.decoder.decode_stream(self._streams[self._next], self._window)
 
     def push_many(self, counts_fine: np.ndarray) -> DecodeOutput | None:
-        """Add consecutive fine bins ``(T, n_channels)``; return the decodes (fresh arrays,
-        one batched call) of the windows ending at each of them that completes a window, or
-        None if none does."""
-        windows = []
+        """Add consecutive fine bins ``(T, n_channels)``; return the decodes (fresh arrays) of
+        the windows ending at each of them that completes a window, or None if none does."""
+        outs = []
         for row in self._checked(counts_fine, 2):
             self._add(row)
             if self._seen >= self.k:
-                windows.append(self._sum.copy())
-        return self.decoder.decode(np.asarray(windows, np.float32)) if windows else None
+                self._window[:] = self._sum
+                outs.append(self.decoder.decode_stream(self._streams[self._next], self._window).copy())
+        if not outs:
+            return None
+        return DecodeOutput(*(None if getattr(outs[0], f) is None else np.concatenate([getattr(o, f) for o in outs])
+                              for f in FIELDS))
 
     def _checked(self, counts: np.ndarray, ndim: int) -> np.ndarray:
         x = np.asarray(counts)

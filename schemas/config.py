@@ -103,16 +103,25 @@ class OptimConfig(_Section):
 
 
 class ReadoutConfig(_Section):
-    speed_threshold: float = Field(5.0, ge=0.0, description="bins with |velocity| above this are scored")
+    speed_threshold: float = Field(5.0, ge=0.0, description="bins with |velocity| above this are scored for direction")
     n_directions: int = Field(8, ge=2)
-    # 8-class logistic regression on the frozen representation; the angle is that of the
-    # probability-weighted class unit vectors. "global" divides every feature by one common
-    # std, keeping the geometry the model learned (near-prior style dimensions stay small
-    # instead of being blown up to unit variance); "feature" is per-feature standardization.
+    # The readout sees a causal window of the last k per-bin latents of the trial; k is chosen
+    # from this grid by the same grouped CV as C (history_grid=(1,) is the paper's per-bin protocol).
+    history_grid: tuple[int, ...] = Field((1, 2, 3, 4, 5), min_length=1)
+    # Direction: 8-class logistic regression, angle = that of the probability-weighted class
+    # vectors. "global" divides every feature by one common std, keeping the geometry the model
+    # learned (near-prior style dimensions stay small); "feature" standardises each feature.
     scaling: Literal["global", "feature"] = "global"
-    # C is chosen by CV grouped by training trial, maximising acc + delta-acc.
-    C_grid: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
-    cv_folds: int = Field(5, ge=2)
+    C_grid: tuple[float, ...] = Field((0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0), min_length=1)
+    # Velocity: ridge regression on the same window, alpha by the same folds.
+    alpha_grid: tuple[float, ...] = Field((0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5), min_length=1)
+    cv_folds: int = Field(5, ge=2, description="folds grouped by training trial")
+
+    @model_validator(mode="after")
+    def _grids(self) -> "ReadoutConfig":
+        if min(self.history_grid) < 1 or min(self.C_grid) <= 0 or min(self.alpha_grid) <= 0:
+            raise ValueError("readout grids must be positive (history_grid in bins >= 1)")
+        return self
 
 
 class SwapVAEConfig(_Section):

@@ -5,15 +5,20 @@ that crosses from training to a rig PC, so the manifest says what a client must 
 count vector of all ``n_channels`` recorded channels, one bin of ``bin_size_s``), what comes
 back, and the sha256 of every file, which the runtime checks before it loads anything.
 
-Graphs (input and output names are fixed by ``GRAPH_IO``; batch axis is dynamic):
-    decode   counts (B, n_channels) -> latent, resultant, direction, proba, rates, count_min, count_sum
-             the fused per-bin graph the runtime serves: latent = [content, style_mean];
+Graphs (names fixed by ``graph_io``; the batch axis is dynamic; k = readout.history_bins, L = latent_dim):
+    decode   counts (B, n_channels) [, history (B, (k-1) L), first (B, 1) bool]
+             -> latent [, resultant, direction, proba, velocity], rates, count_min, count_sum
+             the fused per-bin graph the runtime serves: latent = [content, style_mean]; the
+             readout sees the window [latent, history] (most recent first); ``first`` marks a
+             stream's first bin since a reset, whose window is its own latent repeated.
              angle = atan2(resultant[:, 1], resultant[:, 0]) (ONNX has no Atan2, and its
              substitute doubled the latency); count_min/count_sum let the caller reject
              negative/NaN/inf input without another pass over it
     encoder  counts (B, n_channels) -> content, style_mean, style_logvar
-    decoder  latent (B, content_dim + style_dim) -> rates
-    readout  latent (B, content_dim + style_dim) -> angle, direction, proba
+    decoder  latent (B, L) -> rates
+    readout  window (B, k L) -> angle, direction, proba, velocity, resultant   (with a readout)
+
+A bundle trained without reach labels has no ``readout``: it serves latents and rates only.
 
 Preprocessing (neuron selection, counts -> model unit) is folded into the first layer of the
 graphs that take counts (a Sqrt node before it where ``input_transform`` is "sqrt");
@@ -32,17 +37,26 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
-GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "decode": (("counts",), ("latent", "resultant", "direction", "proba", "rates", "count_min", "count_sum")),
-    "encoder": (("counts",), ("content", "style_mean", "style_logvar")),
-    "decoder": (("latent",), ("rates",)),
-    "readout": (("latent",), ("angle", "direction", "proba")),
-}
+
+
+def graph_io(readout: "ReadoutSpec | None") -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """Input and output names of each graph of a bundle with this readout."""
+    heads = ("resultant", "direction", "proba", "velocity") if readout is not None else ()
+    history = ("history", "first") if readout is not None and readout.history_bins > 1 else ()
+    io = {
+        "decode": (("counts", *history), ("latent", *heads, "rates", "count_min", "count_sum")),
+        "encoder": (("counts",), ("content", "style_mean", "style_logvar")),
+        "decoder": (("latent",), ("rates",)),
+    }
+    if readout is not None:
+        io["readout"] = (("window",), ("angle", "direction", "proba", "velocity", "resultant"))
+    return io
+
 
 # Fields the runtime relies on; export also writes them into each graph's metadata (key
 # CORE_KEY), so the runtime can tell an edited manifest from the one the graphs were built with.
 CORE_FIELDS = ("n_channels", "neurons", "bin_size_s", "input_unit", "input_scale", "input_transform", "rates_unit",
-               "content_dim", "style_dim", "direction")
+               "content_dim", "style_dim", "readout")
 CORE_KEY = "swapvae_manifest_core"
 
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
@@ -86,6 +100,16 @@ class Evaluation(_Frozen):
     speed_threshold: float = Field(ge=0)
 
 
+class ReadoutSpec(_Frozen):
+    """The readout on a causal window of the last ``history_bins`` latents of a stream: reach
+    direction (classes, probabilities, angle) and hand velocity (``velocity`` names its
+    components, in the training data's unit). A server keeps each stream's last
+    ``history_bins - 1`` latents; a reset (a trial start) empties them."""
+    history_bins: int = Field(ge=1, le=64)
+    direction: Direction
+    velocity: tuple[str, ...] = ("vx", "vy")
+
+
 class TrainingInfo(_Frozen):
     # Kept as plain JSON so a rig can load bundles from older/newer training configs.
     config: dict[str, Any]
@@ -122,7 +146,7 @@ class BundleManifest(_Frozen):
     rates_unit: Literal["counts_per_bin", "hz"]
     content_dim: int = Field(ge=0)
     style_dim: int = Field(ge=1)
-    direction: Direction
+    readout: ReadoutSpec | None = Field(description="None: trained without reach labels; latents and rates only")
     opset: int = Field(ge=1)
     # "int8": decode.onnx (the graph the runtime serves) has int8 weights, for models whose
     # fp32 weights do not fit the CPU cache; encoder/decoder/readout.onnx stay fp32. Its first
@@ -144,7 +168,15 @@ class BundleManifest(_Frozen):
 
     @property
     def n_classes(self) -> int:
-        return len(self.direction.classes)
+        return len(self.readout.direction.classes) if self.readout else 0
+
+    @property
+    def history_bins(self) -> int:
+        return self.readout.history_bins if self.readout else 1
+
+    @property
+    def velocity_dim(self) -> int:
+        return len(self.readout.velocity) if self.readout else 0
 
     def core(self) -> dict[str, Any]:
         """The CORE_FIELDS as plain JSON values."""
@@ -155,12 +187,13 @@ class BundleManifest(_Frozen):
         n = self.neurons
         if any(b <= a for a, b in zip(n, n[1:])) or n[0] < 0 or n[-1] >= self.n_channels:
             raise ValueError(f"neurons must be sorted, unique and in [0, {self.n_channels}); got {_short(n)}")
-        if set(self.graphs) != set(GRAPH_IO):
-            raise ValueError(f"graphs must be exactly {sorted(GRAPH_IO)}, got {sorted(self.graphs)}")
+        io = graph_io(self.readout)
+        if set(self.graphs) != set(io):
+            raise ValueError(f"graphs must be exactly {sorted(io)}, got {sorted(self.graphs)}")
         for name, spec in self.graphs.items():
-            if (spec.inputs, spec.outputs) != GRAPH_IO[name]:
+            if (spec.inputs, spec.outputs) != io[name]:
                 raise ValueError(f"graph {name!r}: inputs/outputs {spec.inputs}/{spec.outputs}, "
-                                 f"expected {GRAPH_IO[name][0]}/{GRAPH_IO[name][1]}")
+                                 f"expected {io[name][0]}/{io[name][1]}")
             if spec.file not in self.files:
                 raise ValueError(f"graph {name!r}: file {spec.file!r} has no sha256 in 'files'")
         if (self.weights == "int8") != (self.quantization is not None):

@@ -13,7 +13,7 @@ TINY_CONFIG = {
     "device": "cpu",
     "model": {"content_dim": 8, "style_dim": 8, "hidden": ["d", 32]},
     "optim": {"epochs": 3, "batch_size": 128, "checkpoint_every": 3},
-    "readout": {"C_grid": [0.1], "cv_folds": 2},
+    "readout": {"C_grid": [0.1], "cv_folds": 2, "history_grid": [3]},  # k = 3: the history path is exercised
 }
 
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from runtime.history import causal_windows
 from schemas.config import SwapVAEConfig
-from schemas.manifest import GRAPH_IO, BundleManifest
-from swapvae.cli import main as cli
+from schemas.manifest import BundleManifest, graph_io
 from schemas.session import split_session
+from swapvae.cli import main as cli
 from training.data import load_session
 from training.estimator import SwapVAEEstimator
 from training.evaluate import Readout
@@ -23,10 +24,10 @@ from training.rundir import RunDir
 TOL = 1e-4
 
 
-def _test_counts(run_dir):
+def _test_bins(run_dir):
     est = RunDir(run_dir).estimator()
     cfg = est.config
-    return est, split_session(load_session("simulated"), cfg.data.train_fraction, cfg.data.static_std).test.counts
+    return est, split_session(load_session("simulated"), cfg.data.train_fraction, cfg.data.static_std).test
 
 
 def _close(got, ref, what):
@@ -34,9 +35,16 @@ def _close(got, ref, what):
     assert err.max() <= TOL, f"{what}: max error {err.max():.3g}"
 
 
+def _sessions(bundle):
+    return {g: ort.InferenceSession(str(bundle / f"{g}.onnx"), providers=["CPUExecutionProvider"])
+            for g in graph_io(BundleManifest.model_validate_json((bundle / "manifest.json").read_text()).readout)}
+
+
 def test_bundle_has_hashed_checked_graphs_with_dynamic_batch(tiny_bundle):
     m = BundleManifest.model_validate_json((tiny_bundle / "manifest.json").read_text())
-    assert set(m.files) == {f"{g}.onnx" for g in GRAPH_IO}
+    io = graph_io(m.readout)
+    assert set(io) == {"decode", "encoder", "decoder", "readout"} and set(m.files) == {f"{g}.onnx" for g in io}
+    assert io["decode"][0] == ("counts", "history", "first") and "velocity" in io["decode"][1]
     for name, digest in m.files.items():
         assert hashlib.sha256((tiny_bundle / name).read_bytes()).hexdigest() == digest
     for name, spec in m.graphs.items():
@@ -48,16 +56,19 @@ def test_bundle_has_hashed_checked_graphs_with_dynamic_batch(tiny_bundle):
         assert model.opset_import[0].version == m.opset == 17
         assert not [n for n in model.graph.node if n.op_type == "BatchNormalization"], "BatchNorm must be folded"
     assert m.n_channels == 120 and m.bin_size_s == 0.1 and m.input_scale == pytest.approx(10.0)  # Hz by default
-    assert (m.content_dim, m.style_dim) == (8, 8) and m.direction.classes == tuple(range(8))
+    assert (m.content_dim, m.style_dim) == (8, 8) and m.readout.direction.classes == tuple(range(8))
+    assert m.history_bins == 3 and m.velocity_dim == 2 and m.training.evaluation.train_fraction == 0.8
     assert m.training.config["model"]["content_dim"] == 8 and "reach_acc" in m.training.metrics
     assert {"torch", "onnx", "onnxruntime", "numpy"} <= set(m.versions)
 
 
-def test_graphs_reproduce_the_torch_model_on_test_bins(tiny_run, tiny_bundle):
-    """Each graph, run by plain ONNX Runtime, against the estimator and readout."""
-    est, counts = _test_counts(tiny_run)
+def test_graphs_reproduce_the_torch_model_and_numpy_readout(tiny_run, tiny_bundle):
+    """Each graph, run by plain ONNX Runtime, against the estimator and the numpy readout on the
+    test bins' causal windows (the readout with history is part of the exported graph)."""
+    est, test = _test_bins(tiny_run)
+    counts = test.counts
     readout = RunDir(tiny_run).readout()
-    sess = {g: ort.InferenceSession(str(tiny_bundle / f"{g}.onnx"), providers=["CPUExecutionProvider"]) for g in GRAPH_IO}
+    sess = _sessions(tiny_bundle)
     c, mu, logvar = sess["encoder"].run(None, {"counts": counts})
     _, _, ref_logvar = est.encode(counts)
     _close(c, est.transform(counts, "content"), "content")
@@ -66,23 +77,35 @@ def test_graphs_reproduce_the_torch_model_on_test_bins(tiny_run, tiny_bundle):
     z = np.concatenate([c, mu], axis=1)
     (rates,) = sess["decoder"].run(None, {"latent": z})
     _close(rates, est.reconstruct(counts), "rates")  # g([c, mu]): no sampling
-    angle, direction, proba = sess["readout"].run(None, {"latent": z})
     zf = est.transform(counts, "full").astype(np.float64)
-    _close(proba, readout.proba(zf), "proba")
-    err = np.abs(np.angle(np.exp(1j * (angle - readout.angle(zf)))))
+    w = readout.windows(zf, test.trial)
+    assert w.shape == (len(counts), 3 * 16)
+    angle, direction, proba, velocity, resultant = sess["readout"].run(None, {"window": w.astype(np.float32)})
+    _close(proba, readout.proba(w), "proba")
+    _close(velocity, readout.velocity(w), "velocity")
+    err = np.abs(np.angle(np.exp(1j * (angle - readout.angle(w)))))
     assert np.median(err) < TOL and np.mean(err < TOL) > 0.99
-    np.testing.assert_array_equal(direction, readout.proba(zf).argmax(1))
-    latent, resultant, direction2, proba2, rates2, cmin, csum = sess["decode"].run(None, {"counts": counts})
-    _close(latent, zf, "fused latent")
-    _close(rates2, rates, "fused rates")
-    _close(np.arctan2(resultant[:, 1], resultant[:, 0]), angle, "fused angle")
-    np.testing.assert_array_equal(direction2, direction)
-    np.testing.assert_array_equal(cmin, counts.min(1))
-    np.testing.assert_allclose(csum, counts.sum(1), rtol=1e-6)
+    np.testing.assert_array_equal(direction, readout.proba(w).argmax(1))
+    first = np.r_[True, test.trial[1:] != test.trial[:-1]][:, None]
+    out = dict(zip([o.name for o in sess["decode"].get_outputs()],
+                   sess["decode"].run(None, {"counts": counts, "history": w[:, 16:].astype(np.float32), "first": first})))
+    _close(out["latent"], zf, "fused latent")
+    _close(out["rates"], rates, "fused rates")
+    _close(out["proba"], proba, "fused proba")
+    _close(out["velocity"], velocity, "fused velocity")
+    _close(np.arctan2(out["resultant"][:, 1], out["resultant"][:, 0]), angle, "fused angle")
+    np.testing.assert_array_equal(out["direction"], direction)
+    np.testing.assert_array_equal(out["count_min"], counts.min(1))
+    np.testing.assert_allclose(out["count_sum"], counts.sum(1), rtol=1e-6)
+    # a first bin ignores whatever history it is given: its window is its own latent, repeated
+    garbage = np.full_like(w[:, 16:], 1e3, dtype=np.float32)
+    fresh = dict(zip([o.name for o in sess["decode"].get_outputs()],
+                     sess["decode"].run(None, {"counts": counts, "history": garbage, "first": np.ones_like(first)})))
+    _close(fresh["proba"], readout.proba(causal_windows(zf, np.arange(len(zf)), 3)), "fresh-window proba")
 
 
 def _synthetic_run(path, *, input_unit="counts", content_dim=8, classes=(0, 1, 2, 3, 4, 5, 6, 7), seed=0,
-                   input_transform="identity"):
+                   input_transform="identity", history=2):
     """A run dir with random weights and non-trivial BatchNorm statistics, without training."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -105,10 +128,10 @@ def _synthetic_run(path, *, input_unit="counts", content_dim=8, classes=(0, 1, 2
     est.model_.eval()
     run = RunDir.create(path, cfg, "simulated", "simulated")
     est.save(run.checkpoint)
-    k = m.content_dim + m.style_dim
+    width = history * (m.content_dim + m.style_dim)
     n_cls = len(classes)
-    run.save_readout(Readout(rng.normal(size=k), rng.uniform(0.5, 2, k), rng.normal(size=(n_cls, k)),
-                             rng.normal(size=n_cls), 2 * np.pi * np.asarray(classes) / 8, 0.1))
+    run.save_readout(Readout(history, rng.normal(size=(n_cls, width)), rng.normal(size=n_cls),
+                             2 * np.pi * np.asarray(classes) / 8, rng.normal(size=(2, width)), rng.normal(size=2), 0.1, 1.0))
     run.save_metrics({"reach_acc": 0.5})
     return est
 
@@ -117,23 +140,26 @@ def _synthetic_run(path, *, input_unit="counts", content_dim=8, classes=(0, 1, 2
 def test_export_folds_preprocessing_and_batchnorm(tmp_path, kind):
     from runtime.engine import BundleDecoder
 
-    opts = {"hz_input_and_missing_classes": {"input_unit": "hz", "classes": (0, 2, 3, 5, 7)},
-            "no_content": {"content_dim": 0},
+    opts = {"hz_input_and_missing_classes": {"input_unit": "hz", "classes": (0, 2, 3, 5, 7), "history": 4},
+            "no_content": {"content_dim": 0, "history": 1},
             "sqrt_input": {"input_unit": "hz", "input_transform": "sqrt"}}[kind]
     est = _synthetic_run(tmp_path / "run", **opts)
     manifest = export_bundle(tmp_path / "run", tmp_path / "bundle")
-    assert manifest.neurons == tuple(est.neurons_.tolist())
+    assert manifest.neurons == tuple(est.neurons_.tolist()) and manifest.history_bins == opts.get("history", 2)
     counts = split_session(load_session("simulated")).test.counts[:50]
-    out = BundleDecoder(tmp_path / "bundle").decode(counts)
+    out = BundleDecoder(tmp_path / "bundle").decode(counts, reset=True)  # 50 consecutive bins of one stream
     _close(out.rates, est.reconstruct(counts), "rates")
-    _close(np.concatenate([out.content, out.style_mean], 1), est.transform(counts, "full"), "latent")
+    z = est.transform(counts, "full").astype(np.float64)
+    _close(np.concatenate([out.content, out.style_mean], 1), z, "latent")
     readout = RunDir(tmp_path / "run").readout()
-    ref = readout.proba(est.transform(counts, "full").astype(np.float64))
+    w = readout.windows(z, np.zeros(len(z)))
+    ref = readout.proba(w)
     _close(out.proba, ref, "proba")
-    np.testing.assert_array_equal(out.direction, np.asarray(manifest.direction.classes)[ref.argmax(1)])
+    _close(out.velocity, readout.velocity(w), "velocity")
+    np.testing.assert_array_equal(out.direction, np.asarray(manifest.readout.direction.classes)[ref.argmax(1)])
     if kind.startswith("hz"):
         assert manifest.input_scale == pytest.approx(10.0) and manifest.rates_unit == "hz"
-        assert manifest.direction.classes == (0, 2, 3, 5, 7)
+        assert manifest.readout.direction.classes == (0, 2, 3, 5, 7)
     elif kind == "no_content":
         assert out.content.shape == (50, 0)
     else:
@@ -146,13 +172,13 @@ def test_export_folds_preprocessing_and_batchnorm(tmp_path, kind):
 def test_export_that_does_not_reproduce_torch_fails_and_leaves_nothing(tiny_run, tmp_path, monkeypatch):
     import training.export as export
 
-    real = export.readout_affine
+    real = export.readout_heads
 
     def off_by_a_bit(r):
         a = real(r)
         a.bias = a.bias + np.arange(len(a.bias)) * 1e-2
         return a
-    monkeypatch.setattr(export, "readout_affine", off_by_a_bit)
+    monkeypatch.setattr(export, "readout_heads", off_by_a_bit)
     with pytest.raises(ExportError, match="proba differs"):
         export_bundle(tiny_run, tmp_path / "bundle")
     assert list(tmp_path.iterdir()) == []  # no bundle, no staging directory
@@ -187,7 +213,10 @@ def test_manifest_rejects_inconsistent_fields(tiny_bundle):
         ({"neurons": [0, 120]}, "sorted"),
         ({"files": {**good["files"], "../escape.onnx": "0" * 64}}, "string_pattern_mismatch|pattern"),
         ({"files": {k: v for k, v in good["files"].items() if k != "decode.onnx"}}, "no sha256"),
-        ({"direction": {"classes": [0, 1, 2], "angles_rad": [0.0, 1.0]}}, "3 classes but 2 angles"),
+        ({"readout": {**good["readout"], "direction": {"classes": [0, 1, 2], "angles_rad": [0.0, 1.0]}}},
+         "3 classes but 2 angles"),
+        ({"readout": {**good["readout"], "history_bins": 1}}, "graph 'decode': inputs/outputs"),
+        ({"readout": None}, "graphs must be exactly"),
         ({"rates_unit": "counts_per_bin" if good["input_unit"] == "hz" else "hz"}, "does not match input_unit"),
         ({"format_version": 1}, "format_version"),
         ({"extra": 1}, "extra"),
@@ -208,21 +237,44 @@ def test_int8_export_quantizes_the_served_graph_and_records_its_error(tiny_run, 
     ops = lambda g: {n.op_type for n in onnx.load(tmp_path / "b8" / f"{g}.onnx").graph.node}  # noqa: E731
     assert "MatMulInteger" in ops("decode") and "MatMulInteger" not in ops("encoder")  # the per-part graphs stay fp32
     # the readout stays fp32: the same latent gives the same direction through both bundles' readouts
-    est, counts = _test_counts(tiny_run)
+    est, test = _test_bins(tiny_run)
+    counts = test.counts
     out = BundleDecoder(tmp_path / "b8").decode(counts)
     ref = est.reconstruct(counts)
     assert np.abs(out.rates - ref).max() <= 0.05 * np.abs(ref).max()
 
 
 def test_int8_export_beyond_its_limits_fails_and_leaves_nothing(tiny_run, tmp_path, monkeypatch):
-    import training.export as export
+    import training.verify as verify
 
-    monkeypatch.setitem(export.INT8_LIMITS, "latent_err", 0.0)
+    monkeypatch.setitem(verify.INT8_LIMITS, "latent_err", 0.0)
     with pytest.raises(ExportError, match="too far.*latent_err"):
         export_bundle(tiny_run, tmp_path / "bundle", weights="int8")
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ExportError, match="weights must be one of"):
         export_bundle(tiny_run, tmp_path / "bundle", weights="fp16")
+
+
+def test_label_free_run_exports_latents_and_rates_only(tmp_path):
+    """Counts and trials are enough: no readout is fitted, the bundle says so, the engine
+    serves latents and rates and gives None for the readout's outputs."""
+    from runtime.engine import BundleDecoder
+    from schemas.session import write_npz
+    from training.run import train_run
+    from training.simulate import simulate_reaching
+
+    s = simulate_reaching(n_neurons=30, n_trials=40, seed=2)
+    data = write_npz(type(s)(s.counts, s.trial, s.bin_in_trial, bin_size_s=s.bin_size_s, name="unlabelled"),
+                     tmp_path / "unlabelled.npz")
+    cfg = SwapVAEConfig.model_validate({"device": "cpu", "model": {"content_dim": 4, "style_dim": 4, "hidden": ["d", 16]},
+                                        "optim": {"epochs": 2, "batch_size": 64}})
+    metrics = train_run(str(data), tmp_path / "run", cfg, progress=False)
+    assert "reach_acc" not in metrics and "no reach labels" in metrics["readout"]
+    m = export_bundle(tmp_path / "run", tmp_path / "bundle")
+    assert m.readout is None and set(m.graphs) == {"decode", "encoder", "decoder"} and m.n_classes == 0
+    out = BundleDecoder(tmp_path / "bundle").decode(s.counts[0])
+    assert out.angle is None and out.direction is None and out.proba is None and out.velocity is None
+    assert out.rates.shape == (1, m.n_neurons) and out.content.shape == (1, 4)
 
 
 def test_manifest_int8_weights_need_a_quantization_record(tiny_bundle):

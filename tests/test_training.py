@@ -10,7 +10,7 @@ from schemas import SwapVAEConfig
 from swapvae.cli import main as cli
 from schemas.session import split_session
 from training.estimator import SwapVAEEstimator, TrainingDiverged
-from training.evaluate import evaluate_reach
+from training.evaluate import evaluate
 from training.model import SwapVAE
 from training.simulate import simulate_reaching
 
@@ -35,7 +35,7 @@ def test_short_training_learns_direction(split, thin_min):
     config = SwapVAEConfig.model_validate({"optim": {"epochs": 30, "batch_size": 128, "lr": 2e-3},
                                            "data": {"input_unit": "counts", "thin_min": thin_min}})
     est = _fit(split, config)
-    metrics, _ = evaluate_reach(est, split, config.readout)
+    metrics, _ = evaluate(est, split, config.readout)
     # chance is 1/8; an untrained network of this size scores about 0.5 on this session
     assert metrics["reach_acc_content"] > 0.55, metrics
     if thin_min == 1.0:

@@ -1,11 +1,16 @@
-"""Reach-direction readout on a frozen representation, scored as in the paper's Table 1.
+"""Readouts on a frozen representation, fitted and scored by the honest protocol.
 
-Honest protocol: the readout is fitted on training bins only, its regularisation is chosen
-by cross-validation grouped by training trial, and the model scored is the final one.
+The product readout decodes each bin from a causal window of the last ``k`` per-bin latents
+of its trial (``runtime.history.causal_windows``): reach direction by 8-class logistic
+regression (angle = that of the probability-weighted class unit vectors, ``runtime.reach``)
+and hand velocity by ridge regression. ``k`` and the direction's C are chosen together by
+cross-validation grouped by training trial (acc + delta-acc on moving bins), the velocity's
+alpha by the same folds (mean R^2 over all bins). The paper's Table 1 protocol is the same
+readout with ``k = 1``. Nothing is selected on the test trials; the model scored is the final
+one. Both heads are stored as affine maps of the raw window, so they export as plain Gemms.
 
-The readout is linear: 8-class logistic regression on the scaled representation. Its
-angle is that of the probability-weighted class unit vectors, so a confident wrong class is
-penalised like a regression error and a split decision lands between two sectors.
+Every number is reported beside the same readout on the raw rates of the kept neurons
+(per-feature standardised): the bar a representation has to clear.
 """
 from __future__ import annotations
 
@@ -16,91 +21,208 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupKFold
 from threadpoolctl import threadpool_limits
 
-from runtime.reach import angle_from_proba, class_angles, reach_scores
+from runtime.history import causal_windows
+from runtime.reach import angle_from_proba, class_angles, r2_scores, reach_scores
 from schemas import ReadoutConfig
 from schemas.session import Session, Split
 
+_ARRAYS = ("coef", "intercept", "class_angles", "velocity_coef", "velocity_intercept")
+
+
 @dataclass
 class Readout:
-    """A scale -> linear -> softmax readout, in plain arrays so it exports anywhere."""
-    mean: np.ndarray  # (k,)
-    scale: np.ndarray  # (k,)
-    coef: np.ndarray  # (n_classes, k)
+    """Direction and velocity from the window [z_t, ..., z_{t-k+1}] (``k * d`` values):
+    logits = window @ coef.T + intercept, velocity = window @ velocity_coef.T + velocity_intercept."""
+    history_bins: int
+    coef: np.ndarray  # (n_classes, k * d)
     intercept: np.ndarray  # (n_classes,)
     class_angles: np.ndarray  # (n_classes,) radians
+    velocity_coef: np.ndarray  # (2, k * d); (0, k * d) without a velocity head
+    velocity_intercept: np.ndarray  # (2,) or (0,)
     C: float
+    alpha: float | None = None
 
-    def proba(self, z: np.ndarray) -> np.ndarray:
-        logits = ((z - self.mean) / self.scale) @ self.coef.T + self.intercept
+    def windows(self, z: np.ndarray, trial: np.ndarray) -> np.ndarray:
+        return causal_windows(z, trial, self.history_bins)
+
+    def proba(self, window: np.ndarray) -> np.ndarray:
+        logits = window @ self.coef.T + self.intercept
         logits -= logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
         return p / p.sum(axis=1, keepdims=True)
 
-    def angle(self, z: np.ndarray) -> np.ndarray:
-        return angle_from_proba(self.proba(z), self.class_angles)
+    def angle(self, window: np.ndarray) -> np.ndarray:
+        return angle_from_proba(self.proba(window), self.class_angles)
+
+    def velocity(self, window: np.ndarray) -> np.ndarray:
+        return window @ self.velocity_coef.T + self.velocity_intercept
 
     def to_json(self) -> dict:
         return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()}
 
     @classmethod
     def from_json(cls, d: dict) -> "Readout":
-        return cls(**{k: (np.asarray(v, dtype=np.float64) if isinstance(v, list) else v) for k, v in d.items()})
+        return cls(**{k: (np.asarray(v, dtype=np.float64) if k in _ARRAYS else v) for k, v in d.items()})
 
 
-def _fit(z: np.ndarray, target: np.ndarray, C: float, cfg: ReadoutConfig) -> Readout:
-    mean = z.mean(axis=0)
-    scale = z.std(axis=0) if cfg.scaling == "feature" else np.full(z.shape[1], z.std())
-    scale = np.where(scale > 0, scale, 1.0)
-    clf = LogisticRegression(C=C, max_iter=5000).fit((z - mean) / scale, target)
-    return Readout(mean, scale, clf.coef_, clf.intercept_, class_angles(clf.classes_, cfg.n_directions), C)
+# -- fitting ------------------------------------------------------------------------------------
+def _standardizer(x: np.ndarray, scaling: str) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, scale): "feature" standardises each column, "global" divides all by one std
+    (keeping the geometry a model learned: near-prior style dimensions stay small)."""
+    mean = x.mean(axis=0)
+    scale = x.std(axis=0) if scaling == "feature" else np.full(x.shape[1], x.std())
+    return mean, np.where(scale > 0, scale, 1.0)
+
+
+def _cv_direction(x: np.ndarray, target: np.ndarray, folds, cfg: ReadoutConfig) -> dict[float, float]:
+    """acc + delta-acc of each C on the held-out folds."""
+    pred = {C: np.empty(len(x)) for C in cfg.C_grid}
+    for tr, va in folds:
+        mean, scale = _standardizer(x[tr], cfg.scaling)
+        xtr, xva = (x[tr] - mean) / scale, (x[va] - mean) / scale
+        clf = LogisticRegression(max_iter=5000, warm_start=True)  # each C starts where the last ended
+        for C in sorted(cfg.C_grid):
+            clf.set_params(C=C).fit(xtr, target[tr])
+            pred[C][va] = angle_from_proba(clf.predict_proba(xva), class_angles(clf.classes_, cfg.n_directions))
+    return {C: sum(reach_scores(p, target, cfg.n_directions)) for C, p in pred.items()}
+
+
+def _fit_direction(x: np.ndarray, target: np.ndarray, C: float, cfg: ReadoutConfig):
+    """(coef, intercept, class angles) of the logistic regression on standardised ``x``,
+    folded into an affine map of ``x`` itself."""
+    mean, scale = _standardizer(x, cfg.scaling)
+    clf = LogisticRegression(C=C, max_iter=5000).fit((x - mean) / scale, target)
+    coef = clf.coef_ / scale
+    return coef, clf.intercept_ - coef @ mean, class_angles(clf.classes_, cfg.n_directions)
+
+
+def _ridge_path(x: np.ndarray, y: np.ndarray, alphas, scaling: str):
+    """Ridge solutions for every alpha from one SVD, as affine maps of ``x``: [(coef, intercept)]."""
+    mean, scale = _standardizer(x, scaling)
+    u, s, vt = np.linalg.svd((x - mean) / scale, full_matrices=False)
+    y_mean = y.mean(axis=0)
+    uty = u.T @ (y - y_mean)
+    out = []
+    for a in alphas:
+        coef = (vt.T @ ((s / (s * s + a))[:, None] * uty)).T / scale  # (outputs, features)
+        out.append((coef, y_mean - coef @ mean))
+    return out
+
+
+def _cv_velocity(x: np.ndarray, velocity: np.ndarray, folds, cfg: ReadoutConfig) -> dict[float, float]:
+    """Mean R^2 over components of each alpha on the held-out folds."""
+    pred = {a: np.empty_like(velocity, dtype=np.float64) for a in cfg.alpha_grid}
+    for tr, va in folds:
+        for a, (coef, b) in zip(cfg.alpha_grid, _ridge_path(x[tr], velocity[tr], cfg.alpha_grid, cfg.scaling)):
+            pred[a][va] = x[va] @ coef.T + b
+    return {a: float(np.nanmean(r2_scores(p, velocity))) for a, p in pred.items()}
+
+
+def _folds(groups: np.ndarray, cfg: ReadoutConfig) -> list:
+    return list(GroupKFold(n_splits=min(cfg.cv_folds, len(np.unique(groups)))).split(groups, groups=groups))
+
+
+@dataclass
+class ReadoutFit:
+    readout: Readout
+    cv: dict[tuple[int, float], float]  # (k, C) -> acc + delta-acc on the held-out folds
+    per_bin: Readout  # the paper's protocol: k = 1, C by the same CV
 
 
 @threadpool_limits.wrap(limits=1)  # these fits are small: BLAS threads only add wake-ups, and spin badly on a busy CPU
-def fit_readout(z: np.ndarray, target: np.ndarray, groups: np.ndarray, cfg: ReadoutConfig) -> Readout:
-    """Choose C by grouped CV on these training bins (maximising acc + delta-acc), refit on all."""
-    folds = list(GroupKFold(n_splits=min(cfg.cv_folds, len(np.unique(groups)))).split(z, target, groups))
-    best, best_score = cfg.C_grid[0], -1.0
-    for C in cfg.C_grid:
-        pred = np.empty(len(z))
-        for tr, va in folds:
-            pred[va] = _fit(z[tr], target[tr], C, cfg).angle(z[va])
-        score = sum(reach_scores(pred, target, cfg.n_directions))
-        if score > best_score:
-            best, best_score = C, score
-    return _fit(z, target, best, cfg)
+def fit_readout(z: np.ndarray, train: Session, cfg: ReadoutConfig,
+                history_grid: tuple[int, ...] | None = None) -> ReadoutFit:
+    """The product readout on training latents ``z`` (bins of ``train``, in order): (k, C) by
+    grouped CV on the moving bins, alpha by grouped CV on all bins at that k; refit on all."""
+    grid = tuple(sorted(history_grid or cfg.history_grid))
+    ks = sorted({1, *grid})  # k = 1 is always scored: the paper's per-bin protocol
+    moving = train.speed > cfg.speed_threshold
+    dir_folds, vel_folds = _folds(train.trial[moving], cfg), _folds(train.trial, cfg)
+    windows = {k: causal_windows(z, train.trial, k) for k in ks}
+    cv = {(k, C): s for k in ks for C, s in _cv_direction(windows[k][moving], train.target[moving], dir_folds,
+                                                            cfg).items()}
+    # ties: the shorter window, then the stronger penalty
+    best = max((kc for kc in cv if kc[0] in grid), key=lambda kc: (cv[kc], -kc[0], -kc[1]))
+
+    def refit(k: int, C: float) -> Readout:
+        w = windows[k]
+        coef, b, angles = _fit_direction(w[moving], train.target[moving], C, cfg)
+        vcv = _cv_velocity(w, train.velocity, vel_folds, cfg)
+        alpha = max(vcv, key=lambda a: (vcv[a], a))
+        ((vcoef, vb),) = _ridge_path(w, train.velocity, (alpha,), cfg.scaling)
+        return Readout(k, coef, b, angles, vcoef, vb, C, alpha)
+
+    k1 = max((kc for kc in cv if kc[0] == 1), key=lambda kc: (cv[kc], -kc[1]))
+    per_bin = refit(*k1)
+    return ReadoutFit(per_bin if best == k1 else refit(*best), cv, per_bin)
 
 
-def moving(session: Session, cfg: ReadoutConfig) -> np.ndarray:
-    return session.speed > cfg.speed_threshold
+@threadpool_limits.wrap(limits=1)
+def fit_classifier(x: np.ndarray, target: np.ndarray, groups: np.ndarray, cfg: ReadoutConfig) -> Readout:
+    """A per-bin direction readout (no history, no velocity) on features ``x``, C by grouped
+    CV: the paper's readouts of single spaces and of time in trial."""
+    cv = _cv_direction(x, target, _folds(groups, cfg), cfg)
+    C = max(cv, key=lambda c: (cv[c], -c))
+    coef, b, angles = _fit_direction(x, target, C, cfg)
+    return Readout(1, coef, b, angles, np.zeros((0, x.shape[1])), np.zeros(0), C)
+
+
+# -- scoring ------------------------------------------------------------------------------------
+def score(readout: Readout, z: np.ndarray, test: Session, cfg: ReadoutConfig) -> dict[str, float]:
+    """acc / delta-acc on the moving test bins, velocity R^2 on all test bins."""
+    w = readout.windows(z, test.trial)
+    moving = test.speed > cfg.speed_threshold
+    acc, dacc = reach_scores(readout.angle(w[moving]), test.target[moving], cfg.n_directions)
+    r2 = r2_scores(readout.velocity(w), test.velocity)
+    return {"reach_acc": acc, "reach_delta_acc": dacc, "velocity_r2": float(r2.mean()),
+            "velocity_r2_vx": float(r2[0]), "velocity_r2_vy": float(r2[1])}
 
 
 def readout_scores(z_train, z_test, split: Split, cfg: ReadoutConfig) -> tuple[Readout, float, float]:
-    tr, te = moving(split.train, cfg), moving(split.test, cfg)
-    readout = fit_readout(z_train[tr], split.train.target[tr], split.train.trial[tr], cfg)
+    """The paper's per-bin protocol on one representation: (readout, acc, delta-acc)."""
+    tr, te = split.train.speed > cfg.speed_threshold, split.test.speed > cfg.speed_threshold
+    readout = fit_classifier(z_train[tr], split.train.target[tr], split.train.trial[tr], cfg)
     acc, dacc = reach_scores(readout.angle(z_test[te]), split.test.target[te], cfg.n_directions)
     return readout, acc, dacc
 
 
-def evaluate_reach(estimator, split: Split, cfg: ReadoutConfig) -> tuple[dict[str, float], Readout]:
-    """acc / delta-acc of the full, content and style spaces; returns the full-space readout."""
-    metrics: dict[str, float] = {}
-    full_readout = None
-    spaces = ("full", "content", "style") if estimator.config.model.content_dim else ("full",)
-    for space in spaces:
-        readout, acc, dacc = readout_scores(estimator.transform(split.train.counts, space),
-                                            estimator.transform(split.test.counts, space), split, cfg)
-        suffix = "" if space == "full" else f"_{space}"
-        metrics[f"reach_acc{suffix}"], metrics[f"reach_delta_acc{suffix}"] = acc, dacc
-        if space == "full":
-            full_readout = readout
-            metrics["readout_C"] = readout.C
-    metrics["n_test_bins"] = int(moving(split.test, cfg).sum())
-    return metrics, full_readout
+def raw_rates(session: Session, neurons: np.ndarray) -> np.ndarray:
+    return session.counts[:, neurons] / session.bin_size_s
+
+
+def evaluate(estimator, split: Split, cfg: ReadoutConfig) -> tuple[dict, Readout | None]:
+    """metrics.json's numbers and the product readout (None for a session without labels):
+
+    reach_acc, reach_delta_acc, velocity_r2*   the product readout (history_bins, readout_C, velocity_alpha)
+    *_per_bin                                  the paper's per-bin protocol (k = 1)
+    reach_acc_content / _style                 per-bin readouts of each block (the paper's disentanglement check)
+    raw_*                                      the same rules on raw rates (raw_history_bins)"""
+    if not split.train.has_labels:
+        return {"readout": "skipped: the session has no reach labels (target, velocity)"}, None
+    z_tr, z_te = estimator.transform(split.train.counts), estimator.transform(split.test.counts)
+    fit = fit_readout(z_tr, split.train, cfg)
+    r = fit.readout
+    metrics = {**score(r, z_te, split.test, cfg), "history_bins": r.history_bins, "readout_C": r.C,
+               "velocity_alpha": r.alpha}
+    metrics.update({f"{k}_per_bin": v for k, v in score(fit.per_bin, z_te, split.test, cfg).items()})
+    if estimator.config.model.content_dim:
+        for space in ("content", "style"):
+            _, acc, dacc = readout_scores(estimator.transform(split.train.counts, space),
+                                          estimator.transform(split.test.counts, space), split, cfg)
+            metrics[f"reach_acc_{space}"], metrics[f"reach_delta_acc_{space}"] = acc, dacc
+    metrics.update(raw_rate_baseline(split, estimator.neurons_, cfg))
+    metrics["n_test_bins"] = int((split.test.speed > cfg.speed_threshold).sum())
+    metrics["n_test_bins_all"] = split.test.n_bins
+    return metrics, r
 
 
 def raw_rate_baseline(split: Split, neurons: np.ndarray, cfg: ReadoutConfig) -> dict[str, float]:
-    """The same readout on standardized raw rates of the kept neurons: the bar to beat."""
-    to_rates = lambda s: s.counts[:, neurons] / s.bin_size_s  # noqa: E731
+    """The product readout's rules on standardised raw rates of the kept neurons (the velocity
+    head is then the classic Wiener filter: ridge on lagged rates)."""
     cfg = cfg.model_copy(update={"scaling": "feature"})
-    _, acc, dacc = readout_scores(to_rates(split.train), to_rates(split.test), split, cfg)
-    return {"reach_acc": acc, "reach_delta_acc": dacc}
+    fit = fit_readout(raw_rates(split.train, neurons), split.train, cfg)
+    out = {f"raw_{k}": v for k, v in score(fit.readout, raw_rates(split.test, neurons), split.test, cfg).items()}
+    out.update({f"raw_{k}_per_bin": v for k, v in score(fit.per_bin, raw_rates(split.test, neurons), split.test,
+                                                        cfg).items()})
+    out["raw_history_bins"] = fit.readout.history_bins
+    return out

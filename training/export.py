@@ -19,59 +19,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from runtime.reach import classes_of_angles, resultant
-from schemas.manifest import (CORE_FIELDS, GRAPH_IO, MANIFEST, BundleManifest, Direction, Evaluation, GraphSpec,
-                              Quantization, TrainingInfo)
-from schemas.session import Split
+from runtime.reach import classes_of_angles
+from schemas.manifest import (CORE_FIELDS, MANIFEST, BundleManifest, Direction, Evaluation, GraphSpec, Quantization,
+                              ReadoutSpec, TrainingInfo, graph_io)
 from training.estimator import SwapVAEEstimator
 from training.evaluate import Readout
 from training.graphs import (Affine, ExportError, build_graphs, fold_input, fold_sequential, package_version,
-                             quantize_int8, readout_affine)
+                             quantize_int8, readout_heads)
 from training.rundir import RunDir
+from training.verify import (TOL, CheckBins, check_bins, check_quantization, measure_quantization, reference,
+                             run_decode, verify_bundle)
 
-MIN_OPSET = 13  # Slice/Softmax/ArgMax semantics used here
-TOL = 1e-4
+MIN_OPSET = 13  # Slice/Split/Squeeze/Softmax/ArgMax semantics used here
 WEIGHTS = ("fp32", "int8")
-# How close an int8 decode graph must stay to the fp32 model on the run's test bins (errors
-# relative to each output's largest value); beyond this the export fails.
-INT8_LIMITS = {"latent_err": 0.05, "rates_err": 0.05, "proba_err": 0.1, "direction_agreement": 0.95}
-
-
-def _run_graph(model: onnx.ModelProto, name: str, feed: dict, per_bin: bool = False) -> dict[str, np.ndarray]:
-    """Outputs of ``model`` under plain ONNX Runtime; ``per_bin`` runs one bin per call (what a
-    rig gets: an int8 graph quantizes its activations per call, so batching changes them)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    try:
-        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        if not per_bin:
-            return dict(zip(GRAPH_IO[name][1], sess.run(None, feed)))
-        (key, x), = feed.items()
-        rows = [sess.run(None, {key: x[i:i + 1]}) for i in range(len(x))]
-        return {out: np.concatenate([r[j] for r in rows]) for j, out in enumerate(GRAPH_IO[name][1])}
-    except Exception as e:  # ORT raises its own classes: say which graph and why
-        raise ExportError(f"onnxruntime {ort.__version__} cannot run {name}.onnx: {e}") from None
-
-
-def _decode_as_reference(out: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
-    """decode.onnx outputs in the form of ``_reference``: what the engine must reproduce."""
-    r = {key: v.astype(np.float64) if v.dtype.kind == "f" else v for key, v in out.items()}
-    r["content"], r["style_mean"] = r["latent"][:, :k], r["latent"][:, k:]
-    r["angle"] = np.arctan2(r["resultant"][:, 1], r["resultant"][:, 0])
-    r["resultant_length"] = np.hypot(*r["resultant"].T)
-    return r
-
-
-def measure_quantization(got: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> Quantization:
-    rel = lambda key: float(np.max(np.abs(got[key] - ref[key])) / max(np.max(np.abs(ref[key])), 1e-12))  # noqa: E731
-    angle_err = np.abs(np.angle(np.exp(1j * (got["angle"] - ref["angle"]))))
-    return Quantization(scheme="int8 weights per output channel: encoder layer 1 on whole counts (clipped at 127), "
-                               "decoder layers 2-3 dynamically quantized; the rest fp32", n_bins=len(ref["latent"]), latent_err=rel("latent"),
-                        rates_err=rel("rates"), proba_err=rel("proba"),
-                        direction_agreement=float(np.mean(got["direction"] == ref["direction"])),
-                        angle_err_p99_rad=float(np.percentile(angle_err, 99)))
 
 
 # -- the export --------------------------------------------------------------------------------
@@ -81,21 +41,22 @@ def export_bundle(run_dir: str | Path, out: str | Path, opset: int = 17, weights
     out = Path(out)
     _check_request(out, opset, weights)
     run = RunDir(run_dir)
-    loaded, readout = run.load(), run.readout()
+    loaded = run.load()
     est = loaded.estimator
+    readout = run.readout() if loaded.session.has_labels else None
     core = manifest_core(est, readout)
-    graphs = build_graphs(*fold_model(est), readout_affine(readout), core, opset, weights)
-    counts = check_counts(loaded.split)
+    graphs = build_graphs(*fold_model(est), readout_heads(readout) if readout else None, core, opset, weights)
+    bins = check_bins(loaded.split)
     quant = None
     if weights == "int8":
-        graphs["decode"], quant = quantize_checked(graphs["decode"], est, readout, counts)
+        graphs["decode"], quant = quantize_checked(graphs["decode"], est, readout, bins)
     info = TrainingInfo(config=est.config.model_dump(mode="json"), metrics=run.metrics(),
                         data=run.source()["data"],
                         session=loaded.session.name, epochs_done=len(est.history_) or None,
                         evaluation=Evaluation(train_fraction=est.config.data.train_fraction,
                                               speed_threshold=est.config.readout.speed_threshold))
     return write_bundle(out, graphs, core, info, opset, weights, quant,
-                        verify=lambda stage: verify_bundle(stage, est, readout, counts))
+                        verify=lambda stage: verify_bundle(stage, est, readout, bins))
 
 
 def _check_request(out: Path, opset: int, weights: str) -> None:
@@ -111,20 +72,22 @@ def _check_request(out: Path, opset: int, weights: str) -> None:
         raise ExportError(f"{out} exists and is not a bundle directory; refusing to overwrite it")
 
 
-def manifest_core(est: SwapVAEEstimator, readout: Readout) -> dict:
+def manifest_core(est: SwapVAEEstimator, readout: Readout | None) -> dict:
     """The manifest's CORE_FIELDS: what a client sends and what the graphs compute."""
     cfg = est.config
-    try:
-        classes = classes_of_angles(readout.class_angles, cfg.readout.n_directions)
-    except ValueError as e:
-        raise ExportError(f"readout: {e}") from None
+    spec = None
+    if readout is not None:
+        try:
+            classes = classes_of_angles(readout.class_angles, cfg.readout.n_directions)
+        except ValueError as e:
+            raise ExportError(f"readout: {e}") from None
+        direction = Direction(classes=tuple(int(c) for c in classes), angles_rad=tuple(float(a) for a in readout.class_angles))
+        spec = ReadoutSpec(history_bins=readout.history_bins, direction=direction).model_dump(mode="json")
     core = {"n_channels": est.n_channels_, "neurons": [int(i) for i in est.neurons_], "bin_size_s": est.bin_size_s_,
             "input_unit": cfg.data.input_unit, "input_scale": est.input_scale,
             "input_transform": cfg.model.input_transform,
             "rates_unit": "hz" if cfg.data.input_unit == "hz" else "counts_per_bin",
-            "content_dim": cfg.model.content_dim, "style_dim": cfg.model.style_dim,
-            "direction": Direction(classes=tuple(int(c) for c in classes),
-                                   angles_rad=tuple(float(a) for a in readout.class_angles)).model_dump(mode="json")}
+            "content_dim": cfg.model.content_dim, "style_dim": cfg.model.style_dim, "readout": spec}
     assert set(core) == set(CORE_FIELDS)
     return core
 
@@ -139,29 +102,19 @@ def fold_model(est: SwapVAEEstimator) -> tuple[list[Affine], list[Affine]]:
     return enc, fold_sequential(est.model_.decoder.net)
 
 
-def check_counts(split: Split) -> np.ndarray:
-    """What the export is verified on: the run's test bins, plus an empty bin and a loud one
-    (the extremes a rig can send)."""
-    test = split.test.counts
-    extremes = np.stack([np.zeros(test.shape[1]), 3 * test.max(axis=0)])
-    return np.ascontiguousarray(np.concatenate([test, extremes]), dtype=np.float32)
-
-
-def quantize_checked(decode: onnx.ModelProto, est: SwapVAEEstimator, readout: Readout,
-                     counts: np.ndarray) -> tuple[onnx.ModelProto, Quantization]:
+def quantize_checked(decode: onnx.ModelProto, est: SwapVAEEstimator, readout: Readout | None,
+                     bins: CheckBins) -> tuple[onnx.ModelProto, Quantization]:
     """The int8 decode graph and its measured distance from the fp32 model, one bin per call;
     ExportError beyond INT8_LIMITS."""
     if est.config.model.input_transform != "identity":
         raise ExportError(f"int8 weights need whole counts into the first layer; input_transform "
                           f"{est.config.model.input_transform!r} is not supported with them: export with fp32 weights")
     q = quantize_int8(decode)
-    got = _decode_as_reference(_run_graph(q, "decode", {"counts": counts}, per_bin=True), est.config.model.content_dim)
-    quant = measure_quantization(got, _reference(est, readout, counts))
-    worse = [f"{key} {getattr(quant, key):.4g} (limit {lim})" for key, lim in INT8_LIMITS.items()
-             if (getattr(quant, key) < lim if key == "direction_agreement" else getattr(quant, key) > lim)]
-    if worse:
-        raise ExportError("the int8 decode graph is too far from the fp32 model on the test bins: " + ", ".join(worse)
-                          + "; export with fp32 weights")
+    k = readout.history_bins if readout else 1
+    got = run_decode(q, bins, k, per_bin=True)
+    got["content"] = got["latent"][:, :est.config.model.content_dim]
+    quant = measure_quantization(got, reference(est, readout, bins))
+    check_quantization(quant)
     return q, quant
 
 
@@ -175,6 +128,7 @@ def write_bundle(out: Path, graphs: dict[str, onnx.ModelProto], core: dict, info
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes it private; the bundle is for the rig to read
+    readout_spec = ReadoutSpec.model_validate(core["readout"]) if core["readout"] is not None else None
     try:
         files = {}
         for name, model in graphs.items():
@@ -183,7 +137,7 @@ def write_bundle(out: Path, graphs: dict[str, onnx.ModelProto], core: dict, info
         manifest = BundleManifest(
             created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"), **core,
             opset=opset, weights=weights, quantization=quant,
-            graphs={n: GraphSpec(file=f"{n}.onnx", inputs=i, outputs=o) for n, (i, o) in GRAPH_IO.items()},
+            graphs={n: GraphSpec(file=f"{n}.onnx", inputs=i, outputs=o) for n, (i, o) in graph_io(readout_spec).items()},
             files=files, training=info, versions=_versions())
         (stage / MANIFEST).write_text(manifest.model_dump_json(indent=2))
         verify(stage)
@@ -194,83 +148,6 @@ def write_bundle(out: Path, graphs: dict[str, onnx.ModelProto], core: dict, info
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return manifest
-
-
-def verify_bundle(bundle: Path, est: SwapVAEEstimator, readout: Readout, counts: np.ndarray) -> None:
-    """Every graph under plain ONNX Runtime, and the runtime engine (batched and one bin at a
-    time), must reproduce the torch model and readout on ``counts``; raise ExportError if not.
-    With int8 weights, decode.onnx was measured against the model before (``quantization`` in
-    the manifest) and is the reference the engine must reproduce."""
-    from runtime.engine import BundleDecoder
-
-    manifest = BundleManifest.model_validate_json((bundle / MANIFEST).read_text())
-    ref = _reference(est, readout, counts)
-    latent = np.concatenate([ref["content"], ref["style_mean"]], axis=1).astype(np.float32)
-    run = lambda name, feed, per_bin=False: _run_graph(onnx.load_model(bundle / f"{name}.onnx"), name, feed, per_bin)  # noqa: E731
-    decoded = run("decode", {"counts": counts})
-    n1 = min(len(counts), 32)
-    if manifest.weights == "fp32":
-        batched_ref = single_ref = ref
-    else:  # int8 quantizes activations per call: a batch and single bins each have their reference
-        k = manifest.content_dim
-        batched_ref = _decode_as_reference(decoded, k)
-        single_ref = _decode_as_reference(run("decode", {"counts": counts[:n1]}, per_bin=True), k)
-    checks = [
-        ("encoder.onnx", run("encoder", {"counts": counts}), ref),
-        ("decoder.onnx", run("decoder", {"latent": latent}), ref),
-        ("readout.onnx", run("readout", {"latent": latent}), ref),
-        ("decode.onnx", decoded, batched_ref),
-    ]
-    engine = BundleDecoder(bundle)
-    checks.append(("runtime engine, batched", engine.decode(counts).as_dict(), batched_ref))
-    singles = [engine.decode(counts[i]).as_dict() for i in range(n1)]  # copies: batch-1 outputs are views
-    checks.append(("runtime engine, one bin at a time",
-                   {key: np.concatenate([o[key] for o in singles]) for key in singles[0]}, single_ref))
-    problems = []
-    for where, got, want in checks:
-        n = len(next(iter(got.values())))
-        problems += [f"{where}: {p}" for p in compare_outputs(got, {key: v[:n] for key, v in want.items()})]
-    if problems:
-        raise ExportError("the exported graphs do not reproduce the torch model:\n  " + "\n  ".join(problems))
-
-
-def compare_outputs(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], tol: float = TOL) -> list[str]:
-    """Mismatches beyond ``tol`` (absolute, relative above 1). The angle is compared as a point
-    on the circle at the reference's resultant length (it is ill-defined where the class
-    probabilities cancel out); the class only where the reference's top two differ by > tol."""
-    problems = []
-    for key, value in got.items():
-        if key not in ref:
-            continue
-        r = ref[key]
-        if value.shape != r.shape:
-            problems.append(f"{key} has shape {value.shape}, expected {r.shape}")
-        elif key == "direction":
-            top2 = np.sort(ref["proba"], axis=1)[:, -2:]
-            bad = (value != r) & (top2[:, 1] - top2[:, 0] > tol)
-            if bad.any():
-                problems.append(f"direction differs on {int(bad.sum())} of {len(r)} bins")
-        elif key == "angle":
-            err = np.abs(np.angle(np.exp(1j * (value.astype(np.float64) - r)))) * ref["resultant_length"]
-            if not (err <= tol).all():
-                problems.append(f"angle differs by up to {np.nanmax(err):.3g} (x resultant length)")
-        else:
-            err = np.abs(value.astype(np.float64) - r) / np.maximum(1.0, np.abs(r))
-            if not (err <= tol).all():
-                problems.append(f"{key} differs by up to {np.nanmax(err):.3g}")
-    return problems
-
-
-def _reference(est: SwapVAEEstimator, readout: Readout, counts: np.ndarray) -> dict[str, np.ndarray]:
-    c, mu, logvar = (a.astype(np.float64) for a in est.encode(counts))
-    z = np.concatenate([c, mu], axis=1)
-    p = readout.proba(z)
-    r = resultant(p, readout.class_angles)
-    classes = classes_of_angles(readout.class_angles, est.config.readout.n_directions)
-    return {"latent": z, "content": c, "style_mean": mu, "style_logvar": logvar,
-            "rates": est.reconstruct(counts).astype(np.float64), "proba": p, "direction": classes[p.argmax(1)],
-            "angle": readout.angle(z), "resultant": r, "resultant_length": np.hypot(*r.T),
-            "count_min": counts.min(axis=1).astype(np.float64), "count_sum": counts.sum(axis=1, dtype=np.float64)}
 
 
 def sha256_file(path: Path) -> str:

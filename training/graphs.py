@@ -20,7 +20,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from schemas.manifest import CORE_KEY, GRAPH_IO
+from schemas.manifest import CORE_KEY, ReadoutSpec, graph_io
 from training.evaluate import Readout
 
 
@@ -72,10 +72,9 @@ def fold_input(first: Affine, neurons: np.ndarray, n_channels: int, scale: float
     return Affine(w, first.bias, first.activation)
 
 
-def readout_affine(r: Readout) -> Affine:
-    """((z - mean) / scale) @ coef.T + intercept as one affine map of z."""
-    w = r.coef / r.scale[None, :]
-    return Affine(w, r.intercept - w @ r.mean)
+def readout_heads(r: Readout) -> Affine:
+    """Both heads of the readout as one affine map of the window: [logits, velocity]."""
+    return Affine(np.concatenate([r.coef, r.velocity_coef]), np.concatenate([r.intercept, r.velocity_intercept]))
 
 
 # -- writing ONNX ----------------------------------------------------------------------------
@@ -98,6 +97,13 @@ class _GraphBuilder:
         out = out or self._name(op_type.lower())
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
         return out
+
+    def split(self, x: str, widths: list[int], outs: list[str | None]) -> list[str]:
+        """Columns of ``x`` in consecutive blocks of ``widths``."""
+        outs = [o or self._name("part") for o in outs]
+        self.nodes.append(helper.make_node("Split", [x, self.const(widths, "widths", np.int64)], outs,
+                                           name=self._name("split"), axis=1))
+        return outs
 
     def encoder_input(self, core: dict) -> str:
         """The raw counts as the first Gemm takes them (selection and scale are in its weights)."""
@@ -130,16 +136,28 @@ class _GraphBuilder:
         return self.op("Slice", x, self.const([start], "s", np.int64), self.const([stop], "e", np.int64),
                        self.const([1], "ax", np.int64), out=out)
 
-    def readout(self, latent: str, affine: Affine, classes: np.ndarray) -> str:
-        """proba and direction; returns the proba tensor for the angle to use."""
-        logits = self.op("Gemm", latent, self.const(affine.weight, "ro_w"), self.const(affine.bias, "ro_b"), transB=1)
+    def window(self, latent: str, k: int) -> str:
+        """The readout's input: [latent, history] (most recent first, (B, k L)), where a stream's
+        first bin since a reset has no history yet and its own latent fills every place."""
+        if k == 1:
+            return latent
+        tiled = self.op("Tile", latent, self.const([1, k - 1], "reps", np.int64))
+        past = self.op("Where", "first", tiled, "history")
+        return self.op("Concat", latent, past, axis=1)
+
+    def readout(self, window: str, heads: Affine, classes: np.ndarray, angles: np.ndarray) -> str:
+        """Outputs proba, direction, velocity and resultant (the probability-weighted class
+        vectors: angle = atan2 of it); returns the resultant."""
+        both = self.op("Gemm", window, self.const(heads.weight, "ro_w"), self.const(heads.bias, "ro_b"), transB=1)
+        logits, _ = self.split(both, [len(classes), heads.weight.shape[0] - len(classes)], [None, "velocity"])
         proba = self.op("Softmax", logits, axis=-1, out="proba")
         idx = self.op("ArgMax", proba, axis=1, keepdims=0)
         if np.array_equal(classes, np.arange(len(classes))):
             self.op("Identity", idx, out="direction")  # removed by ORT's optimizer
         else:
             self.op("Gather", self.const(classes, "classes", np.int64), idx, axis=0, out="direction")
-        return proba
+        return self.op("MatMul", proba, self.const(np.stack([np.cos(angles), np.sin(angles)], axis=1), "cossin"),
+                       out="resultant")
 
     def atan2(self, y: str, x: str, out: str) -> str:
         """ONNX has no Atan2: atan(y / x), plus pi with the sign of y where x < 0. atan(y / x)
@@ -158,11 +176,11 @@ class _GraphBuilder:
             return self.op(op_type, x, self.const([axis], "axes", np.int64), keepdims=0, out=out)
         return self.op(op_type, x, axes=[axis], keepdims=0, out=out)
 
-    def model(self, name: str, inputs: list[tuple[str, int]], outputs: list[tuple[str, int, list]],
+    def model(self, name: str, inputs: list[tuple[str, int, int]], outputs: list[tuple[str, int, list]],
               opset: int, doc: str, metadata: dict[str, str]) -> onnx.ModelProto:
         graph = helper.make_graph(
             self.nodes, name,
-            [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", d]) for n, d in inputs],
+            [helper.make_tensor_value_info(n, t, ["batch", d]) for n, t, d in inputs],
             [helper.make_tensor_value_info(n, t, shape) for n, t, shape in outputs],
             initializer=self.inits)
         opsets = [helper.make_opsetid("", opset)]
@@ -175,23 +193,30 @@ class _GraphBuilder:
         return m
 
 
-def build_graphs(enc: list[Affine], dec: list[Affine], ro: Affine, core: dict, opset: int,
+def build_graphs(enc: list[Affine], dec: list[Affine], heads: Affine | None, core: dict, opset: int,
                  weights: str = "fp32") -> dict[str, onnx.ModelProto]:
-    """The four graphs of GRAPH_IO; ``core`` is the manifest's CORE_FIELDS, embedded in each.
-    With ``weights="int8"`` the decode graph's first layer is int8 (see ``quantize_int8``)."""
+    """The graphs of ``graph_io`` (schemas/manifest.py); ``core`` is the manifest's CORE_FIELDS,
+    embedded in each. ``heads``: the readout's [logits, velocity] map of the window (None for a
+    bundle without a readout). With ``weights="int8"`` the decode graph's first layer is int8
+    (see ``quantize_int8``)."""
+    readout = ReadoutSpec.model_validate(core["readout"]) if core["readout"] is not None else None
+    io = graph_io(readout)
     k, s, n_channels, n_neurons = core["content_dim"], core["style_dim"], core["n_channels"], len(core["neurons"])
-    classes = np.asarray(core["direction"]["classes"], dtype=np.int64)
-    angles = np.asarray(core["direction"]["angles_rad"], dtype=np.float64)
-    n_cls = len(classes)
-    meta = {CORE_KEY: json.dumps(core)}
     latent_dim = k + s
-    F, I = TensorProto.FLOAT, TensorProto.INT64
+    hist = readout.history_bins if readout else 1
+    meta = {CORE_KEY: json.dumps(core)}
+    F, I, B = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
+    n_cls = len(readout.direction.classes) if readout else 0
     spec = {"latent": (F, ["batch", latent_dim]), "content": (F, ["batch", k]), "style_mean": (F, ["batch", s]),
-            "style_logvar": (F, ["batch", s]),
-            "rates": (F, ["batch", n_neurons]), "angle": (F, ["batch"]), "direction": (I, ["batch"]),
-            "proba": (F, ["batch", n_cls]), "resultant": (F, ["batch", 2]), "count_min": (F, ["batch"]),
-            "count_sum": (F, ["batch"])}
-    outs = lambda names: [(n, *spec[n]) for n in names]  # noqa: E731
+            "style_logvar": (F, ["batch", s]), "rates": (F, ["batch", n_neurons]), "angle": (F, ["batch"]),
+            "direction": (I, ["batch"]), "proba": (F, ["batch", n_cls]), "velocity": (F, ["batch", 2]),
+            "resultant": (F, ["batch", 2]), "count_min": (F, ["batch"]), "count_sum": (F, ["batch"])}
+    inputs = {"counts": (F, n_channels), "history": (F, (hist - 1) * latent_dim), "first": (B, 1),
+              "window": (F, hist * latent_dim), "latent": (F, latent_dim)}
+    io_of = lambda name: ([(n, *inputs[n]) for n in io[name][0]], [(n, *spec[n]) for n in io[name][1]])  # noqa: E731
+    if readout:
+        classes = np.asarray(readout.direction.classes, dtype=np.int64)
+        angles = np.asarray(readout.direction.angles_rad, dtype=np.float64)
     graphs = {}
 
     g = _GraphBuilder()  # fused: the one call per bin the runtime makes; as few nodes as possible
@@ -202,39 +227,42 @@ def build_graphs(enc: list[Affine], dec: list[Affine], ro: Affine, core: dict, o
     else:
         latent = g.mlp(g.encoder_input(core), layers, "enc", out="latent")
     g.mlp(latent, dec, "dec", out="rates")
-    proba = g.readout(latent, ro, classes)
-    # The angle is atan2 of this resultant; ONNX has no Atan2 and its 8-node substitute cost
-    # as much as the encoder's three Gemms, so the runtime takes the atan2 of two floats.
-    g.op("MatMul", proba, g.const(np.stack([np.cos(angles), np.sin(angles)], axis=1), "cossin"), out="resultant")
+    if readout:
+        # The angle is atan2 of the resultant; ONNX has no Atan2 and its 8-node substitute cost
+        # as much as the encoder's three Gemms, so the runtime takes the atan2 of two floats.
+        g.readout(g.window(latent, hist), heads, classes, angles)
     # Input checks in the same call (cheaper than separate numpy reductions): a NaN or inf
     # makes the sum non-finite, a negative count makes the min negative.
     g.reduce("ReduceMin", "counts", 1, out="count_min", opset=opset)
     g.reduce("ReduceSum", "counts", 1, out="count_sum", opset=opset)
-    graphs["decode"] = g.model("swapvae_decode", [("counts", n_channels)], outs(GRAPH_IO["decode"][1]), opset,
-                               "raw counts of one bin or a batch -> latent [content, style mean], direction "
-                               "(class, probabilities, resultant: angle = atan2(resultant[:, 1], resultant[:, 0])), "
-                               "denoised rates, and min/sum of each bin's counts for input checks", meta)
+    graphs["decode"] = g.model("swapvae_decode", *io_of("decode"), opset,
+                               "raw counts of one bin or a batch (and each stream's history) -> latent [content, "
+                               "style mean], readout (direction class, probabilities, velocity, resultant: angle = "
+                               "atan2(resultant[:, 1], resultant[:, 0])), denoised rates, and min/sum of each bin's "
+                               "counts for input checks", meta)
 
     g = _GraphBuilder()
     h = g.mlp(g.encoder_input(core), enc, "enc")
     g.cols(h, 0, k, out="content")
     g.cols(h, k, k + s, out="style_mean")
     g.cols(h, k + s, k + 2 * s, out="style_logvar")
-    graphs["encoder"] = g.model("swapvae_encoder", [("counts", n_channels)], outs(GRAPH_IO["encoder"][1]), opset,
+    graphs["encoder"] = g.model("swapvae_encoder", *io_of("encoder"), opset,
                                 "raw counts -> content latent, style mean, style log-variance", meta)
 
     g = _GraphBuilder()
     g.mlp("latent", dec, "dec", out="rates")
-    graphs["decoder"] = g.model("swapvae_decoder", [("latent", latent_dim)], outs(GRAPH_IO["decoder"][1]), opset,
+    graphs["decoder"] = g.model("swapvae_decoder", *io_of("decoder"), opset,
                                 "latent [content, style] -> firing rates of the kept neurons", meta)
 
-    g = _GraphBuilder()
-    proba = g.readout("latent", ro, classes)
-    x = g.op("MatMul", proba, g.const(np.cos(angles), "cos"))
-    y = g.op("MatMul", proba, g.const(np.sin(angles), "sin"))
-    g.atan2(y, x, out="angle")
-    graphs["readout"] = g.model("swapvae_readout", [("latent", latent_dim)], outs(GRAPH_IO["readout"][1]), opset,
-                                "latent [content, style mean] -> reach angle, class, class probabilities", meta)
+    if readout:
+        g = _GraphBuilder()
+        res = g.readout("window", heads, classes, angles)
+        x, y = g.split(res, [1, 1], [None, None])
+        g.atan2(g.op("Squeeze", y, g.const([1], "axes", np.int64)), g.op("Squeeze", x, g.const([1], "axes", np.int64)),
+                out="angle")
+        graphs["readout"] = g.model("swapvae_readout", *io_of("readout"), opset,
+                                    "window [latent_t, ..., latent_t-k+1] -> reach angle, class, class probabilities, "
+                                    "velocity, resultant", meta)
     return graphs
 
 

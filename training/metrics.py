@@ -11,8 +11,8 @@ import numpy as np
 
 from schemas import ReadoutConfig
 from schemas.session import Session
-from runtime.reach import reach_scores
-from training.evaluate import fit_readout
+from runtime.reach import classes_of_angles, reach_scores
+from training.evaluate import fit_classifier
 
 TEMPORAL_BINS = 9  # the paper decodes time over the first 9 bins: the shortest trial has 9
 
@@ -88,10 +88,10 @@ def temporal_scores(z_train: np.ndarray, z_test: np.ndarray, train: Session, tes
     count, moving or not."""
     tr, te = train.bin_in_trial < n_time, test.bin_in_trial < n_time
     tcfg = cfg.model_copy(update={"n_directions": n_time})
-    readout = fit_readout(z_train[tr], train.bin_in_trial[tr], train.trial[tr], tcfg)
+    readout = fit_classifier(z_train[tr], train.bin_in_trial[tr], train.trial[tr], tcfg)
     angle = readout.angle(z_test[te])
     acc, _ = reach_scores(angle, test.bin_in_trial[te], n_time)
-    classes = np.round(readout.class_angles * n_time / (2 * np.pi)).astype(int)
+    classes = classes_of_angles(readout.class_angles, n_time)
     off = np.abs(classes[readout.proba(z_test[te]).argmax(axis=1)] - test.bin_in_trial[te])
     return {"acc": acc, "top1": float(np.mean(off == 0)), "within1": float(np.mean(off <= 1)), "chance": 1.0 / n_time}
 

@@ -9,7 +9,7 @@ from schemas import SwapVAEConfig
 from schemas.session import split_session
 from training.data import load_session
 from training.estimator import SwapVAEEstimator
-from training.evaluate import evaluate_reach, raw_rate_baseline
+from training.evaluate import evaluate
 from training.rundir import RunDir
 
 
@@ -22,33 +22,50 @@ def train_run(data: str, out: str | Path, config: SwapVAEConfig, progress: bool 
                                        neurons=split.neurons, bin_size_s=session.bin_size_s,
                                        checkpoint=run.checkpoint, progress=progress)
     run.save_history(est.history_)
-    metrics, readout = evaluate_reach(est, split, config.readout)
+    metrics, readout = evaluate(est, split, config.readout)
     metrics["train_seconds"] = est.train_seconds_
-    run.save_readout(readout)
+    if readout is not None:
+        run.save_readout(readout)
     run.save_metrics(metrics)
     return metrics
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None) -> dict:
+    """The run's metrics again (on its own data, or on ``data`` with the same split rule)."""
     loaded = RunDir(run_dir).load(data)
-    est, split, cfg = loaded.estimator, loaded.split, loaded.config
-    metrics, _ = evaluate_reach(est, split, cfg.readout)
-    metrics["train_seconds"] = est.train_seconds_
-    baseline = raw_rate_baseline(split, est.neurons_, cfg.readout)
-    metrics["baseline_raw_acc"], metrics["baseline_raw_delta_acc"] = baseline["reach_acc"], baseline["reach_delta_acc"]
+    metrics, _ = evaluate(loaded.estimator, loaded.split, loaded.config.readout)
+    metrics["train_seconds"] = loaded.estimator.train_seconds_
     return metrics
 
 
+ROWS = (  # label, metrics key prefix, suffix, history key
+    ("Swap-VAE [c, mu], causal history", "", "", "history_bins"),
+    ("Swap-VAE [c, mu], per bin (paper)", "", "_per_bin", None),
+    ("  content c, per bin", "", "_content", None),
+    ("  style mu, per bin", "", "_style", None),
+    ("raw rates, causal history", "raw_", "", "raw_history_bins"),
+    ("raw rates, per bin", "raw_", "_per_bin", None),
+)
+
+
 def format_table(metrics: dict) -> str:
-    rows = [("space", "acc", "delta-acc")]
-    for space, suffix in (("full [c, mu]", ""), ("content c", "_content"), ("style mu", "_style")):
-        if f"reach_acc{suffix}" in metrics:
-            rows.append((space, f"{metrics[f'reach_acc{suffix}']:.3f}", f"{metrics[f'reach_delta_acc{suffix}']:.3f}"))
-    if "baseline_raw_acc" in metrics:
-        rows.append(("raw rates (baseline)", f"{metrics['baseline_raw_acc']:.3f}", f"{metrics['baseline_raw_delta_acc']:.3f}"))
-    w = max(len(r[0]) for r in rows)
-    lines = [f"{a:<{w}}  {b:>6}  {c:>9}" for a, b, c in rows]
-    lines.append(f"test bins scored: {metrics.get('n_test_bins', '?')}, training time: {metrics.get('train_seconds', float('nan')):.1f} s")
+    """The metrics as a table: the product readout first, the paper's protocol and the raw-rate
+    baselines under the same rules beside it."""
+    if "reach_acc" not in metrics:
+        return f"reach readouts: {metrics.get('readout', 'none')}\ntraining time: {metrics.get('train_seconds', 0):.1f} s"
+    head = ("readout", "k", "acc", "delta-acc", "velocity R^2")
+    rows = []
+    for label, pre, suf, hist in ROWS:
+        if f"{pre}reach_acc{suf}" not in metrics:
+            continue
+        vel = metrics.get(f"{pre}velocity_r2{suf}")
+        rows.append((label, str(metrics[hist]) if hist else "1", f"{metrics[f'{pre}reach_acc{suf}']:.3f}",
+                     f"{metrics[f'{pre}reach_delta_acc{suf}']:.3f}", "" if vel is None else f"{vel:.3f}"))
+    w = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
+    lines = ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)) for r in [head, *rows]]
+    lines.append(f"direction on {metrics.get('n_test_bins', '?')} moving test bins, velocity on all "
+                 f"{metrics.get('n_test_bins_all', '?')}; raw-rate velocity with history is the Wiener filter; "
+                 f"training time {metrics.get('train_seconds', float('nan')):.1f} s")
     return "\n".join(lines)
 
 
