@@ -34,23 +34,69 @@ def test_runtime_never_imports_torch_or_training(tiny_bundle):
 
 def test_one_bin_and_batch_agree_and_have_the_documented_shapes(dec, bins):
     m = dec.manifest
-    batch = dec.decode(bins)
+    batch = dec.decode(bins, reset=True)  # 40 consecutive bins of one stream
     assert batch.content.shape == (40, m.content_dim) and batch.style_mean.shape == (40, m.style_dim)
     assert batch.angle.shape == batch.direction.shape == (40,) and batch.direction.dtype == np.int64
     assert batch.proba.shape == (40, m.n_classes) and batch.rates.shape == (40, m.n_neurons)
-    assert all(getattr(batch, f).dtype == np.float32 for f in ("content", "style_mean", "angle", "proba", "rates"))
+    assert batch.velocity.shape == (40, 2)
+    assert all(getattr(batch, f).dtype == np.float32 for f in ("content", "style_mean", "angle", "proba", "velocity",
+                                                                "rates"))
     np.testing.assert_allclose(batch.proba.sum(1), 1, rtol=1e-5)
     assert (batch.rates >= 0).all() and (np.abs(batch.angle) <= np.pi).all()
-    for i in (0, 17, 39):
-        one = dec.decode(bins[i])
-        for f in ("content", "style_mean", "proba", "rates"):
-            np.testing.assert_allclose(getattr(one, f)[0], getattr(batch, f)[i], rtol=1e-5, atol=1e-5)
+    for i in range(40):  # bin by bin, the same stream: the same windows, so the same outputs
+        one = dec.decode(bins[i], reset=i == 0)
+        for f in ("content", "style_mean", "proba", "velocity", "rates"):
+            np.testing.assert_allclose(getattr(one, f)[0], getattr(batch, f)[i], rtol=1e-5, atol=1e-5, err_msg=f)
         assert one.direction[0] == batch.direction[i]
         assert abs(np.angle(np.exp(1j * (one.angle[0] - batch.angle[i])))) < 1e-4
     # The angle is the direction of the probability-weighted class vectors.
-    a = np.asarray(m.direction.angles_rad)
+    a = np.asarray(m.readout.direction.angles_rad)
     np.testing.assert_allclose(np.exp(1j * batch.angle), np.exp(1j * np.arctan2(batch.proba @ np.sin(a), batch.proba @ np.cos(a))),
                                atol=1e-4)
+
+
+def test_the_stream_keeps_its_history_and_a_reset_starts_a_trial(dec, bins):
+    """The readout sees [z_t, z_t-1, z_t-2] (k = 3): a bin decoded after different pasts
+    gives the same latent and rates but another readout; after a reset it is a trial's first
+    bin again, whatever came before."""
+    x = bins[10]
+    first = dec.decode(x, reset=True).copy()
+    after_other = (dec.decode(bins[0], reset=True), dec.decode(bins[1]), dec.decode(x))[-1].copy()
+    np.testing.assert_array_equal(after_other.rates, first.rates)
+    assert not np.allclose(after_other.proba, first.proba)
+    again = dec.decode(x, reset=True)
+    np.testing.assert_array_equal(again.proba, first.proba)
+    np.testing.assert_array_equal(again.velocity, first.velocity)
+
+
+def test_streams_are_independent_and_batched_streams_equal_one_at_a_time(dec, bins):
+    a, b, c = dec.new_stream(), dec.new_stream(), dec.new_stream()
+    ref = []
+    for s, rows in ((a, bins[0:4]), (b, bins[4:8]), (c, bins[8:12])):
+        ref.append([dec.decode_stream(s, r).copy() for r in rows])  # a stream never reset: its own bins
+    a2, b2, c2 = dec.new_stream(), dec.new_stream(), dec.new_stream()
+    for t in range(4):
+        out = dec.decode_streams([a2, b2, c2], bins[[t, 4 + t, 8 + t]])
+        for j in range(3):
+            np.testing.assert_allclose(out.proba[j], ref[j][t].proba[0], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(out.velocity[j], ref[j][t].velocity[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="distinct streams"):
+        dec.decode_streams([a2, a2], bins[:2])
+
+
+def test_a_refused_bin_leaves_the_stream_as_it_was(dec, bins):
+    s = dec.new_stream()
+    dec.decode_stream(s, bins[0])
+    before = (s.row.copy(), s.n)
+    bad = bins[1].copy()
+    bad[3] = np.nan
+    for reset in (False, True):
+        with pytest.raises(ValueError, match="NaN"):
+            dec.decode_stream(s, bad, reset=reset)
+        with pytest.raises(ValueError, match="NaN"):
+            dec.decode_streams([s], bad[None], resets=[reset])
+    np.testing.assert_array_equal(s.row, before[0])
+    assert s.n == before[1]
 
 
 def test_one_bin_output_is_reused_until_the_next_call(dec, bins):
@@ -172,11 +218,20 @@ def test_sliding_window_decodes_the_sum_of_the_last_fine_bins(dec):
         o = w.push(row)
         assert (o is None) == (len(out) + 1 < 5) and w.ready == (o is not None)
         out.append(o.copy() if o is not None else None)
-    ref = dec.decode(np.stack([fine[i - 4:i + 1].sum(0) for i in range(4, 23)]))
-    np.testing.assert_array_equal(np.concatenate([o.rates for o in out[4:]]), ref.rates)
+    # the readout's history is at the model's bin spacing: windows 5 fine bins apart form a stream
+    sums = {i: fine[i - 4:i + 1].sum(0) for i in range(4, 23)}
+    ref = {}
+    for phase in range(5):
+        ends = [i for i in sums if i % 5 == phase]
+        seq = dec.decode_stream(dec.new_stream(), np.stack([sums[i] for i in ends]))
+        ref.update({i: (seq.rates[j], seq.proba[j]) for j, i in enumerate(ends)})
+    for i in sums:
+        np.testing.assert_allclose(out[i].rates[0], ref[i][0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out[i].proba[0], ref[i][1], rtol=1e-5, atol=1e-6)
     w.reset()
     assert not w.ready and w.push_many(fine[:3]) is None
-    np.testing.assert_array_equal(w.push_many(fine[3:]).rates, ref.rates)
+    many = w.push_many(fine[3:])
+    np.testing.assert_allclose(many.proba, np.stack([ref[i][1] for i in sums]), rtol=1e-5, atol=1e-6)
     ten_ms = SlidingWindowDecoder(dec, 0.01)
     assert ten_ms.k == 10
 
@@ -197,5 +252,7 @@ def test_sliding_window_refuses_bad_bins(dec):
 
 
 def test_decode_output_is_a_plain_dataclass():
-    o = DecodeOutput(*(np.zeros((1, 2)) for _ in range(6)))
-    assert set(o.as_dict()) == {"content", "style_mean", "angle", "direction", "proba", "rates"}
+    o = DecodeOutput(*(np.zeros((1, 2)) for _ in range(7)))
+    assert set(o.as_dict()) == {"content", "style_mean", "angle", "direction", "proba", "velocity", "rates"}
+    assert set(DecodeOutput(*(None if i in (2, 3, 4, 5) else np.zeros(1) for i in range(7))).as_dict()) == {
+        "content", "style_mean", "rates"}  # a bundle without a readout

@@ -173,16 +173,21 @@ def test_cli_train_and_evaluate(tmp_path, capsys):
     cfg.write_text(json.dumps({"optim": {"epochs": 2, "batch_size": 64}}))
     assert cli(["train", "--data", "simulated", "--out", str(out), "--config", str(cfg), "--quiet"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("reach_acc", "reach_delta_acc", "reach_acc_content", "reach_acc_style", "train_seconds"):
-        assert key in metrics
+    for key in ("reach_acc", "reach_delta_acc", "history_bins", "reach_acc_per_bin", "reach_delta_acc_per_bin",
+                "reach_acc_content", "reach_acc_style", "raw_reach_acc", "raw_reach_delta_acc", "raw_history_bins",
+                "velocity_r2", "raw_velocity_r2", "train_seconds"):
+        assert key in metrics, key
     assert 0.0 <= metrics["reach_acc"] <= 1.0
     for name in ("checkpoint.pt", "config.json", "readout.json", "history.json", "run.json"):
         assert (out / name).exists(), name
     capsys.readouterr()
     assert cli(["evaluate", str(out), "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
-    assert again["reach_acc"] == pytest.approx(metrics["reach_acc"])  # same split, same model, same readout
-    assert "baseline_raw_acc" in again
+    for key in ("reach_acc", "velocity_r2", "raw_reach_acc", "raw_velocity_r2"):  # same split, model, readout
+        assert again[key] == pytest.approx(metrics[key]), key
+    assert cli(["evaluate", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "causal history" in table and "per bin (paper)" in table and "raw rates" in table
 
 
 def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
