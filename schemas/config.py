@@ -1,7 +1,8 @@
 """Every hyperparameter of a Swap-VAE run, in one validated config.
 
 Defaults follow the paper's released recipe (../shared/docs/METHOD.md) except where a
-field's comment says why we differ (choices made on a validation split of training trials). The paper's ablations are selected with ``variant``:
+field's comment says why we differ; every such choice was made on a validation split of the
+training trials, and docs/RECIPE.md has the measurements. The paper's ablations are selected with ``variant``:
 it fills in the loss/model fields that define the variant, and any field given explicitly
 still wins, so ``{"variant": "beta_vae", "loss": {"kl_weight": 4}}`` is a beta-VAE with beta 4.
 """
@@ -34,25 +35,15 @@ class DataConfig(_Section):
     train_fraction: float = Field(0.8, gt=0.0, lt=1.0, description="chronological split by trial")
     static_std: float = Field(1e-3, ge=0.0, description="drop neurons whose train-bin std is <= this")
     min_trials: int = Field(4, ge=2, description="refuse sessions with fewer trials")
-    # Model input and Poisson target: rates in Hz (counts / bin size), as the reference code.
-    # The unit sets the balance against the fixed KL and alignment weights (the Poisson NLL
-    # in Hz is 10x the one in counts at 100 ms bins); on a validation split of Chewie-1's
-    # training trials, "counts" scored 2 points lower.
+    # Model input and Poisson target: rates in Hz, as the reference code; the unit sets the
+    # balance against the fixed KL and alignment weights, and counts decoded worse.
     input_unit: Literal["counts", "hz"] = "hz"
-    # The paper pairs bins up to 5 apart; 10 (most of a 9-14 bin reach) scored higher on the
-    # validation split (acc + delta-acc; see benchmarks/reach_accuracy.py --validation).
+    # The paper pairs bins up to 5 apart; 10 (most of a 9-14 bin reach) decoded better.
     jitter: int = Field(10, ge=0, description="max |i - j| between the two views, in bins")
     dropout_max: float = Field(0.0, ge=0.0, lt=1.0, description="neuron dropout p ~ U(0, dropout_max)")
-    # Spike thinning: the encoder sees each view with every spike kept with probability
-    # p ~ U(thin_min, 1) (one p per bin and view), and the decoder reconstructs the whole bin.
-    # A thinned Poisson count is again Poisson, at rate p * lambda: a new plausible bin of the
-    # same activity at a lower gain. Measured on Chewie-1, 5 seeds (acc + delta-acc): on the
-    # validation split, off 1.534; thin_min 0.3 / 0.5 / 0.75 with this denoising target 1.575 /
-    # 1.543 / 1.558, reconstructing the thinned view instead 1.553 / 1.565 / 1.544. On the test
-    # trials 0.3 gave acc 0.681 / delta-acc 0.815 against 0.670 / 0.810 off, but the style space
-    # then reads direction at 0.62 (0.48 off; KL weight 20 cleans it to 0.52 on validation and
-    # loses the gain, 1.518), and a step costs 7% more. Off by default: the paper's
-    # content/style split is the product's point.
+    # Spike thinning (beyond the paper): the encoder sees each view with every spike kept with
+    # probability p ~ U(thin_min, 1), the decoder reconstructs the whole bin. Off by default: it
+    # decodes a little better but lets the style block carry direction, and that split is the point.
     thin_min: float = Field(1.0, gt=0.0, le=1.0, description="spike thinning keep-probability p ~ U(thin_min, 1)")
 
 
@@ -79,13 +70,8 @@ class ModelConfig(_Section):
 class LossConfig(_Section):
     swap: bool = True
     kl_weight: float = Field(10.0, ge=0.0)
-    # The released weight. Against the Poisson NLL in Hz (about -1650 per bin at the end) it
-    # barely steers training, yet contents already group by direction (Chewie-1 train bins:
-    # mean cosine 0.86 within a trial, 0.85 across trials of one direction, 0.60 across
-    # directions). Weights 100 and 1000 scored 1.522 / 1.531 against 1.534 (validation,
-    # acc + delta-acc); at 1000 every content points one way (cosine 0.99 even across
-    # directions): the direction survives only in small deviations, and time in trial is still
-    # read from the content (28% vs 32%, chance 11%).
+    # The released weight: small beside the Poisson NLL in Hz, yet contents already group by
+    # direction, and larger weights collapsed them without decoding better.
     align_weight: float = Field(1.0, ge=0.0)
     eps: float = Field(1e-8, gt=0.0, description="inside log(rate) of the Poisson NLL")
 
