@@ -185,6 +185,56 @@ def test_parse_request_names_the_problem(name):
         assert (e.value.seq, e.value.t_client_ns) == (77, 88)  # echoed so the client can match it
 
 
+# -- the one-bin fast path ------------------------------------------------------------------------
+
+ONE_BIN = wire.pack_request(MsgType.DECODE, 77, 88, np.arange(6, dtype=np.float32))
+
+
+def test_one_bin_fast_path_takes_only_float32_one_bin_decodes_of_the_bundle_width():
+    fast = wire.OneBinRequests(6)
+    assert fast.size == len(ONE_BIN) == 32 + 24
+    assert fast.match(ONE_BIN) == (77, 88)
+    assert fast.match(bytearray(ONE_BIN)) == (77, 88)
+    np.testing.assert_array_equal(fast.counts(ONE_BIN), np.arange(6))
+    flagged = ONE_BIN[:7] + b"\x05" + ONE_BIN[8:]  # reserved flags: ignored, as v1 says
+    assert fast.match(flagged) == (77, 88)
+    body = ONE_BIN[32:]
+    refused = {  # none is a float32 one-bin decode of 6 channels
+        "magic": _hdr(magic=b"SVAF") + body, "version": _hdr(version=2) + body,
+        "type": _hdr(msg_type=int(MsgType.PING)) + body, "dtype": _hdr(dtype=int(DType.INT32)) + body,
+        "channels": _hdr(n_channels=5) + body, "bins": _hdr(n_bins=2) + body,
+        "channels 2**31 + 6": _hdr(n_channels=2**31 + 6) + body,
+        "short": ONE_BIN[:-4], "long": ONE_BIN + bytes(4), "empty": b"",
+        "two bins": wire.pack_request(MsgType.DECODE, 1, 2, np.zeros((2, 6), np.float32)),
+        "int16 of the same length": wire.pack_request(MsgType.DECODE, 1, 2, np.zeros(12, np.int16)),
+    }
+    assert len(refused["int16 of the same length"]) == len(ONE_BIN)
+    for name, frame in refused.items():
+        assert fast.match(frame) is None, name
+    assert wire.OneBinRequests(6, enabled=False).match(ONE_BIN) is None
+    assert wire.OneBinRequests(7).match(ONE_BIN) is None
+
+
+def test_one_bin_batch_keeps_whole_frames_and_views_their_fields():
+    fast = wire.OneBinRequests(6, max_batch=3)
+    frames = [wire.pack_request(MsgType.DECODE, 100 + i, 200 + i, np.full(6, i, np.float32)) for i in range(4)]
+    for f in frames[:3]:
+        assert fast.add(f)
+    assert not fast.add(frames[3])  # full
+    counts, seqs, t_clients = fast.batch()
+    assert counts.shape == (3, 6) and counts.dtype == np.float32
+    np.testing.assert_array_equal(counts, np.repeat(np.arange(3.0), 6).reshape(3, 6))
+    assert list(seqs) == [100, 101, 102] and list(t_clients) == [200, 201, 202]
+    fast.clear()
+    fast.add(frames[3])
+    counts, seqs, _ = fast.batch()
+    assert counts.shape == (1, 6) and list(seqs) == [103] and (counts == 3).all()
+
+
+def test_largest_request_is_max_bins_of_float64():
+    assert wire.max_request_bytes(174) == 32 + P.MAX_BINS * 8 * 174
+
+
 # -- replies -------------------------------------------------------------------------------------
 
 def test_decode_reply_one_bin_and_batch_round_trip():
