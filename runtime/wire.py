@@ -235,8 +235,8 @@ class DecodeReplyWriter:
     """Builds DECODE_REPLY frames for a bundle's layout.
 
     One bin (the closed-loop case) is the hot path: a preallocated header is stamped in place
-    and joined with the engine's output arrays in one copy; timing showed that cheaper than
-    six numpy assignments into a preallocated frame."""
+    and joined with the engine's output arrays in one copy, which is cheaper than six numpy
+    assignments into a preallocated frame."""
 
     def __init__(self, layout: DecodeLayout):
         self.layout = layout
@@ -258,11 +258,12 @@ class DecodeReplyWriter:
         return b"".join((head, out.content, out.style_mean, out.angle, _I32.pack(out.direction.item()),
                          out.proba, out.rates))
 
-    def write_rows(self, seqs: list[int], t_clients: list[int], server_ns: int, out) -> memoryview:
-        """The one-bin replies for every row of a batched DecodeOutput, back to back in one
-        reused buffer: reply i is ``[i * frame_bytes:(i + 1) * frame_bytes]`` of the returned
-        view, valid until the next call. One numpy copy per field for the whole batch: joining
-        each row's slices instead cost 6 us a row at d = 174, a tenth of a batched bin's time."""
+    def write_rows(self, seqs, t_clients, server_ns: int, out) -> memoryview:
+        """The one-bin replies for every row of a batched DecodeOutput (``seqs`` and
+        ``t_clients``: one per row, lists or arrays), back to back in one reused buffer: reply
+        i is ``[i * frame_bytes:(i + 1) * frame_bytes]`` of the returned view, valid until the
+        next call. One numpy copy per field for the whole batch, because joining each row's
+        slices costs a sizeable share of a batched bin's time."""
         n = len(seqs)
         if n > len(self._rows):
             self._allocate_rows(n)
