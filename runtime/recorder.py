@@ -25,7 +25,7 @@ class Recorder:
         self._ring = array.array("q", bytes(8 * window))
         self.started = time.monotonic()
         self.requests = 0  # frames received, valid or not
-        self.one_bin = 0  # one-bin decodes answered (alone or coalesced); also the ring's write index
+        self.one_bin_decodes = 0  # one-bin decodes answered (alone or coalesced); also the ring's write index
         self.batches = 0  # multi-bin DECODE requests answered
         self.bins_batched = 0  # bins of those
         self.coalesced = 0  # one-bin decodes that shared an engine call with others queued
@@ -35,13 +35,13 @@ class Recorder:
 
     def decoded(self, ns: int, n: int = 1) -> None:
         """``n`` one-bin decodes answered by one engine call that took ``ns``."""
-        i, ring, mask = self.one_bin, self._ring, self._mask
+        i, ring, mask = self.one_bin_decodes, self._ring, self._mask
         ring[i & mask] = ns
         if n > 1:
             for j in range(i + 1, i + n):
                 ring[j & mask] = ns
             self.coalesced += n
-        self.one_bin = i + n
+        self.one_bin_decodes = i + n
 
     def multi_bin(self, n_bins: int) -> None:
         self.batches += 1
@@ -55,7 +55,7 @@ class Recorder:
 
     def latency(self) -> LatencySummary:
         """Percentiles of the processing times in the ring, us."""
-        n = min(self.one_bin, self.window)
+        n = min(self.one_bin_decodes, self.window)
         if not n:
             return LatencySummary(n=0)
         lat = np.frombuffer(self._ring, np.int64)[:n] / 1e3  # once full, the whole ring is the window
@@ -63,10 +63,11 @@ class Recorder:
         return LatencySummary(n=n, mean=float(lat.mean()), p50=p50, p90=p90, p99=p99, p999=p999, max=float(lat.max()))
 
     def stats(self, prewarms: int, busy_poll: bool, provider: str) -> StatsReply:
-        decodes = self.one_bin + self.batches
+        decodes = self.one_bin_decodes + self.batches
         by_type = dict(self.by_type)
         by_type["DECODE"] = decodes + sum(self.errors.get(k, 0) for k in ("BAD_VALUE", "INTERNAL"))
+        bins = self.one_bin_decodes + self.bins_batched
         return StatsReply(uptime_s=time.monotonic() - self.started, requests=self.requests, decodes=decodes,
-                          bins=self.one_bin + self.bins_batched, errors=dict(self.errors), by_type=by_type,
+                          bins=bins, errors=dict(self.errors), by_type=by_type,
                           streamed=self.streamed, prewarms=prewarms, coalesced=self.coalesced,
                           latency_us=self.latency(), window=self.window, busy_poll=busy_poll, provider=provider)

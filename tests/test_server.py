@@ -224,3 +224,23 @@ def test_a_request_that_arrives_while_another_is_decoded_is_not_left_waiting():
     finally:
         c.close()
         s.close()
+
+
+def test_recorder_rings_every_coalesced_decode_and_counts_what_stats_reports():
+    from runtime.recorder import Recorder
+
+    with pytest.raises(ValueError, match="power of two"):
+        Recorder(6)
+    r = Recorder(8)
+    r.decoded(1_000)
+    r.decoded(5_000, n=3)  # one engine call for three queued requests
+    assert r.latency().n == 4 and r.latency().max == 5.0 and r.latency().p50 == 5.0 and r.coalesced == 3
+    for _ in range(10):
+        r.decoded(2_000)
+    r.multi_bin(7)
+    r.error("BAD_SHAPE")
+    r.control("PING")
+    st = r.stats(prewarms=2, busy_poll=False, provider="cpu")
+    assert st.latency_us.n == 8 and st.latency_us.max == 2.0  # the window holds the latest 8
+    assert (st.decodes, st.bins, st.coalesced, st.prewarms) == (14 + 1, 14 + 7, 3, 2)
+    assert st.by_type == {"PING": 1, "DECODE": 15} and st.errors == {"BAD_SHAPE": 1}
