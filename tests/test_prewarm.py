@@ -114,3 +114,10 @@ def test_without_a_warm_call_nothing_is_ever_planned():
         clock.t += 10 * MS
         p.arrived(clock.t)
     assert p.due == 0 and p.lead == 0
+
+
+def test_the_period_is_smoothed_so_one_late_bin_moves_the_plan_a_little():
+    p, clock, _ = planner_at(10 * MS)
+    clock.t += 12 * MS  # late, but within a quarter of the period: still the same stream
+    p.arrived(clock.t)
+    assert p.due == clock.t + int(0.75 * 10 * MS + 0.25 * 12 * MS) - p.lead
