@@ -5,68 +5,17 @@ from __future__ import annotations
 import json
 import re
 import struct
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from fakes import FakeEngine, FakeOutput, expected
 from runtime import wire
 from schemas import protocol as P
 from schemas.protocol import DType, ErrorCode, MsgType
 
 SPEC = Path(__file__).resolve().parents[1] / "schemas" / "PROTOCOL.md"
-
-
-# -- a stand-in engine with the BundleDecoder interface --------------------------------------------
-
-@dataclass
-class FakeOutput:
-    content: np.ndarray
-    style_mean: np.ndarray
-    angle: np.ndarray
-    direction: np.ndarray
-    proba: np.ndarray
-    rates: np.ndarray
-
-
-class FakeManifest:
-    def model_dump_json(self) -> str:
-        return json.dumps({"n_channels": 6, "files": {"decode.onnx": "0" * 64}})
-
-
-class FakeEngine:
-    """Deterministic outputs from the counts; batch-1 outputs are views of reused buffers."""
-    n_channels = 6
-    manifest = FakeManifest()
-
-    def __init__(self, fail: Exception | None = None):
-        self.fail = fail
-        self._one = FakeOutput(np.zeros((1, 3), np.float32), np.zeros((1, 2), np.float32), np.zeros(1, np.float32),
-                               np.zeros(1, np.int64), np.zeros((1, 4), np.float32), np.zeros((1, 5), np.float32))
-
-    def decode(self, counts):
-        if self.fail is not None:
-            raise self.fail
-        x = np.asarray(counts, np.float32)
-        if x.shape[-1] != self.n_channels:
-            raise ValueError(f"counts must have {self.n_channels} channels, got shape {x.shape}")
-        if not np.isfinite(x).all() or (x < 0).any():
-            raise ValueError("counts must be finite and >= 0")
-        x2 = x.reshape(-1, self.n_channels)
-        s = x2.sum(1)
-        out = FakeOutput(x2[:, :3] * 2, x2[:, 3:5] + 1, s / 10, (s % 4).astype(np.int64),
-                         np.tile([0.1, 0.2, 0.3, 0.4], (len(x2), 1)).astype(np.float32), x2[:, 1:6] * 3)
-        if x.ndim == 1:
-            for k in ("content", "style_mean", "angle", "direction", "proba", "rates"):
-                getattr(self._one, k)[...] = getattr(out, k)
-            return self._one
-        return out
-
-
-def expected(x: np.ndarray) -> FakeOutput:
-    return FakeEngine().decode(np.asarray(x, np.float32).reshape(-1, 6))
 
 
 # -- layouts -------------------------------------------------------------------------------------
@@ -183,6 +132,56 @@ def test_parse_request_names_the_problem(name):
     assert e.value.code == code
     if code not in (ErrorCode.BAD_HEADER,):
         assert (e.value.seq, e.value.t_client_ns) == (77, 88)  # echoed so the client can match it
+
+
+# -- the one-bin fast path ------------------------------------------------------------------------
+
+ONE_BIN = wire.pack_request(MsgType.DECODE, 77, 88, np.arange(6, dtype=np.float32))
+
+
+def test_one_bin_fast_path_takes_only_float32_one_bin_decodes_of_the_bundle_width():
+    fast = wire.OneBinRequests(6)
+    assert fast.size == len(ONE_BIN) == 32 + 24
+    assert fast.match(ONE_BIN) == (77, 88)
+    assert fast.match(bytearray(ONE_BIN)) == (77, 88)
+    np.testing.assert_array_equal(fast.counts(ONE_BIN), np.arange(6))
+    flagged = ONE_BIN[:7] + b"\x05" + ONE_BIN[8:]  # reserved flags: ignored, as v1 says
+    assert fast.match(flagged) == (77, 88)
+    body = ONE_BIN[32:]
+    refused = {  # none is a float32 one-bin decode of 6 channels
+        "magic": _hdr(magic=b"SVAF") + body, "version": _hdr(version=2) + body,
+        "type": _hdr(msg_type=int(MsgType.PING)) + body, "dtype": _hdr(dtype=int(DType.INT32)) + body,
+        "channels": _hdr(n_channels=5) + body, "bins": _hdr(n_bins=2) + body,
+        "channels 2**31 + 6": _hdr(n_channels=2**31 + 6) + body,
+        "short": ONE_BIN[:-4], "long": ONE_BIN + bytes(4), "empty": b"",
+        "two bins": wire.pack_request(MsgType.DECODE, 1, 2, np.zeros((2, 6), np.float32)),
+        "int16 of the same length": wire.pack_request(MsgType.DECODE, 1, 2, np.zeros(12, np.int16)),
+    }
+    assert len(refused["int16 of the same length"]) == len(ONE_BIN)
+    for name, frame in refused.items():
+        assert fast.match(frame) is None, name
+    assert wire.OneBinRequests(6, enabled=False).match(ONE_BIN) is None
+    assert wire.OneBinRequests(7).match(ONE_BIN) is None
+
+
+def test_one_bin_batch_keeps_whole_frames_and_views_their_fields():
+    fast = wire.OneBinRequests(6, max_batch=3)
+    frames = [wire.pack_request(MsgType.DECODE, 100 + i, 200 + i, np.full(6, i, np.float32)) for i in range(4)]
+    for f in frames[:3]:
+        assert fast.add(f)
+    assert not fast.add(frames[3])  # full
+    counts, seqs, t_clients = fast.batch()
+    assert counts.shape == (3, 6) and counts.dtype == np.float32
+    np.testing.assert_array_equal(counts, np.repeat(np.arange(3.0), 6).reshape(3, 6))
+    assert list(seqs) == [100, 101, 102] and list(t_clients) == [200, 201, 202]
+    fast.clear()
+    fast.add(frames[3])
+    counts, seqs, _ = fast.batch()
+    assert counts.shape == (1, 6) and list(seqs) == [103] and (counts == 3).all()
+
+
+def test_largest_request_is_max_bins_of_float64():
+    assert wire.max_request_bytes(174) == 32 + P.MAX_BINS * 8 * 174
 
 
 # -- replies -------------------------------------------------------------------------------------
@@ -343,106 +342,3 @@ def test_latency_ring_wraps(server):
         assert st.decodes == 20 and st.latency_us.n == 8 and st.window == 8
     finally:
         s.close()
-
-
-def test_prewarm_is_planned_only_for_steady_streams_with_long_gaps():
-    from runtime.server import Server
-
-    class WarmEngine(FakeEngine):
-        warms = 0
-
-        def warm(self):
-            self.warms += 1
-
-    eng = WarmEngine()
-    s = Server(eng, bind=None, sub="inproc://e", pub="inproc://f", warmup=0)
-    try:
-        assert eng.warms == 20  # timing the warm-up at start
-        lead = s._warm_lead_ns
-        now = time.perf_counter_ns()
-
-        def arrivals(times):
-            for t in times:
-                s._t_arrival = t
-                s._schedule_warm()
-
-        arrivals([now - 40_000_000 + k * 10_000_000 for k in range(5)])  # 100 Hz, last one now
-        assert s._warm_at == now + 10_000_000 - lead
-        arrivals([now + 20_000, now + 40_000, now + 60_000])  # back to back: nothing to warm
-        assert s._warm_at == 0
-        arrivals([now + 10_000_000 * k for k in range(10, 14)] + [now + 200_000_000])  # a stall
-        assert s._warm_at == 0
-        s._warm_period_ns = 10e6
-        s._warm_early()
-        assert s._warm_lead_ns == int(1.5 * lead)
-        s._warm_now()
-        assert eng.warms == 21 and s.prewarms == 1 and s._warm_lead_ns >= s._warm_min_lead_ns
-    finally:
-        s.close()
-
-
-def test_queued_requests_share_one_engine_call_and_each_gets_its_reply():
-    import threading
-
-    import zmq
-
-    from runtime.server import Server
-
-    class CountingEngine(FakeEngine):
-        batch_calls = 0
-
-        def decode(self, counts):
-            if np.ndim(counts) == 2:
-                self.batch_calls += 1
-            return super().decode(counts)
-
-    eng = CountingEngine()
-    s = Server(eng, bind="tcp://127.0.0.1:*", warmup=0, prewarm=False)
-    ctx = zmq.Context.instance()
-    c = ctx.socket(zmq.DEALER)
-    c.setsockopt(zmq.LINGER, 0)
-    c.setsockopt(zmq.RCVTIMEO, 5000)
-    c.connect(s.endpoints["router"])
-    xs = [np.full(6, i, np.float32) for i in range(12)]
-    xs[5] = np.full(6, np.nan, np.float32)  # spoils the batch call: must fall back to one by one
-    try:
-        for i, x in enumerate(xs):  # all queued before the loop starts
-            c.send(wire.pack_request(MsgType.DECODE, i, 0, x))
-        c.send(wire.pack_request(MsgType.PING, 100, 0))
-        time.sleep(0.3)
-        t = threading.Thread(target=s.run)
-        t.start()
-        replies = {}
-        for _ in range(len(xs) + 1):
-            head, body = wire.parse_reply(c.recv())
-            replies[head.seq] = (head, body)
-        for i in range(12, 20):  # a second queue, all valid: one batched call
-            xs.append(np.full(6, i, np.float32))
-        s.stop()
-        t.join(5)
-        s._stop = False
-        for i in range(12, 20):
-            c.send(wire.pack_request(MsgType.DECODE, i, 0, xs[i]))
-        time.sleep(0.3)
-        t = threading.Thread(target=s.run)
-        t.start()
-        for _ in range(8):
-            head, body = wire.parse_reply(c.recv())
-            replies[head.seq] = (head, body)
-        s.stop()
-        t.join(5)
-    finally:
-        c.close()
-        s.close()
-    assert replies[100][0].msg_type == MsgType.PONG
-    assert replies[5][0].status == ErrorCode.BAD_VALUE
-    for i, x in enumerate(xs):
-        if i == 5:
-            continue
-        head, body = replies[i]
-        assert head.msg_type == MsgType.DECODE_REPLY and head.n_bins == 1
-        got = wire.decode_arrays(head, body)
-        ref = expected(x)
-        for k in got:
-            np.testing.assert_allclose(got[k], getattr(ref, k), rtol=1e-6, err_msg=k)
-    assert eng.batch_calls >= 2 and s.coalesced >= 8
