@@ -31,7 +31,6 @@ several times slower (caches gone cold); ``warm()`` lets a server pay that befor
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from math import atan2
@@ -39,19 +38,15 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from pydantic import ValidationError
 
+from runtime.bundle import BundleError, load_bundle
 from runtime.history import StreamHistory
-from schemas.manifest import CORE_KEY, MANIFEST, BundleManifest, graph_io
+from schemas.manifest import CORE_KEY, graph_io
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 # The decode reply's sections, in wire order (schemas/protocol.py DECODE_SECTIONS)
 FIELDS = ("content", "style_mean", "angle", "direction", "proba", "velocity", "rates")
 _INF = float("inf")
-
-
-class BundleError(ValueError):
-    """A bundle that cannot be served: missing files, a bad manifest, a hash mismatch."""
 
 
 @dataclass
@@ -72,32 +67,6 @@ class DecodeOutput:
         return {k: getattr(self, k).copy() for k in FIELDS if getattr(self, k) is not None}
 
 
-def load_bundle(bundle_dir: str | Path) -> tuple[BundleManifest, dict[str, bytes]]:
-    """Validate a bundle: the manifest against its schema, every listed file against its
-    sha256. Returns the manifest and the verified file contents (so what runs is exactly what
-    was hashed)."""
-    bundle = Path(bundle_dir)
-    if not bundle.is_dir():
-        raise BundleError(f"{bundle}: not a bundle directory (no such directory)")
-    path = bundle / MANIFEST
-    if not path.is_file():
-        raise BundleError(f"{bundle}: no {MANIFEST} (is this a bundle written by 'swapvae export'?)")
-    try:
-        manifest = BundleManifest.model_validate_json(path.read_bytes())
-    except ValidationError as e:
-        raise BundleError(f"{path}: invalid manifest: {e}") from None
-    blobs = {}
-    for name, digest in manifest.files.items():
-        f = bundle / name
-        if not f.is_file():
-            raise BundleError(f"{bundle}: {name} is listed in the manifest but missing")
-        blob = f.read_bytes()
-        if hashlib.sha256(blob).hexdigest() != digest:
-            raise BundleError(f"{bundle}: {name} does not match its sha256 in the manifest (modified or corrupt)")
-        blobs[name] = blob
-    return manifest, blobs
-
-
 def session_options(intra_op_threads: int = 1, spin: bool = False) -> ort.SessionOptions:
     if intra_op_threads < 1:
         raise ValueError(f"intra_op_threads must be >= 1, got {intra_op_threads}")
@@ -115,14 +84,15 @@ def session_options(intra_op_threads: int = 1, spin: bool = False) -> ort.Sessio
 class BundleDecoder:
     """Decode raw spike counts with an exported bundle, in-process (see the module doc)."""
 
-    def __init__(self, bundle_dir: str | Path, provider: str = "cpu", intra_op_threads: int = 1, spin: bool = False):
+    def __init__(self, bundle_dir: str | Path, provider: str = "cpu", intra_op_threads: int = 1, spin: bool = False,
+                 trusted: list | None = None):
         if provider not in PROVIDERS:
             raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, got {provider!r}")
         if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
             raise ValueError("provider 'cuda' needs onnxruntime-gpu (pip install 'swapvae-bci[gpu]'); "
                              f"this onnxruntime has {ort.get_available_providers()}")
         self.bundle_dir = Path(bundle_dir)
-        self.manifest, blobs = load_bundle(self.bundle_dir)
+        self.manifest, blobs = load_bundle(self.bundle_dir, trusted)  # trusted: public keys, see runtime/bundle.py
         m = self.manifest
         self.n_channels, self.provider = m.n_channels, provider
         self.history_bins, self.latent_dim = m.history_bins, m.latent_dim

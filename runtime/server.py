@@ -411,9 +411,11 @@ class Server:
 
 
 def serve_command(args) -> int:
+    from runtime.bundle import load_public_key
     from runtime.engine import BundleDecoder
 
-    engine = BundleDecoder(args.bundle, provider=args.provider, spin=args.busy_poll)
+    trusted = [load_public_key(p) for p in args.trust] if args.trust else None
+    engine = BundleDecoder(args.bundle, provider=args.provider, spin=args.busy_poll, trusted=trusted)
     server = Server(engine, bind=args.bind, sub=args.sub, pub=args.pub, busy_poll=args.busy_poll,
                     provider=args.provider, prewarm=not args.no_prewarm)
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("run_dir")
     x.add_argument("--out", required=True, help="bundle directory to write")
     x.add_argument("--opset", type=int, default=17)
+    x.add_argument("--sign", metavar="KEY", help="sign the manifest with this Ed25519 private key (swapvae keygen sign)")
     x.add_argument("--weights", choices=["fp32", "int8"], default="fp32",
                    help="int8: quantize the served graph (for large d; checked against fp32 on the test bins)")
     x.set_defaults(run="training.export:export_command")
@@ -47,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-prewarm", action="store_true",
                    help="do not warm the engine just before a steady stream's next bin is due")
     s.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    s.add_argument("--trust", action="append", metavar="PUBKEY",
+                   help="serve only a bundle signed by this Ed25519 public key (repeatable)")
     s.set_defaults(run="runtime.server:serve_command")
 
     r = sub.add_parser("replay", help="stream a recording's test bins through a running service")
@@ -56,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--rate", type=float, default=0.0, help="bins per second (0: back to back)")
     r.add_argument("--json", action="store_true")
     r.set_defaults(run="swapvae.cli:replay_command")
+
+    k = sub.add_parser("keygen", help="write a key pair: NAME.key (private, mode 0600) and NAME.pub")
+    k.add_argument("kind", choices=["sign"], help="sign: Ed25519, to sign bundles (export --sign, serve --trust)")
+    k.add_argument("name", help="path stem of the two files")
+    k.set_defaults(run="swapvae.cli:keygen_command")
 
     g = sub.add_parser("report", help="write PNG figures of what a run learned")
     g.add_argument("run_dir")
@@ -79,6 +87,17 @@ def load_session_any(data: str, min_trials: int = 4):
     from training.data import load_session
 
     return load_session(data, min_trials)
+
+
+def keygen_command(args) -> int:
+    from runtime.bundle import generate_signing_key
+
+    try:
+        private, public = generate_signing_key(args.name)
+    except FileExistsError:
+        raise ValueError(f"{args.name}.key exists: refusing to overwrite a key") from None
+    print(f"wrote {private} (private: keep it off rigs, bundles and repositories) and {public}")
+    return 0
 
 
 def replay_command(args) -> int:

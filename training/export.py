@@ -22,6 +22,7 @@ import onnx
 from runtime.reach import classes_of_angles
 from schemas.manifest import (CORE_FIELDS, MANIFEST, BundleManifest, Direction, Evaluation, GraphSpec, Quantization,
                               ReadoutSpec, TrainingInfo, graph_io)
+from runtime.bundle import SIGNATURE, load_private_key, sign_manifest
 from training.estimator import SwapVAEEstimator
 from training.evaluate import Readout
 from training.graphs import (Affine, ExportError, build_graphs, fold_input, fold_sequential, package_version,
@@ -35,9 +36,12 @@ WEIGHTS = ("fp32", "int8")
 
 
 # -- the export --------------------------------------------------------------------------------
-def export_bundle(run_dir: str | Path, out: str | Path, opset: int = 17, weights: str = "fp32") -> BundleManifest:
+def export_bundle(run_dir: str | Path, out: str | Path, opset: int = 17, weights: str = "fp32",
+                  sign: str | Path | None = None) -> BundleManifest:
     """Write ``run_dir`` as a bundle at ``out``, verified; return its manifest. ``weights="int8"``
-    quantizes the served decode graph and fails unless it stays within INT8_LIMITS of fp32."""
+    quantizes the served decode graph and fails unless it stays within INT8_LIMITS of fp32.
+    ``sign``: an Ed25519 private key file; the manifest is then signed (runtime/bundle.py)."""
+    key = load_private_key(sign) if sign is not None else None
     out = Path(out)
     _check_request(out, opset, weights)
     run = RunDir(run_dir)
@@ -55,8 +59,8 @@ def export_bundle(run_dir: str | Path, out: str | Path, opset: int = 17, weights
                         session=loaded.session.name, epochs_done=len(est.history_) or None,
                         evaluation=Evaluation(train_fraction=est.config.data.train_fraction,
                                               speed_threshold=est.config.readout.speed_threshold))
-    return write_bundle(out, graphs, core, info, opset, weights, quant,
-                        verify=lambda stage: verify_bundle(stage, est, readout, bins))
+    return write_bundle(out, graphs, core, info, opset, weights, quant, key,
+                        verify=lambda stage: verify_bundle(stage, est, readout, bins, key))
 
 
 def _check_request(out: Path, opset: int, weights: str) -> None:
@@ -119,7 +123,7 @@ def quantize_checked(decode: onnx.ModelProto, est: SwapVAEEstimator, readout: Re
 
 
 def write_bundle(out: Path, graphs: dict[str, onnx.ModelProto], core: dict, info: TrainingInfo, opset: int,
-                 weights: str, quant: Quantization | None, verify) -> BundleManifest:
+                 weights: str, quant: Quantization | None, key, verify) -> BundleManifest:
     """Write the graphs and their manifest into a staging directory beside ``out``, run
     ``verify(stage)``, and only then move it to ``out`` in one rename: a failed export leaves
     no bundle behind, and a reader never sees half of one."""
@@ -139,7 +143,10 @@ def write_bundle(out: Path, graphs: dict[str, onnx.ModelProto], core: dict, info
             opset=opset, weights=weights, quantization=quant,
             graphs={n: GraphSpec(file=f"{n}.onnx", inputs=i, outputs=o) for n, (i, o) in graph_io(readout_spec).items()},
             files=files, training=info, versions=_versions())
-        (stage / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+        raw = manifest.model_dump_json(indent=2).encode()
+        (stage / MANIFEST).write_bytes(raw)
+        if key is not None:
+            (stage / SIGNATURE).write_bytes(sign_manifest(raw, key))
         verify(stage)
         if out.exists():
             shutil.rmtree(out)
@@ -165,7 +172,7 @@ def _versions() -> dict[str, str]:
 
 
 def export_command(args) -> int:
-    m = export_bundle(args.run_dir, args.out, opset=args.opset, weights=args.weights)
+    m = export_bundle(args.run_dir, args.out, opset=args.opset, weights=args.weights, sign=args.sign)
     print(f"bundle written to {args.out}: {m.n_channels} channels in ({m.n_neurons} kept), "
           f"latent {m.content_dim}+{m.style_dim}, {m.n_classes} directions, opset {m.opset}, {m.weights} weights")
     q = m.quantization

@@ -152,9 +152,11 @@ def check_quantization(quant: Quantization) -> None:
                           + "; export with fp32 weights")
 
 
-def verify_bundle(bundle: Path, est: SwapVAEEstimator, readout: Readout | None, bins: CheckBins) -> None:
+def verify_bundle(bundle: Path, est: SwapVAEEstimator, readout: Readout | None, bins: CheckBins,
+                  key=None) -> None:
     """Every graph under plain ONNX Runtime, and the runtime engine (a trial per call, and one
-    bin per call), must reproduce the reference on ``bins``; raise ExportError if not."""
+    bin per call; trusting only ``key``'s public half when the bundle is signed), must
+    reproduce the reference on ``bins``; raise ExportError if not."""
     from runtime.engine import BundleDecoder
 
     manifest = BundleManifest.model_validate_json((bundle / MANIFEST).read_text())
@@ -177,7 +179,7 @@ def verify_bundle(bundle: Path, est: SwapVAEEstimator, readout: Readout | None, 
     if "readout" in graph_io(manifest.readout):
         checks.append(("readout.onnx", run_graph(load("readout"), "readout",
                                                  {"window": ref["window"].astype(np.float32)}), ref))
-    engine = BundleDecoder(bundle)
+    engine = BundleDecoder(bundle, trusted=[key.public_key()] if key is not None else None)
     by_trial = [engine.decode(t.counts, reset=True).as_dict() for t in trials]
     checks.append(("runtime engine, a trial per call", _concat(by_trial), trial_ref))
     few = _first(bins, 32)
