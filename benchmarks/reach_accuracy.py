@@ -1,11 +1,23 @@
-"""Reach-direction accuracy of Swap-VAE on Chewie-1 over seeds, against a raw-rate baseline.
+"""Chewie-1 decoding over seeds, every peer in the same run and under the same readout rules.
 
-    python benchmarks/reach_accuracy.py                 # the bar: default config, 5 seeds, test trials
+    python benchmarks/reach_accuracy.py                  # the bar: 5 seeds, test trials
+    python benchmarks/reach_accuracy.py --cebra          # + CEBRA-Time (pip install 'swapvae-bci[bench]')
     python benchmarks/reach_accuracy.py --validation --set '{"data": {"dropout_max": 0.3}}'
 
+Rows: Swap-VAE with the product readout (a causal window of the last k latents, k and the
+penalties by CV grouped by training trial) and with the paper's per-bin protocol (k = 1);
+Swap-VAE trained with neuron dropout (the paper's "Drop": p ~ U(0, 0.6) per sample, as the
+released code draws it); raw rates of the kept neurons under the same rules (their velocity
+head with history is the classic Wiener filter); and, with ``--cebra``, CEBRA-Time (the
+``cebra`` package: an MLP encoder of about Swap-VAE's size, time-contrastive, fitted on the
+training bins, its 128-d embedding read out by the same rules; settings in the JSON).
+Direction: acc / delta-acc on the moving test bins; velocity: R^2 (mean of vx, vy) on all
+test bins. Lost channels: the fitted decoders on test bins with 10, 20 and 40% of the kept
+channels silenced, ``--draws`` random draws each, the same draws for every model.
+
 ``--validation`` scores on the last 20% of the *training* trials (the model and readout see
-only the first 80% of them): that is where recipe choices are made. The test trials are
-scored only for a recipe fixed that way. Prints a table and writes JSON (``--out``).
+only the first 80% of them): that is where recipe choices are made; the test trials are
+scored only for a recipe fixed that way. Prints tables and writes JSON (``--out``).
 """
 from __future__ import annotations
 
@@ -15,22 +27,84 @@ import os
 import platform
 import statistics
 import sys
-from collections import Counter
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from _common import CHEWIE  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _common import CHEWIE, cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from schemas import SwapVAEConfig
 from schemas.session import split_session
 from training.data import load_session
 from training.estimator import SwapVAEEstimator
-from training.evaluate import evaluate_reach, raw_rate_baseline
+from training.evaluate import raw_rate_baseline, raw_rates, representation_metrics
+from training.robustness import FRACTIONS, lost_channel_scores
 
-KEYS = ("reach_acc", "reach_delta_acc", "reach_acc_content", "reach_delta_acc_content",
-        "reach_acc_style", "reach_delta_acc_style", "train_seconds")
+KEYS = ("reach_acc", "reach_delta_acc", "velocity_r2", "reach_acc_per_bin", "reach_delta_acc_per_bin",
+        "velocity_r2_per_bin", "history_bins")
+DROP = {"data": {"dropout_max": 0.6}}
+CEBRA_SETTINGS = {"model_architecture": "offset1-model", "conditional": "time", "time_offsets": 10,
+                  "output_dimension": 128, "num_hidden_units": 128, "batch_size": 256, "learning_rate": 3e-4,
+                  "temperature": 1.0, "distance": "cosine"}
+
+
+def merge(raw: dict, over: dict) -> dict:
+    return {**raw, **{k: {**raw.get(k, {}), **v} if isinstance(v, dict) else v for k, v in over.items()}}
+
+
+def fit_swap(config: SwapVAEConfig, split, bin_size_s: float, seed: int) -> SwapVAEEstimator:
+    return SwapVAEEstimator(config.with_overrides(seed=seed)).fit(
+        split.train.counts, split.train.trial, split.train.bin_in_trial, neurons=split.neurons,
+        bin_size_s=bin_size_s, progress=False)
+
+
+def fit_cebra(split, bin_size_s: float, seed: int, steps: int):
+    import cebra
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    model = cebra.CEBRA(**CEBRA_SETTINGS, max_iterations=steps, device="cpu", verbose=False)
+    model.fit(raw_rates(split.train, split.neurons).astype(np.float32))
+    return lambda counts: model.transform((counts[:, split.neurons] / bin_size_s).astype(np.float32))
+
+
+def model_row(represent, split, cfg, lost: bool, seed: int, draws: int) -> dict:
+    metrics, fit = representation_metrics(represent(split.train.counts), represent(split.test.counts), split, cfg)
+    if lost:
+        metrics["lost"] = lost_channel_scores(represent, fit.readout, split, split.neurons, cfg, draws=draws, seed=seed)
+    return metrics
+
+
+def summarise(runs: list[dict]) -> dict:
+    out = {}
+    for model in runs[0]:
+        vals = {k: [r[model][k] for r in runs] for k in KEYS if k in runs[0][model]}
+        out[model] = {k: {"mean": statistics.mean(v), "std": statistics.pstdev(v)} for k, v in vals.items()}
+        if "lost" in runs[0][model]:
+            out[model]["lost"] = {f: {"mean": statistics.mean(np.mean(r[model]["lost"][f]["reach_acc"]) for r in runs),
+                                      "std": statistics.pstdev(np.mean(r[model]["lost"][f]["reach_acc"]) for r in runs)}
+                                  for f in runs[0][model]["lost"]}
+    return out
+
+
+def print_tables(summary: dict, scored_on: str, n_seeds: int) -> None:
+    pm = lambda s: f"{s['mean']:.3f} +- {s['std']:.3f}"  # noqa: E731
+    print(f"\nChewie-1, {n_seeds} seeds, scored on {scored_on}")
+    print(f"{'model':<26}{'k':>5}  {'acc':>15}  {'delta-acc':>15}  {'velocity R^2':>15}   per bin (k = 1): acc / delta / R^2")
+    for name, s in summary.items():
+        k = f"{s['history_bins']['mean']:.1f}"
+        print(f"{name:<26}{k:>5}  {pm(s['reach_acc']):>15}  {pm(s['reach_delta_acc']):>15}  {pm(s['velocity_r2']):>15}"
+              f"   {s['reach_acc_per_bin']['mean']:.3f} / {s['reach_delta_acc_per_bin']['mean']:.3f} / "
+              f"{s['velocity_r2_per_bin']['mean']:.3f}")
+    lost = {n: s["lost"] for n, s in summary.items() if "lost" in s}
+    if lost:
+        fr = list(next(iter(lost.values())))
+        print("\nlost channels: product readout acc with a share of the kept channels silenced at test time")
+        print(f"{'model':<26}" + "".join(f"{float(f):>17.0%}" for f in fr))
+        for name, row in lost.items():
+            print(f"{name:<26}" + "".join(f"{pm(row[f]):>17}" for f in fr))
 
 
 def main(argv=None) -> int:
@@ -40,61 +114,63 @@ def main(argv=None) -> int:
     p.add_argument("--config", help="JSON config file")
     p.add_argument("--set", default="{}", help="JSON overrides merged into the config's sections")
     p.add_argument("--validation", action="store_true", help="score on a validation split of the training trials")
+    p.add_argument("--cebra", action="store_true", help="add CEBRA-Time (needs the cebra package)")
+    p.add_argument("--no-drop", action="store_true", help="skip the dropout-trained Swap-VAE")
+    p.add_argument("--no-lost", action="store_true", help="skip the lost-channel scores")
+    p.add_argument("--draws", type=int, default=5, help="random draws per lost-channel fraction")
     p.add_argument("--out", default="results/reach_accuracy.json")
-    p.add_argument("--dump", help="directory to save each seed's representations (.npz) for readout studies")
     args = p.parse_args(argv)
 
     raw = json.loads(Path(args.config).read_text()) if args.config else {}
-    for section, fields in json.loads(args.set).items():
-        raw[section] = {**raw.get(section, {}), **fields} if isinstance(fields, dict) else fields
-    config = SwapVAEConfig.model_validate(raw)
-
+    config = SwapVAEConfig.model_validate(merge(raw, json.loads(args.set)))
+    cfg = config.readout
     session = load_session(args.data)
     split = split_session(session, config.data.train_fraction, config.data.static_std)
     if args.validation:  # the same chronological rule, inside the training trials
         split = split_session(split.train, config.data.train_fraction, config.data.static_std)
-    baseline = raw_rate_baseline(split, split.neurons, config.readout)
+    steps = config.optim.epochs * max(1, split.train.n_bins // config.optim.batch_size)
+    lost = not args.no_lost
+    raw_metrics, raw_fit = raw_rate_baseline(split, split.neurons, cfg)
+    to_rates = lambda c: c[:, split.neurons] / session.bin_size_s  # noqa: E731
+    raw_row = {k.removeprefix("raw_"): v for k, v in raw_metrics.items()}  # the same every seed
 
-    runs = []
+    runs, timing = [], Counter()
     for seed in range(args.seeds):
-        est = SwapVAEEstimator(config, seed=seed)
-        est.fit(split.train.counts, split.train.trial, split.train.bin_in_trial, neurons=split.neurons,
-                bin_size_s=session.bin_size_s, progress=False)
-        metrics, _ = evaluate_reach(est, split, config.readout)
-        metrics["train_seconds"] = est.train_seconds_
-        metrics["epochs_by_threads"] = dict(Counter(str(h["threads"]) for h in est.history_))
-        runs.append(metrics)
-        if args.dump:
-            Path(args.dump).mkdir(parents=True, exist_ok=True)
-            np.savez(Path(args.dump) / f"seed{seed}.npz", z_train=est.transform(split.train.counts),
-                     z_test=est.transform(split.test.counts), content_dim=config.model.content_dim,
-                     **{f"{part}_{k}": getattr(getattr(split, part), k) for part in ("train", "test")
-                        for k in ("target", "trial", "bin_in_trial", "speed")})
-        print(f"seed {seed}: " + "  ".join(f"{k}={metrics[k]:.3f}" for k in KEYS if k in metrics), flush=True)
+        row = {}
+        t = time.perf_counter()
+        est = fit_swap(config, split, session.bin_size_s, seed)
+        timing["swap_vae_train_s"] += est.train_seconds_
+        row["Swap-VAE"] = model_row(est.transform, split, cfg, lost, seed, args.draws)
+        if not args.no_drop:
+            drop = fit_swap(SwapVAEConfig.model_validate(merge(config.model_dump(), DROP)), split, session.bin_size_s, seed)
+            row["Swap-VAE + dropout 0.6"] = model_row(drop.transform, split, cfg, lost, seed, args.draws)
+        if args.cebra:
+            t_cebra = time.perf_counter()
+            row["CEBRA-Time"] = model_row(fit_cebra(split, session.bin_size_s, seed, steps), split, cfg, lost, seed,
+                                          args.draws)
+            timing["cebra_s"] += time.perf_counter() - t_cebra
+        row["raw rates"] = {**raw_row, "lost": lost_channel_scores(to_rates, raw_fit.readout, split, split.neurons,
+                                                                     cfg.model_copy(update={"scaling": "feature"}),
+                                                                     draws=args.draws, seed=seed)} if lost else raw_row
+        runs.append(row)
+        print(f"seed {seed} ({time.perf_counter() - t:.0f} s): " + "  ".join(
+            f"{m} {r['reach_acc']:.3f}/{r['reach_delta_acc']:.3f}/R2 {r['velocity_r2']:.3f} (k={r['history_bins']})"
+            for m, r in row.items()), flush=True)
 
-    summary = {k: {"mean": statistics.mean(r[k] for r in runs), "std": statistics.pstdev(r[k] for r in runs)}
-               for k in KEYS if k in runs[0]}
+    summary = summarise(runs)
     scored_on = "validation (last 20% of training trials)" if args.validation else "test trials"
-    print(f"\n{session.name}, {args.seeds} seeds, scored on {scored_on} ({runs[0]['n_test_bins']} moving bins)")
-    print(f"{'':<24}{'acc':>14}{'delta-acc':>16}")
-    for name, suffix in (("full [c, mu]", ""), ("content c", "_content"), ("style mu", "_style")):
-        if f"reach_acc{suffix}" in summary:
-            a, d = summary[f"reach_acc{suffix}"], summary[f"reach_delta_acc{suffix}"]
-            print(f"{name:<24}{a['mean']:>8.3f} +- {a['std']:.3f}{d['mean']:>10.3f} +- {d['std']:.3f}")
-    print(f"{'raw rates (logistic)':<24}{baseline['reach_acc']:>8.3f}{'':>9}{baseline['reach_delta_acc']:>10.3f}")
-    t = summary["train_seconds"]
-    threads = config.optim.cpu_threads or f"tuned 1-{torch.get_num_threads()}"
-    used = sum((Counter(r["epochs_by_threads"]) for r in runs), Counter())
-    print(f"training time per seed: {t['mean']:.1f} +- {t['std']:.1f} s (torch CPU threads {threads}; "
-          f"epochs ending on each count: {dict(sorted(used.items()))}; load average {os.getloadavg()[0]:.2f})")
-
+    print_tables(summary, scored_on, args.seeds)
+    print(f"\nSwap-VAE training {timing['swap_vae_train_s'] / args.seeds:.1f} s per seed; load average "
+          f"{os.getloadavg()[0]:.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"data": args.data, "scored_on": scored_on, "config": config.model_dump(mode="json"),
-                               "seeds": runs, "summary": summary, "baseline_raw": baseline,
-                               "machine": {"python": sys.version.split()[0], "torch": torch.__version__,
-                                           "threads": threads, "platform": platform.platform()},
-                               "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
+    out.write_text(json.dumps({
+        "data": args.data, "scored_on": scored_on, "config": config.model_dump(mode="json"), "dropout_variant": DROP,
+        "cebra": {**CEBRA_SETTINGS, "max_iterations": steps} if args.cebra else None,
+        "lost_fractions": FRACTIONS, "draws": args.draws, "seeds": runs, "summary": summary,
+        "timing": {k: v / args.seeds for k, v in timing.items()},
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+                    "torch": torch.__version__}, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
     print(f"wrote {out}")
     return 0
 

@@ -190,6 +190,19 @@ def raw_rates(session: Session, neurons: np.ndarray) -> np.ndarray:
     return session.counts[:, neurons] / session.bin_size_s
 
 
+def representation_metrics(z_train: np.ndarray, z_test: np.ndarray, split: Split,
+                           cfg: ReadoutConfig) -> tuple[dict, ReadoutFit]:
+    """The product readout and the per-bin protocol on one representation of the train and test
+    bins: reach_acc, reach_delta_acc, velocity_r2* (with history_bins, readout_C, velocity_alpha),
+    and the same with the suffix _per_bin."""
+    fit = fit_readout(z_train, split.train, cfg)
+    r = fit.readout
+    metrics = {**score(r, z_test, split.test, cfg), "history_bins": r.history_bins, "readout_C": r.C,
+               "velocity_alpha": r.alpha}
+    metrics.update({f"{k}_per_bin": v for k, v in score(fit.per_bin, z_test, split.test, cfg).items()})
+    return metrics, fit
+
+
 def evaluate(estimator, split: Split, cfg: ReadoutConfig) -> tuple[dict, Readout | None]:
     """metrics.json's numbers and the product readout (None for a session without labels):
 
@@ -199,30 +212,22 @@ def evaluate(estimator, split: Split, cfg: ReadoutConfig) -> tuple[dict, Readout
     raw_*                                      the same rules on raw rates (raw_history_bins)"""
     if not split.train.has_labels:
         return {"readout": "skipped: the session has no reach labels (target, velocity)"}, None
-    z_tr, z_te = estimator.transform(split.train.counts), estimator.transform(split.test.counts)
-    fit = fit_readout(z_tr, split.train, cfg)
-    r = fit.readout
-    metrics = {**score(r, z_te, split.test, cfg), "history_bins": r.history_bins, "readout_C": r.C,
-               "velocity_alpha": r.alpha}
-    metrics.update({f"{k}_per_bin": v for k, v in score(fit.per_bin, z_te, split.test, cfg).items()})
+    metrics, fit = representation_metrics(estimator.transform(split.train.counts),
+                                          estimator.transform(split.test.counts), split, cfg)
     if estimator.config.model.content_dim:
         for space in ("content", "style"):
             _, acc, dacc = readout_scores(estimator.transform(split.train.counts, space),
                                           estimator.transform(split.test.counts, space), split, cfg)
             metrics[f"reach_acc_{space}"], metrics[f"reach_delta_acc_{space}"] = acc, dacc
-    metrics.update(raw_rate_baseline(split, estimator.neurons_, cfg))
+    metrics.update(raw_rate_baseline(split, estimator.neurons_, cfg)[0])
     metrics["n_test_bins"] = int((split.test.speed > cfg.speed_threshold).sum())
     metrics["n_test_bins_all"] = split.test.n_bins
-    return metrics, r
+    return metrics, fit.readout
 
 
-def raw_rate_baseline(split: Split, neurons: np.ndarray, cfg: ReadoutConfig) -> dict[str, float]:
-    """The product readout's rules on standardised raw rates of the kept neurons (the velocity
-    head is then the classic Wiener filter: ridge on lagged rates)."""
+def raw_rate_baseline(split: Split, neurons: np.ndarray, cfg: ReadoutConfig) -> tuple[dict, ReadoutFit]:
+    """The product readout's rules on per-feature standardised raw rates of the kept neurons
+    (the velocity head is then the classic Wiener filter: ridge on lagged rates); keys raw_*."""
     cfg = cfg.model_copy(update={"scaling": "feature"})
-    fit = fit_readout(raw_rates(split.train, neurons), split.train, cfg)
-    out = {f"raw_{k}": v for k, v in score(fit.readout, raw_rates(split.test, neurons), split.test, cfg).items()}
-    out.update({f"raw_{k}_per_bin": v for k, v in score(fit.per_bin, raw_rates(split.test, neurons), split.test,
-                                                        cfg).items()})
-    out["raw_history_bins"] = fit.readout.history_bins
-    return out
+    metrics, fit = representation_metrics(raw_rates(split.train, neurons), raw_rates(split.test, neurons), split, cfg)
+    return {f"raw_{k}": v for k, v in metrics.items()}, fit
