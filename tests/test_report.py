@@ -9,25 +9,21 @@ from schemas import SwapVAEConfig
 from swapvae.cli import main as cli
 from schemas.session import split_session
 from training.data import load_session
-from training.estimator import SwapVAEEstimator
-from training.rundir import RunDir
+from training.run import train_run
 from training.report import FIGURES, _pca, example_neurons, write_report
+from training.rundir import RunDir
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = {"device": "cpu", "model": {"content_dim": 4, "style_dim": 4, "hidden": ["d", 16]},
-        "optim": {"epochs": 2, "batch_size": 128}}
+        "optim": {"epochs": 2, "batch_size": 128}, "readout": {"C_grid": [0.1], "cv_folds": 2, "history_grid": [2],
+                                                                "alpha_grid": [10.0]}}
 
 
 def _run(tmp_path, raw, data="simulated"):
-    session = load_session(data)
-    split = split_session(session)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    config = SwapVAEConfig.model_validate(raw)
-    run = RunDir.create(tmp_path, config, data, session.name)
     try:
-        SwapVAEEstimator(config).fit(split.train.counts, split.train.trial, split.train.bin_in_trial,
-                                     neurons=split.neurons, checkpoint=run.checkpoint, progress=False)
+        train_run(data, tmp_path, SwapVAEConfig.model_validate(raw), progress=False)
     finally:
         torch.set_num_threads(threads)
     return tmp_path
@@ -58,7 +54,7 @@ def test_vae_run_has_no_generation_figure(tmp_path):
 
 
 def test_report_on_the_synthetic_dataset(tmp_path):
-    run = _run(tmp_path / "syn", {**TINY, "readout": {"n_directions": 4}}, data="synthetic:1:50")
+    run = _run(tmp_path / "syn", {**TINY, "readout": {**TINY["readout"], "n_directions": 4}}, data="synthetic:1:50")
     written = write_report(run)
     assert len(written) == len(FIGURES) and all(_is_png(p) for p in written)
 
@@ -69,6 +65,40 @@ def test_errors_are_reported_without_traceback(tmp_path, swap_run, capsys):
     assert "no checkpoint" in capsys.readouterr().err
     assert cli(["report", str(swap_run), "--data", "synthetic:0", "--out", str(tmp_path / "x")]) == 2
     assert "channels" in capsys.readouterr().err
+
+
+def test_direction_colours_are_distinct_for_every_class():
+    from training.report import direction_colors
+
+    for n in (4, 8, 12):
+        colors = direction_colors(n)[:, :3]
+        gaps = np.linalg.norm(colors[:, None] - colors[None], axis=-1) + np.eye(n)
+        assert gaps.min() > 0.05, n  # no two classes alike (the hue wheel made 0 and 7 both red)
+
+
+def test_confusion_counts_every_moving_test_bin_once(swap_run):
+    from training.report import plot_confusion
+
+    loaded = RunDir(swap_run).load()
+    est, split, cfg = loaded.estimator, loaded.split, loaded.config.readout
+    readout = RunDir(swap_run).readout()
+    calls = {}
+    import matplotlib.axes
+
+    real = matplotlib.axes.Axes.imshow
+
+    def spy(self, share, **kw):
+        calls["share"] = share
+        return real(self, share, **kw)
+
+    matplotlib.axes.Axes.imshow = spy
+    try:
+        plot_confusion(readout, est.transform(split.test.counts), split.test, cfg, swap_run / "c.png")
+    finally:
+        matplotlib.axes.Axes.imshow = real
+    share = calls["share"]
+    present = np.unique(split.test.target[split.test.speed > cfg.speed_threshold])
+    np.testing.assert_allclose(share[present].sum(axis=1), 1.0)  # row-normalised: each true direction's bins
 
 
 def test_pca_projects_onto_the_largest_variance():
