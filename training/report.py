@@ -91,9 +91,9 @@ def plot_embedding(est, split: Split, path: Path) -> None:
         fig.colorbar(sc, ax=row[1], label="bin in trial (0 = trial start)")
         _direction_legend(row[0], n_dir, loc="best")
         for ax, by in zip(row, ("reach direction", "time in trial")):
-            ax.set(title=f"{space} space by {by} (dots: training bins, crosses: test bins)", xlabel="PC 1",
-                   ylabel="PC 2")
-    fig.suptitle(f"{split.train.name}: 2-D PCA of the latents, fitted on the training bins")
+            ax.set(title=f"{space} space, by {by}", xlabel="PC 1", ylabel="PC 2")
+    fig.suptitle(f"{split.train.name}: 2-D PCA of the latents, fitted on the training bins "
+                 f"(dots: training bins, crosses: test bins)")
     _save(fig, path)
 
 
