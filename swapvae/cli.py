@@ -18,7 +18,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run directory to write")
     t.add_argument("--config", help="JSON config (schemas.SwapVAEConfig); defaults otherwise")
     t.add_argument("--seed", type=int, help="overrides the config's seed")
-    t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides the config's device")
+    t.add_argument("--device", help="overrides the config's device: auto, cpu, cuda or cuda:N")
     t.add_argument("--variant", help="ablation preset: swap_vae, no_swap, no_align, swap_only, vae, beta_vae")
     t.add_argument("--epochs", type=int, help="overrides optim.epochs")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

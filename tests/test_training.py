@@ -204,3 +204,24 @@ def test_training_thread_setting_is_scoped(split):
     config = SwapVAEConfig.model_validate({**FAST, "optim": {**FAST["optim"], "cpu_threads": 1}})
     _fit(split, config)
     assert torch.get_num_threads() == before
+
+
+def test_device_names_resolve_or_say_what_torch_sees(monkeypatch):
+    from training.estimator import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="'cuda:1' was asked for but torch sees no CUDA device"):
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("auto") == torch.device("cuda")
+    with pytest.raises(RuntimeError, match=r"torch sees 2 CUDA device\(s\): cuda:0..cuda:1"):
+        resolve_device("cuda:2")
+
+
+def test_cli_refuses_a_bad_device_without_traceback(tmp_path, capsys):
+    assert cli(["train", "--data", "simulated", "--out", str(tmp_path / "r"), "--device", "gpu:1"]) == 2
+    assert "'cuda:N'" in capsys.readouterr().err

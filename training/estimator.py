@@ -30,10 +30,17 @@ class TrainingDiverged(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
+    """The torch device of a config's ``device``: "auto" (CUDA when torch sees it), "cpu",
+    "cuda" (the current GPU) or "cuda:N"; RuntimeError naming what torch sees otherwise."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r} was asked for but torch sees no CUDA device")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {name!r} was asked for but torch sees {torch.cuda.device_count()} CUDA "
+                               f"device(s): cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return torch.device(name)
 
 
