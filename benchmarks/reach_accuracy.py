@@ -26,7 +26,7 @@ from _common import CHEWIE  # noqa: E402  (benchmarks/ is on sys.path when run a
 from schemas import SwapVAEConfig
 from schemas.session import split_session
 from training.data import load_session
-from training.estimator import SwapVAEEstimator
+from training.estimator import SwapVAE
 from training.evaluate import evaluate_reach, raw_rate_baseline
 
 KEYS = ("reach_acc", "reach_delta_acc", "reach_acc_content", "reach_delta_acc_content",
@@ -57,9 +57,9 @@ def main(argv=None) -> int:
 
     runs = []
     for seed in range(args.seeds):
-        est = SwapVAEEstimator(config, seed=seed)
-        est.fit(split.train.counts, split.train.trial, split.train.bin_in_trial, neurons=split.neurons,
-                bin_size_s=session.bin_size_s, progress=False)
+        est = SwapVAE(config=config, seed=seed)
+        est.fit(split.train.counts, trial=split.train.trial, bin_in_trial=split.train.bin_in_trial,
+                neurons=split.neurons, bin_size_s=session.bin_size_s)
         metrics, _ = evaluate_reach(est, split, config.readout)
         metrics["train_seconds"] = est.train_seconds_
         metrics["epochs_by_threads"] = dict(Counter(str(h["threads"]) for h in est.history_))

@@ -9,7 +9,7 @@ from schemas import SwapVAEConfig
 from swapvae.cli import main as cli
 from schemas.session import split_session
 from training.data import load_session
-from training.estimator import SwapVAEEstimator
+from training.estimator import SwapVAE
 from training.rundir import RunDir
 from training.report import FIGURES, _pca, example_neurons, write_report
 
@@ -26,8 +26,9 @@ def _run(tmp_path, raw, data="simulated"):
     config = SwapVAEConfig.model_validate(raw)
     run = RunDir.create(tmp_path, config, data, session.name)
     try:
-        SwapVAEEstimator(config).fit(split.train.counts, split.train.trial, split.train.bin_in_trial,
-                                     neurons=split.neurons, checkpoint=run.checkpoint, progress=False)
+        SwapVAE(config=config).fit(split.train.counts, trial=split.train.trial,
+                                   bin_in_trial=split.train.bin_in_trial, neurons=split.neurons,
+                                   checkpoint=run.checkpoint)
     finally:
         torch.set_num_threads(threads)
     return tmp_path

@@ -205,7 +205,7 @@ def evaluate(estimator, split: Split, cfg: ReadoutConfig) -> tuple[dict, Readout
     metrics = {**score(r, z_te, split.test, cfg), "history_bins": r.history_bins, "readout_C": r.C,
                "velocity_alpha": r.alpha}
     metrics.update({f"{k}_per_bin": v for k, v in score(fit.per_bin, z_te, split.test, cfg).items()})
-    if estimator.config.model.content_dim:
+    if estimator.config_.model.content_dim:
         for space in ("content", "style"):
             _, acc, dacc = readout_scores(estimator.transform(split.train.counts, space),
                                           estimator.transform(split.test.counts, space), split, cfg)

@@ -33,7 +33,7 @@ def _plt():
 
 
 def _spaces(est) -> list[str]:
-    return ["content", "style"] if est.config.model.content_dim else ["full"]
+    return ["content", "style"] if est.config_.model.content_dim else ["full"]
 
 
 def _pca(z_fit: np.ndarray, k: int = 2):
@@ -74,7 +74,7 @@ def plot_embedding(est, split: Split, path: Path) -> None:
 
 def plot_trajectories(est, split: Split, path: Path, n_time: int = TEMPORAL_BINS) -> None:
     plt = _plt()
-    spaces = [*_spaces(est), "full"] if est.config.model.content_dim else ["full"]
+    spaces = [*_spaces(est), "full"] if est.config_.model.content_dim else ["full"]
     session = _concat(split)
     n_dir = int(session.target.max()) + 1
     n_time = min(n_time, int(session.bin_in_trial.max()) + 1)
@@ -142,7 +142,7 @@ def plot_reconstruction(est, split: Split, path: Path, n_time: int = TEMPORAL_BI
 def plot_generation(est, split: Split, path: Path, seed: int = 0) -> bool:
     """Per direction and neuron: mean rate of real training bins vs of generated bins whose
     content comes from those bins and style from the prior. False if the model has no content."""
-    if not est.config.model.content_dim:
+    if not est.config_.model.content_dim:
         return False
     from training.generate import generate
 

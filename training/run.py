@@ -8,7 +8,7 @@ from pathlib import Path
 from schemas import SwapVAEConfig
 from schemas.session import split_session
 from training.data import load_session
-from training.estimator import SwapVAEEstimator
+from training.estimator import SwapVAE
 from training.evaluate import evaluate
 from training.rundir import RunDir
 
@@ -18,9 +18,9 @@ def train_run(data: str, out: str | Path, config: SwapVAEConfig, progress: bool 
     session = load_session(data, min_trials=config.data.min_trials)
     split = split_session(session, config.data.train_fraction, config.data.static_std)
     run = RunDir.create(out, config, data, session.name)
-    est = SwapVAEEstimator(config).fit(split.train.counts, split.train.trial, split.train.bin_in_trial,
-                                       neurons=split.neurons, bin_size_s=session.bin_size_s,
-                                       checkpoint=run.checkpoint, progress=progress)
+    est = SwapVAE(config=config, verbose=progress).fit(
+        split.train.counts, trial=split.train.trial, bin_in_trial=split.train.bin_in_trial, neurons=split.neurons,
+        bin_size_s=session.bin_size_s, checkpoint=run.checkpoint)
     run.save_history(est.history_)
     metrics, readout = evaluate(est, split, config.readout)
     metrics["train_seconds"] = est.train_seconds_

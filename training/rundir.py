@@ -19,7 +19,7 @@ from pathlib import Path
 from schemas import SwapVAEConfig
 from schemas.session import Session, Split, split_session
 from training.data import load_session
-from training.estimator import SwapVAEEstimator
+from training.estimator import SwapVAE
 from training.evaluate import Readout
 
 CONFIG, CHECKPOINT, HISTORY = "config.json", "checkpoint.pt", "history.json"
@@ -29,13 +29,13 @@ FIGURES_DIR = "figures"
 
 @dataclass(frozen=True)
 class LoadedRun:
-    estimator: SwapVAEEstimator
+    estimator: SwapVAE
     session: Session
     split: Split
 
     @property
     def config(self) -> SwapVAEConfig:
-        return self.estimator.config
+        return self.estimator.config_
 
 
 class RunDir:
@@ -61,8 +61,8 @@ class RunDir:
         return path
 
     # -- what a run holds -------------------------------------------------------------------------
-    def estimator(self, device: str = "cpu") -> SwapVAEEstimator:
-        return SwapVAEEstimator.load(self._need(CHECKPOINT, f"is {self.path} a training run directory?"), device)
+    def estimator(self, device: str = "cpu") -> SwapVAE:
+        return SwapVAE.load(self._need(CHECKPOINT, f"is {self.path} a training run directory?"), device)
 
     def save_history(self, history: list[dict]) -> None:
         (self.path / HISTORY).write_text(json.dumps(history))
@@ -90,8 +90,8 @@ class RunDir:
         split the run's config makes of it."""
         est = self.estimator(device)
         data = data if data is not None else self.source()["data"]
-        cfg = est.config
+        cfg = est.config_
         session = load_session(data, min_trials=cfg.data.min_trials)
-        if session.n_neurons != est.n_channels_:
-            raise ValueError(f"{data} has {session.n_neurons} channels but the run was trained on {est.n_channels_}")
+        if session.n_neurons != est.n_features_in_:
+            raise ValueError(f"{data} has {session.n_neurons} channels but the run was trained on {est.n_features_in_}")
         return LoadedRun(est, session, split_session(session, cfg.data.train_fraction, cfg.data.static_std))
