@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from schemas.session import Session, Split
+from training.data import load_options
 from training.rundir import FIGURES_DIR, RunDir
 from training.metrics import TEMPORAL_BINS, trial_average
 
@@ -198,13 +199,21 @@ def _concat(split: Split) -> Session:
                    cat(a.target, b.target), cat(a.velocity, b.velocity), a.bin_size_s, a.name)
 
 
-def write_report(run_dir: str | Path, data: str | None = None, out: str | Path | None = None) -> list[Path]:
+def write_report(run_dir: str | Path, data: str | None = None, out: str | Path | None = None,
+                 options: dict | None = None) -> list[Path]:
+    """The figures of a run (on its own data unless ``data`` is given); those coloured or
+    averaged by reach direction only for a session with labels."""
     run = RunDir(run_dir)
-    loaded = run.load(data)
+    loaded = run.load(data, options=options)
     est, split = loaded.estimator, loaded.split
     out = Path(out) if out is not None else run.path / FIGURES_DIR
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    if not split.train.has_labels:
+        if est.history_:
+            plot_training_curves(est.history_, out / "training_curves.png")
+            written.append(out / "training_curves.png")
+        return written
     plot_embedding(est, split, out / "embedding.png")
     plot_trajectories(est, split, out / "trajectories.png")
     plot_reconstruction(est, split, out / "reconstruction.png")
@@ -218,6 +227,9 @@ def write_report(run_dir: str | Path, data: str | None = None, out: str | Path |
 
 
 def report_command(args) -> int:
-    for path in write_report(args.run_dir, args.data, args.out):
+    written = write_report(args.run_dir, args.data, args.out, load_options(args))
+    for path in written:
         print(path)
+    if not any(p.name == "embedding.png" for p in written):
+        print("the session has no reach labels (target, velocity): the figures by direction were skipped")
     return 0
