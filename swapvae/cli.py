@@ -119,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return getattr(importlib.import_module(module), func)(args) or 0
     except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] == "onnxruntime":
+            print(f"swapvae {args.command}: needs ONNX Runtime, and none is installed: pip install "
+                  f"'swapvae-bci[cpu]' (or '[gpu]' for the CUDA provider; one of the two, never both)",
+                  file=sys.stderr)
+            return 2
         if e.name and e.name.split(".")[0] in TRAIN_MODULES:
             print(f"swapvae {args.command}: needs the training dependencies ({e.name} is not installed): "
                   f"pip install 'swapvae-bci[train]'", file=sys.stderr)
