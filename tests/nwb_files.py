@@ -38,9 +38,11 @@ def write_nwb(path: str | Path, spikes: list[np.ndarray] | None, trials: list[tu
         if target is not None:
             nwb.add_trial_column(target_column, "reach direction class")
         for i, (start, stop) in enumerate(trials):
-            nwb.add_trial(start_time=float(start), stop_time=float(stop), **({target_column: target[i]} if target is not None else {}))
+            label = {target_column: target[i]} if target is not None else {}
+            nwb.add_trial(start_time=float(start), stop_time=float(stop), **label)
     if velocity is not None:
-        timing = {"timestamps": timestamps} if timestamps is not None else {"rate": rate, "starting_time": starting_time}
+        timing = ({"timestamps": timestamps} if timestamps is not None
+                  else {"rate": rate, "starting_time": starting_time})
         series = TimeSeries(name=series_name, data=velocity, unit="cm/s", conversion=conversion, **timing)
         if place == "acquisition":
             nwb.add_acquisition(series)

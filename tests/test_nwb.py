@@ -13,8 +13,6 @@ from training.data import load_session
 from training.nwb import bin_spikes
 
 CHEWIE = Path(__file__).resolve().parents[2] / "shared" / "data" / "reaching" / "chewie-2013-10-03.npz"
-if not CHEWIE.exists():  # a worktree beside the main checkout
-    CHEWIE = Path("/work/shared/data/reaching/chewie-2013-10-03.npz")
 LABELS = {"target_column": "target", "velocity_series": "hand_velocity"}
 FAST = {"device": "cpu", "model": {"content_dim": 4, "style_dim": 4, "hidden": ["d", 16]},
         "optim": {"epochs": 2, "batch_size": 64, "cpu_threads": 1},
@@ -239,6 +237,10 @@ def test_nwb_run_reopens_with_its_options(tmp_path, capsys):
     assert cli(["evaluate", str(out), "--bin-size", "0.2"]) == 2
     assert "bins of 0.2 s but the run was trained on bins of 0.1 s" in capsys.readouterr().err
     assert split_session(sim).train.n_bins == split_session(load_session(path, **LABELS)).train.n_bins
+    # replay reads the bundle's data through the CLI's loader, with the options given to it
+    from swapvae.cli import load_session_any
+
+    assert load_session_any(str(path), 4, **LABELS).has_labels and not load_session_any(str(path)).has_labels
 
 
 def test_label_free_nwb_trains_and_exports_latents_and_rates(tmp_path, capsys):
