@@ -73,7 +73,7 @@ class TorchEngine:
         self.torch = torch
         run = RunDir(run_dir)
         self.est, self.readout = run.estimator(), run.readout()
-        self.n_channels = self.est.n_channels_
+        self.n_channels = self.est.n_features_in_
         self.manifest = _JsonModel({"engine": "torch eager", "run": str(run_dir)})
 
     def decode(self, counts):

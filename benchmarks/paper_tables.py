@@ -40,7 +40,7 @@ from _common import CHEWIE  # noqa: E402  (benchmarks/ is on sys.path when run a
 from schemas import ModelConfig, SwapVAEConfig  # noqa: E402
 from schemas.session import Split, split_session  # noqa: E402
 from training.data import load_session  # noqa: E402
-from training.estimator import SwapVAEEstimator  # noqa: E402
+from training.estimator import SwapVAE  # noqa: E402
 from training.evaluate import readout_scores  # noqa: E402
 from training.generate import generated_training_set  # noqa: E402
 from training.metrics import (TEMPORAL_BINS, bits_per_spike, disentanglement_per_latent,  # noqa: E402
@@ -105,9 +105,10 @@ def chewie_config(spec: dict, seed: int, epochs: int | None) -> SwapVAEConfig:
     return SwapVAEConfig.model_validate(raw)
 
 
-def fit(config: SwapVAEConfig, split: Split, bin_size_s: float) -> SwapVAEEstimator:
-    return SwapVAEEstimator(config).fit(split.train.counts, split.train.trial, split.train.bin_in_trial,
-                                        neurons=split.neurons, bin_size_s=bin_size_s, progress=False)
+def fit(config: SwapVAEConfig, split: Split, bin_size_s: float) -> SwapVAE:
+    return SwapVAE(config=config).fit(split.train.counts, trial=split.train.trial,
+                                      bin_in_trial=split.train.bin_in_trial, neurons=split.neurons,
+                                      bin_size_s=bin_size_s)
 
 
 def moving(split: Split, cfg) -> tuple[np.ndarray, np.ndarray]:
@@ -134,7 +135,7 @@ def score_representation(transform, split: Split, cfg, spaces=("full",), reach: 
     return out
 
 
-def generative_scores(est: SwapVAEEstimator, split: Split, session) -> dict:
+def generative_scores(est: SwapVAE, split: Split, session) -> dict:
     rates = est.reconstruct(split.test.counts) / est.input_scale  # spikes per bin
     out = {f"recon_{k}": v for k, v in reconstruction_rmse(rates, split.test, session, est.neurons_).items()}
     mean_rate = split.train.counts[:, est.neurons_].mean(axis=0)
@@ -148,7 +149,7 @@ def supervised_chewie(split: Split, cfg, seed: int, augment=None) -> SupervisedD
         split.train.counts[tr], split.train.target[tr], split.train.trial[tr], neurons=split.neurons, augment=augment)
 
 
-def augmentation(est: SwapVAEEstimator, split: Split, cfg, seed: int) -> dict:
+def augmentation(est: SwapVAE, split: Split, cfg, seed: int) -> dict:
     """Test acc of the supervised decoder trained with generated bins added to its training bins."""
     if not np.array_equal(est.neurons_, split.neurons):
         raise RuntimeError("the generator and the classifier must see the same neurons")
@@ -216,7 +217,7 @@ def run_synthetic_seed(split: Split, seed: int, epochs: int | None, log,
             est = fit(synthetic_config(**over), split, 0.1)
             z = est.transform(te.counts)
             res = {"kl_final": est.history_[-1]["kl"]}
-            if est.config.model.content_dim:
+            if est.config_.model.content_dim:
                 for space in ("content", "style"):
                     res[f"disentanglement_{space}_only"] = disentanglement_score(
                         est.transform(te.counts, space), te.target, te.bin_in_trial)
@@ -239,7 +240,7 @@ def _synthetic_readouts(est, split: Split) -> dict:
     rule puts the 4 ordinal positions on a circle and needs the predicted angle within pi/8, so
     a readout that is right only by a small margin scores below chance with it (the raw test
     counts, readout fitted on all training sequences: 22.3% sector rule, 40.2% top-1; chance 25%)."""
-    cfg = est.config.readout
+    cfg = est.config_.readout
     sub = split.train.select_bins(split.train.trial < np.unique(split.train.trial)[min(1000, len(np.unique(split.train.trial)) - 1)])
     small = Split(sub, split.test, split.neurons)
     out = {}

@@ -38,7 +38,7 @@ from _common import CHEWIE, cpu_name  # noqa: E402  (benchmarks/ is on sys.path 
 from schemas import SwapVAEConfig
 from schemas.session import split_session
 from training.data import load_session
-from training.estimator import SwapVAEEstimator
+from training.estimator import SwapVAE
 from training.evaluate import raw_rate_baseline, raw_rates, representation_metrics
 from training.robustness import FRACTIONS, lost_channel_scores
 
@@ -54,10 +54,10 @@ def merge(raw: dict, over: dict) -> dict:
     return {**raw, **{k: {**raw.get(k, {}), **v} if isinstance(v, dict) else v for k, v in over.items()}}
 
 
-def fit_swap(config: SwapVAEConfig, split, bin_size_s: float, seed: int) -> SwapVAEEstimator:
-    return SwapVAEEstimator(config.with_overrides(seed=seed)).fit(
-        split.train.counts, split.train.trial, split.train.bin_in_trial, neurons=split.neurons,
-        bin_size_s=bin_size_s, progress=False)
+def fit_swap(config: SwapVAEConfig, split, bin_size_s: float, seed: int) -> SwapVAE:
+    return SwapVAE(config=config, seed=seed).fit(split.train.counts, trial=split.train.trial,
+                                                 bin_in_trial=split.train.bin_in_trial, neurons=split.neurons,
+                                                 bin_size_s=bin_size_s)
 
 
 def fit_cebra(split, bin_size_s: float, seed: int, steps: int):

@@ -81,6 +81,24 @@ def session_options(intra_op_threads: int = 1, spin: bool = False) -> ort.Sessio
     return o
 
 
+def onnxruntime_advice() -> str:
+    """What to install for the CUDA provider, given the ONNX Runtime distributions installed:
+    onnxruntime and onnxruntime-gpu share one module, and with both the CPU build may win."""
+    from importlib import metadata
+
+    installed = []
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            metadata.version(name)
+            installed.append(name)
+        except metadata.PackageNotFoundError:
+            pass
+    if len(installed) == 2:
+        return ("onnxruntime and onnxruntime-gpu are both installed and share one module: "
+                "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu")
+    return "pip install 'swapvae-bci[gpu]' (in place of [cpu]: it brings onnxruntime-gpu alone)"
+
+
 class BundleDecoder:
     """Decode raw spike counts with an exported bundle, in-process (see the module doc)."""
 
@@ -89,8 +107,8 @@ class BundleDecoder:
         if provider not in PROVIDERS:
             raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, got {provider!r}")
         if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise ValueError("provider 'cuda' needs onnxruntime-gpu (pip install 'swapvae-bci[gpu]'); "
-                             f"this onnxruntime has {ort.get_available_providers()}")
+            raise ValueError(f"provider 'cuda' needs onnxruntime-gpu; this onnxruntime has "
+                             f"{ort.get_available_providers()}. {onnxruntime_advice()}")
         self.bundle_dir = Path(bundle_dir)
         self.manifest, blobs = load_bundle(self.bundle_dir, trusted)  # trusted: public keys, see runtime/bundle.py
         m = self.manifest

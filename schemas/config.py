@@ -9,10 +9,11 @@ still wins, so ``{"variant": "beta_vae", "loss": {"kl_weight": 4}}`` is a beta-V
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Variant = Literal["swap_vae", "no_swap", "no_align", "swap_only", "vae", "beta_vae"]
 
@@ -113,12 +114,20 @@ class ReadoutConfig(_Section):
 class SwapVAEConfig(_Section):
     variant: Variant = "swap_vae"
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # "auto": CUDA when torch sees it, else the CPU; "cuda:N" picks one of several GPUs.
+    device: str = "auto"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
     readout: ReadoutConfig = ReadoutConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", v):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (N a GPU index), got {v!r}")
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -153,4 +162,18 @@ class SwapVAEConfig(_Section):
         return cls.model_validate(raw)
 
     def with_overrides(self, **fields: Any) -> "SwapVAEConfig":
-        return type(self).model_validate({**self.model_dump(), **fields})
+        """This config with ``fields`` changed, validated. A section given as a dict (or a
+        section model) changes only the fields it names: ``with_overrides(optim={"epochs": 2})``
+        keeps the learning rate and the rest of ``optim``. Fields this config was built with
+        explicitly stay explicit, so a ``variant`` given here fills in only the others."""
+        return type(self).model_validate(_merge(self.model_dump(exclude_unset=True), fields))
+
+
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` applied, dicts (config sections) merged key by key."""
+    out = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, BaseModel):
+            value = value.model_dump(exclude_unset=True)
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

@@ -14,20 +14,23 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="fit Swap-VAE on a session, evaluate it, write a run directory")
-    t.add_argument("--data", default="simulated", help=".npz recording, or 'simulated' (default)")
+    t.add_argument("--data", default="simulated",
+                   help=".npz or .nwb recording, 'simulated' (default) or 'synthetic[:SEED[:SEQUENCES]]'")
     t.add_argument("--out", required=True, help="run directory to write")
     t.add_argument("--config", help="JSON config (schemas.SwapVAEConfig); defaults otherwise")
     t.add_argument("--seed", type=int, help="overrides the config's seed")
-    t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides the config's device")
+    t.add_argument("--device", help="overrides the config's device: auto, cpu, cuda or cuda:N")
     t.add_argument("--variant", help="ablation preset: swap_vae, no_swap, no_align, swap_only, vae, beta_vae")
     t.add_argument("--epochs", type=int, help="overrides optim.epochs")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _nwb_options(t)
     t.set_defaults(run="training.run:train_command")
 
     e = sub.add_parser("evaluate", help="print the metrics table of a run")
     e.add_argument("run_dir")
     e.add_argument("--data", help="re-evaluate on this session (default: the run's own data)")
     e.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    _nwb_options(e, rerun=True)
     e.set_defaults(run="training.run:evaluate_command")
 
     x = sub.add_parser("export", help="export a run to an ONNX bundle directory")
@@ -58,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--endpoint", default="tcp://127.0.0.1:5555")
     r.add_argument("--rate", type=float, default=0.0, help="bins per second (0: back to back)")
     r.add_argument("--json", action="store_true")
+    _nwb_options(r)
     r.set_defaults(run="swapvae.cli:replay_command")
 
     k = sub.add_parser("keygen", help="write a key pair: NAME.key (private, mode 0600) and NAME.pub")
@@ -69,24 +73,45 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("run_dir")
     g.add_argument("--data", help="session to plot (default: the run's own data)")
     g.add_argument("--out", help="figure directory (default: RUN_DIR/figures)")
+    _nwb_options(g, rerun=True)
     g.set_defaults(run="training.report:report_command")
+
+    c = sub.add_parser("convert", help="write a session (e.g. an NWB file, binned) as a .npz (docs/DATA.md)")
+    c.add_argument("data", help=".nwb or .npz recording, 'simulated' or 'synthetic[:SEED[:SEQUENCES]]'")
+    c.add_argument("--out", required=True, help=".npz file to write")
+    _nwb_options(c)
+    c.set_defaults(run="training.data:convert_command")
     return p
 
 
+def _nwb_options(p: argparse.ArgumentParser, rerun: bool = False) -> None:
+    """How an .nwb recording is read (training.nwb, docs/DATA.md)."""
+    note = " (default: as the run read its own)" if rerun else ""
+    g = p.add_argument_group("NWB input", "how an .nwb recording is binned and labelled" + note)
+    g.add_argument("--bin-size", type=float, dest="bin_size_s", metavar="SECONDS",
+                   help="bin width inside each trial (default 0.1)")
+    g.add_argument("--target-column", metavar="NAME",
+                   help="trials-table column with each trial's reach direction class (with --velocity-series)")
+    g.add_argument("--velocity-series", metavar="NAME",
+                   help="TimeSeries of hand velocity (x, y) in a processing module or acquisition, sampled at "
+                        "the bin centres (with --target-column); without both, training skips the reach readouts")
+
+
 # What the [train] extra brings; a training command without them says so in one line.
-TRAIN_MODULES = {"torch", "sklearn", "onnx", "matplotlib", "tqdm", "threadpoolctl"}
+TRAIN_MODULES = {"torch", "sklearn", "onnx", "matplotlib", "tqdm", "threadpoolctl", "pynwb", "hdmf", "h5py"}
+NWB_OPTIONS = ("bin_size_s", "target_column", "velocity_series")  # training.data.NWB_OPTIONS
 
 
-def load_session_any(data: str, min_trials: int = 4):
+def load_session_any(data: str, min_trials: int = 4, **options):
     """A session for the runtime's replay: a .npz with numpy alone (a rig install), anything
-    else (simulated, synthetic) through ``training.data``."""
+    else (an NWB file read with ``options``, simulated, synthetic) through ``training.data``."""
     from schemas.session import read_npz
 
-    if str(data).endswith(".npz"):
+    if str(data).endswith(".npz") and not options:
         return read_npz(data, min_trials)
     from training.data import load_session
 
-    return load_session(data, min_trials)
+    return load_session(data, min_trials, **options)
 
 
 def keygen_command(args) -> int:
@@ -103,7 +128,8 @@ def keygen_command(args) -> int:
 def replay_command(args) -> int:
     from runtime.replay import replay_command as run
 
-    return run(args, load_session_any)
+    options = {k: getattr(args, k) for k in NWB_OPTIONS if getattr(args, k) is not None}
+    return run(args, lambda data, min_trials=4: load_session_any(data, min_trials, **options))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return getattr(importlib.import_module(module), func)(args) or 0
     except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] == "onnxruntime":
+            print(f"swapvae {args.command}: needs ONNX Runtime, and none is installed: pip install "
+                  f"'swapvae-bci[cpu]' (or '[gpu]' for the CUDA provider; one of the two, never both)",
+                  file=sys.stderr)
+            return 2
         if e.name and e.name.split(".")[0] in TRAIN_MODULES:
             print(f"swapvae {args.command}: needs the training dependencies ({e.name} is not installed): "
                   f"pip install 'swapvae-bci[train]'", file=sys.stderr)

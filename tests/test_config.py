@@ -49,3 +49,26 @@ def test_from_file(tmp_path):
     p.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         SwapVAEConfig.from_file(p)
+
+
+def test_partial_section_overrides_keep_the_rest():
+    base = SwapVAEConfig.model_validate({"optim": {"lr": 1e-3, "batch_size": 64}, "loss": {"kl_weight": 4.0}})
+    c = base.with_overrides(optim={"epochs": 2}, seed=5)
+    assert (c.optim.epochs, c.optim.lr, c.optim.batch_size, c.seed) == (2, 1e-3, 64, 5)
+    assert c.loss.kl_weight == 4.0
+    # a variant given later fills in only the fields nobody set
+    v = SwapVAEConfig.model_validate({"loss": {"kl_weight": 4.0}}).with_overrides(variant="beta_vae")
+    assert (v.model.content_dim, v.loss.swap, v.loss.kl_weight) == (0, False, 4.0)
+    with pytest.raises(ValidationError, match="epochs"):
+        base.with_overrides(optim={"epochs": 0})
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
+def test_device_names(device):
+    assert SwapVAEConfig(device=device).device == device
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:x", "cpu:0", "CUDA"])
+def test_bad_device_names_are_refused(device):
+    with pytest.raises(ValidationError, match="'cuda:N'"):
+        SwapVAEConfig(device=device)

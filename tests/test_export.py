@@ -15,10 +15,10 @@ from schemas.manifest import BundleManifest, graph_io
 from schemas.session import split_session
 from swapvae.cli import main as cli
 from training.data import load_session
-from training.estimator import SwapVAEEstimator
+from training.estimator import SwapVAE
 from training.evaluate import Readout
 from training.export import ExportError, export_bundle
-from training.model import SwapVAE
+from training.model import SwapVAE as SwapVAENet
 from training.rundir import RunDir
 
 TOL = 1e-4
@@ -26,7 +26,7 @@ TOL = 1e-4
 
 def _test_bins(run_dir):
     est = RunDir(run_dir).estimator()
-    cfg = est.config
+    cfg = est.config_
     return est, split_session(load_session("simulated"), cfg.data.train_fraction, cfg.data.static_std).test
 
 
@@ -114,11 +114,12 @@ def _synthetic_run(path, *, input_unit="counts", content_dim=8, classes=(0, 1, 2
     cfg = SwapVAEConfig.model_validate({**variant, "data": {"input_unit": input_unit}})
     if content_dim == 0:
         cfg = cfg.with_overrides(model={"content_dim": 0, "style_dim": 6, "hidden": ["d", 24]})
-    est = SwapVAEEstimator(cfg)
-    est.neurons_ = np.sort(rng.choice(120, 90, replace=False))
-    est.n_channels_, est.bin_size_s_ = 120, 0.1
+    est = SwapVAE(config=cfg)
+    est.config_, est.neurons_ = cfg, np.sort(rng.choice(120, 90, replace=False))
+    est.n_features_in_, est.bin_size_s_, est.channel_mean_ = 120, 0.1, np.zeros(120, np.float32)
+    est.history_, est.train_seconds_ = [], float("nan")
     m = cfg.model
-    est.model_ = SwapVAE(90, m.hidden_sizes(90), m.content_dim, m.style_dim, m.input_transform)
+    est.model_ = SwapVAENet(90, m.hidden_sizes(90), m.content_dim, m.style_dim, m.input_transform)
     for mod in est.model_.modules():
         if isinstance(mod, torch.nn.BatchNorm1d):
             mod.running_mean.uniform_(-1, 1)

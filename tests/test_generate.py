@@ -5,7 +5,7 @@ import torch
 
 from schemas import SwapVAEConfig
 from schemas.session import split_session
-from training.estimator import SwapVAEEstimator
+from training.estimator import SwapVAE
 from training.generate import decode_counts, encode, generate, generated_training_set
 from training.simulate import simulate_reaching
 
@@ -23,8 +23,8 @@ def trained():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model on a shared CPU
     try:
-        est = SwapVAEEstimator(SwapVAEConfig.model_validate(CONFIG)).fit(
-            split.train.counts, split.train.trial, split.train.bin_in_trial, neurons=split.neurons, progress=False)
+        est = SwapVAE(config=SwapVAEConfig.model_validate(CONFIG)).fit(
+            split.train.counts, trial=split.train.trial, bin_in_trial=split.train.bin_in_trial, neurons=split.neurons)
     finally:
         torch.set_num_threads(threads)
     return est, split
@@ -70,8 +70,8 @@ def test_style_argument_is_checked(trained):
 
 def test_vae_has_no_content_to_condition_on(trained):
     _, split = trained
-    vae = SwapVAEEstimator(SwapVAEConfig.model_validate({"variant": "vae", "device": "cpu", "optim": {"epochs": 1}}))
-    vae.fit(split.train.counts, split.train.trial, split.train.bin_in_trial, neurons=split.neurons, progress=False)
+    vae = SwapVAE(variant="vae", device="cpu", epochs=1)
+    vae.fit(split.train.counts, trial=split.train.trial, bin_in_trial=split.train.bin_in_trial, neurons=split.neurons)
     with pytest.raises(ValueError, match="no content"):
         generate(vae, split.train.counts[:5], 3, np.random.default_rng(0))
 

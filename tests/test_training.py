@@ -9,9 +9,9 @@ import torch
 from schemas import SwapVAEConfig
 from swapvae.cli import main as cli
 from schemas.session import split_session
-from training.estimator import SwapVAEEstimator, TrainingDiverged
+from training.estimator import SwapVAE, TrainingDiverged
 from training.evaluate import evaluate
-from training.model import SwapVAE
+from training.model import SwapVAE as SwapVAENet
 from training.simulate import simulate_reaching
 
 FAST = {"optim": {"epochs": 3, "batch_size": 64}}
@@ -23,8 +23,8 @@ def split():
 
 
 def _fit(split, config, **kw):
-    return SwapVAEEstimator(config).fit(split.train.counts, split.train.trial, split.train.bin_in_trial,
-                                        neurons=split.neurons, progress=False, **kw)
+    return SwapVAE(config=config).fit(split.train.counts, trial=split.train.trial,
+                                               bin_in_trial=split.train.bin_in_trial, neurons=split.neurons, **kw)
 
 
 @pytest.mark.parametrize("thin_min", [1.0, 0.3])
@@ -87,7 +87,7 @@ def test_thread_counts_agree_to_rounding(split):
         for n in (1, 2):
             torch.set_num_threads(n)
             torch.manual_seed(0)
-            model = SwapVAE(x.shape[1], [x.shape[1], 128])
+            model = SwapVAENet(x.shape[1], [x.shape[1], 128])
             model.loss(x[:256], x[256:512])["loss"].backward()  # the decoder's batch is 1536 rows
             grads.append({k: p.grad for k, p in model.named_parameters()})
     finally:
@@ -131,25 +131,24 @@ def test_thinning_keeps_a_binomial_share_of_each_bins_spikes():
 def test_thinning_refuses_counts_that_are_not_whole(split):
     config = SwapVAEConfig.model_validate({**FAST, "data": {"thin_min": 0.5}})
     with pytest.raises(ValueError, match="thinning .* needs whole spike counts"):
-        SwapVAEEstimator(config).fit(split.train.counts * 0.5, split.train.trial, split.train.bin_in_trial,
-                                     progress=False)
+        SwapVAE(config=config).fit(split.train.counts * 0.5, trial=split.train.trial)
 
 
 def test_checkpoint_roundtrip_is_safe_and_exact(split, tmp_path):
     est = _fit(split, SwapVAEConfig.model_validate(FAST), checkpoint=tmp_path / "c.pt")
     torch.load(tmp_path / "c.pt", weights_only=True)  # no pickled objects inside
-    again = SwapVAEEstimator.load(tmp_path / "c.pt")
+    again = SwapVAE.load(tmp_path / "c.pt")
     assert np.array_equal(again.neurons_, split.neurons)
     np.testing.assert_allclose(again.transform(split.test.counts), est.transform(split.test.counts), atol=1e-6)
     np.testing.assert_allclose(again.reconstruct(split.test.counts), est.reconstruct(split.test.counts), atol=1e-5)
     assert len(again.history_) == 3
-    with pytest.raises(ValueError, match=r"expected counts of shape \(bins, 100\)"):
+    with pytest.raises(ValueError, match="X has 10 features, but SwapVAE is expecting 100"):
         again.transform(split.test.counts[:, :10])
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(split, tmp_path, monkeypatch):
     config = SwapVAEConfig.model_validate({"optim": {"epochs": 6, "batch_size": 64, "checkpoint_every": 2, "cpu_threads": 1}})
-    real_loss, calls = SwapVAE.loss, []
+    real_loss, calls = SwapVAENet.loss, []
     steps_per_epoch = len(split.train.counts) // 64
 
     def poisoned(self, *a, **kw):
@@ -159,10 +158,10 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(split, t
             out["loss"] = out["loss"] * float("nan")
         return out
 
-    monkeypatch.setattr(SwapVAE, "loss", poisoned)
+    monkeypatch.setattr(SwapVAENet, "loss", poisoned)
     with pytest.raises(TrainingDiverged, match=r"non-finite in epoch 4.*last good checkpoint"):
         _fit(split, config, checkpoint=tmp_path / "c.pt")
-    kept = SwapVAEEstimator.load(tmp_path / "c.pt")  # the epoch-2 checkpoint, intact and finite
+    kept = SwapVAE.load(tmp_path / "c.pt")  # the epoch-2 checkpoint, intact and finite
     assert len(kept.history_) == 2
     assert all(torch.isfinite(v).all() for v in kept.model_.state_dict().values() if v.is_floating_point())
 
@@ -204,3 +203,24 @@ def test_training_thread_setting_is_scoped(split):
     config = SwapVAEConfig.model_validate({**FAST, "optim": {**FAST["optim"], "cpu_threads": 1}})
     _fit(split, config)
     assert torch.get_num_threads() == before
+
+
+def test_device_names_resolve_or_say_what_torch_sees(monkeypatch):
+    from training.estimator import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="'cuda:1' was asked for but torch sees no CUDA device"):
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("auto") == torch.device("cuda")
+    with pytest.raises(RuntimeError, match=r"torch sees 2 CUDA device\(s\): cuda:0..cuda:1"):
+        resolve_device("cuda:2")
+
+
+def test_cli_refuses_a_bad_device_without_traceback(tmp_path, capsys):
+    assert cli(["train", "--data", "simulated", "--out", str(tmp_path / "r"), "--device", "gpu:1"]) == 2
+    assert "'cuda:N'" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""Where sessions come in for training: ``load_session`` reads or builds one by name, and
+"""Where sessions come in for training: ``load_session`` reads or builds one by name (a .npz,
+an NWB file through ``training.nwb``, the simulated or the synthetic session), and
 ``jitter_pairs`` enumerates the in-trial view pairs Swap-VAE trains on.
 
 The session type, its validation, the .npz format and the paper's split are
@@ -10,14 +11,23 @@ from pathlib import Path
 
 import numpy as np
 
-from schemas.session import DataError, Session, read_npz
+from schemas.session import DataError, Session, read_npz, write_npz
 
-SOURCES = ".npz recording, 'simulated' (the built-in session) or 'synthetic[:SEED[:SEQUENCES]]'"
+SOURCES = ".npz recording, .nwb recording, 'simulated' (the built-in session) or 'synthetic[:SEED[:SEQUENCES]]'"
+# How to read an NWB file (training.nwb); a run directory records the ones it was given.
+NWB_OPTIONS = ("bin_size_s", "target_column", "velocity_series")
 
 
-def load_session(path: str | Path, min_trials: int = 4, seed: int = 0) -> Session:
-    """Load ``path``: a .npz recording, the built-in simulated session (``"simulated"``), or the
-    paper's synthetic dataset (``"synthetic[:SEED[:SEQUENCES]]"``, SEQUENCES per cluster)."""
+def load_session(path: str | Path, min_trials: int = 4, seed: int = 0, *, bin_size_s: float | None = None,
+                 target_column: str | None = None, velocity_series: str | None = None) -> Session:
+    """Load ``path``: a .npz recording (docs/DATA.md), an NWB file (``training.nwb``: bins of
+    ``bin_size_s``, 0.1 s unless given, and the labels from the trials column
+    ``target_column`` and the time series ``velocity_series`` when given), the built-in
+    simulated session (``"simulated"``), or the paper's synthetic dataset
+    (``"synthetic[:SEED[:SEQUENCES]]"``, SEQUENCES per cluster)."""
+    nwb = {k: v for k, v in zip(NWB_OPTIONS, (bin_size_s, target_column, velocity_series)) if v is not None}
+    if nwb and Path(str(path)).suffix != ".nwb":
+        raise DataError(f"{path}: {', '.join(sorted(nwb))} set how an NWB file is read; this is not one")
     if str(path) == "simulated":
         from training.simulate import simulate_reaching
 
@@ -33,9 +43,31 @@ def load_session(path: str | Path, min_trials: int = 4, seed: int = 0) -> Sessio
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file (use 'simulated' for the built-in session)")
+    if path.suffix == ".nwb":
+        from training.nwb import read_nwb
+
+        return read_nwb(path, min_trials=min_trials, **nwb)
     if path.suffix != ".npz":
         raise DataError(f"{path}: unsupported format {path.suffix!r}; expected a {SOURCES}")
     return read_npz(path, min_trials)
+
+
+def load_options(args) -> dict:
+    """The NWB options a command was given (``--bin-size``, ``--target-column``,
+    ``--velocity-series``), as ``load_session`` keywords."""
+    return {k: getattr(args, k) for k in NWB_OPTIONS if getattr(args, k, None) is not None}
+
+
+def convert_command(args) -> int:
+    """``swapvae convert DATA --out FILE.npz``: any session ``load_session`` reads, as a .npz."""
+    if not str(args.out).endswith(".npz"):
+        raise DataError(f"--out {args.out}: the file written is a .npz; name it so")
+    session = load_session(args.data, min_trials=1, **load_options(args))
+    write_npz(session, args.out)
+    labels = "target and velocity" if session.has_labels else "no labels (target, velocity)"
+    print(f"{args.out}: {session.n_bins} bins of {session.bin_size_s:g} s x {session.n_neurons} channels, "
+          f"{len(session.trials)} trials, {labels}")
+    return 0
 
 
 def jitter_pairs(trial: np.ndarray, bin_in_trial: np.ndarray, jitter: int) -> np.ndarray:

@@ -1,9 +1,28 @@
-"""A scikit-learn style estimator around the Swap-VAE model: ``fit`` on training bins,
-``transform`` to the frozen representation, ``save``/``load`` a checkpoint file.
+"""Swap-VAE as a scikit-learn transformer: ``SwapVAE``, imported as ``from training import SwapVAE``.
 
-The estimator owns the preprocessing that inference must repeat: which recording channels
-are kept (static-neuron filter, fitted on training bins) and the input unit (counts or Hz).
-Inputs to every method are raw count vectors over all recorded channels.
+    vae = SwapVAE(epochs=100, lr=1e-3, seed=0).fit(counts, trial=trial)   # raw counts (bins, channels)
+    z = vae.transform(counts)             # [c, mu] per bin; transform(counts, space="content") for c
+    expected = vae.inverse_transform(z)   # expected counts per bin, over every channel
+
+Hyperparameters are flat keyword arguments (``PARAMS``), so ``get_params``/``set_params``,
+``clone`` and a grid search over one of them work. Each names a field of
+``schemas.SwapVAEConfig``, which stays the validated source of truth: ``None`` (every
+default) leaves the field as ``config`` has it (the default recipe without one), and a value
+overrides that field alone, never the rest of its section. ``get_config()`` is the config
+they make; ``fit`` validates it and keeps it as ``config_``.
+
+``fit(X, y=None, *, trial=None, bin_in_trial=None)``: rows of X are bins in time order. The
+two views of a training pair come from one trial, at most ``jitter`` bins apart: ``trial``
+says which rows share one (all rows are one trial without it), ``bin_in_trial`` is a row's
+position in its trial (counted in row order when not given). ``y`` is ignored: inside a
+Pipeline the trial ids go in as a step fit parameter, ``pipe.fit(X, y, vae__trial=trial)``,
+and a grouped search slices them per fold like the rows.
+
+The estimator owns the preprocessing inference must repeat: which recording channels are
+kept (static-neuron filter, fitted on the training bins) and the input unit (counts or Hz).
+Inputs to every method are raw count vectors over all recorded channels. Fitted state is in
+attributes with a trailing underscore; ``save``/``load`` write and read it as tensors and
+JSON (never pickles).
 """
 from __future__ import annotations
 
@@ -16,13 +35,36 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from schemas import SwapVAEConfig
 from schemas.session import static_filter
 from training.data import jitter_pairs
-from training.model import SwapVAE
+from training.model import SwapVAE as SwapVAENet
 
 SPACES = ("full", "content", "style")
+
+# Each flat hyperparameter and the config field it sets: (section, field), section None at the top.
+PARAMS: dict[str, tuple[str | None, str]] = {
+    "variant": (None, "variant"), "seed": (None, "seed"), "device": (None, "device"),
+    "epochs": ("optim", "epochs"), "lr": ("optim", "lr"), "batch_size": ("optim", "batch_size"),
+    "weight_decay": ("optim", "weight_decay"), "cpu_threads": ("optim", "cpu_threads"),
+    "kl_weight": ("loss", "kl_weight"), "align_weight": ("loss", "align_weight"), "swap": ("loss", "swap"),
+    "content_dim": ("model", "content_dim"), "style_dim": ("model", "style_dim"), "hidden": ("model", "hidden"),
+    "input_transform": ("model", "input_transform"),
+    "input_unit": ("data", "input_unit"), "jitter": ("data", "jitter"), "dropout_max": ("data", "dropout_max"),
+    "thin_min": ("data", "thin_min"), "static_std": ("data", "static_std"),
+}
+
+# scikit-learn's estimator checks that cannot apply to this model, each with the reason: pass
+# it as ``check_estimator(..., expected_failed_checks=...)`` (tests/test_sklearn.py does).
+EXPECTED_FAILED_CHECKS: dict[str, str] = {
+    "check_methods_subset_invariance":
+        "transform computes in float32 (the model's and the bundle's precision), and BLAS blocks a matrix "
+        "product differently for a batch of 1 than of 20 rows: a latent then differs in its last bits "
+        "(seen: 3e-7 on one value of 2560), over the check's absolute tolerance of 1e-7",
+}
 
 
 class TrainingDiverged(RuntimeError):
@@ -30,61 +72,143 @@ class TrainingDiverged(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
+    """The torch device of a config's ``device``: "auto" (CUDA when torch sees it), "cpu",
+    "cuda" (the current GPU) or "cuda:N"; RuntimeError naming what torch sees otherwise."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r} was asked for but torch sees no CUDA device")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {name!r} was asked for but torch sees {torch.cuda.device_count()} CUDA "
+                               f"device(s): cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return torch.device(name)
 
 
-class SwapVAEEstimator:
-    def __init__(self, config: SwapVAEConfig | None = None, **overrides):
-        config = config or SwapVAEConfig()
-        self.config = config.with_overrides(**overrides) if overrides else config
-        self.model_: SwapVAE | None = None
-        self.neurons_: np.ndarray | None = None
-        self.n_channels_: int | None = None
-        self.bin_size_s_: float = 0.1
-        self.history_: list[dict[str, float]] = []
-        self.train_seconds_: float = float("nan")
+def positions_in_trials(trial: np.ndarray) -> np.ndarray:
+    """Each row's position among the rows of its trial, counted in row order."""
+    order = np.argsort(trial, kind="stable")
+    ordered = trial[order]
+    starts = np.r_[0, np.flatnonzero(ordered[1:] != ordered[:-1]) + 1]
+    lengths = np.diff(np.r_[starts, len(trial)])
+    pos = np.empty(len(trial), dtype=np.int64)
+    pos[order] = np.arange(len(trial)) - np.repeat(starts, lengths)
+    return pos
+
+
+class SwapVAE(TransformerMixin, BaseEstimator):
+    """Swap-VAE on binned spike counts (the module docstring says how to use it).
+
+    Parameters: ``config`` (a ``SwapVAEConfig`` or its dict; the default recipe if None),
+    then one keyword per entry of ``PARAMS`` overriding that config field (None: keep it),
+    and ``verbose`` (a progress bar while fitting)."""
+
+    def __init__(self, *, config=None, variant=None, seed=None, device=None, epochs=None, lr=None,
+                 batch_size=None, weight_decay=None, cpu_threads=None, kl_weight=None, align_weight=None,
+                 swap=None, content_dim=None, style_dim=None, hidden=None, input_transform=None,
+                 input_unit=None, jitter=None, dropout_max=None, thin_min=None, static_std=None, verbose=False):
+        self.config = config
+        self.variant = variant
+        self.seed = seed
+        self.device = device
+        self.epochs = epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.weight_decay = weight_decay
+        self.cpu_threads = cpu_threads
+        self.kl_weight = kl_weight
+        self.align_weight = align_weight
+        self.swap = swap
+        self.content_dim = content_dim
+        self.style_dim = style_dim
+        self.hidden = hidden
+        self.input_transform = input_transform
+        self.input_unit = input_unit
+        self.jitter = jitter
+        self.dropout_max = dropout_max
+        self.thin_min = thin_min
+        self.static_std = static_std
+        self.verbose = verbose
+
+    def get_config(self) -> SwapVAEConfig:
+        """The validated config these parameters make (pydantic's ValidationError, a
+        ValueError, names a bad one)."""
+        base = self.config if self.config is not None else SwapVAEConfig()
+        if not isinstance(base, SwapVAEConfig):
+            base = SwapVAEConfig.model_validate(base)
+        changes: dict = {}
+        for name, (section, field) in PARAMS.items():
+            value = getattr(self, name)
+            if value is not None:
+                (changes if section is None else changes.setdefault(section, {}))[field] = value
+        return base.with_overrides(**changes) if changes else base
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.positive_only = True  # spike counts
+        tags.transformer_tags.preserves_dtype = ["float32"]  # the model computes in float32
+        return tags
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "model_")
 
     # -- preprocessing shared by fit and transform -------------------------------------------
     @property
     def input_scale(self) -> float:
         """Multiplier from counts to model input (1, or 1 / bin size for Hz)."""
-        return 1.0 / self.bin_size_s_ if self.config.data.input_unit == "hz" else 1.0
+        return 1.0 / self.bin_size_s_ if self.config_.data.input_unit == "hz" else 1.0
 
-    def _inputs(self, counts: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
-        self._check_fitted()
-        counts = np.asarray(counts)
-        if counts.ndim != 2 or counts.shape[1] != self.n_channels_:
-            raise ValueError(f"expected counts of shape (bins, {self.n_channels_}), got {counts.shape}")
-        x = torch.as_tensor(counts[:, self.neurons_] * self.input_scale, dtype=torch.float32)
-        return x.to(device or next(self.model_.parameters()).device)
+    def _counts(self, X, reset: bool) -> np.ndarray:
+        """X validated as a float32 (bins, channels) array of non-negative counts."""
+        X = validate_data(self, X, reset=reset, dtype=np.float32, ensure_min_samples=2 if reset else 1)
+        if (X < 0).any():
+            r, c = np.argwhere(X < 0)[0]
+            raise ValueError(f"Negative values in data passed to {type(self).__name__}: spike counts must be >= 0, "
+                             f"found {X[r, c]} at row {r}, channel {c}")
+        return X
 
-    def _check_fitted(self) -> None:
-        if self.model_ is None:
-            raise RuntimeError("this estimator is not fitted yet: call fit() or load()")
+    def _inputs(self, X) -> torch.Tensor:
+        """Model input of new bins X, on the model's device."""
+        check_is_fitted(self)
+        return self._model_input(self._counts(X, reset=False), next(self.model_.parameters()).device)
+
+    def _model_input(self, counts: np.ndarray, device: torch.device) -> torch.Tensor:
+        return torch.as_tensor(counts[:, self.neurons_] * np.float32(self.input_scale)).to(device)
 
     # -- training ------------------------------------------------------------------------------
-    def fit(self, counts: np.ndarray, trial: np.ndarray, bin_in_trial: np.ndarray, *,
-            neurons: np.ndarray | None = None, bin_size_s: float = 0.1, checkpoint: str | Path | None = None,
-            progress: bool = True) -> "SwapVAEEstimator":
-        """Train on these bins (raw counts over all channels); with ``checkpoint``, save there
-        every ``optim.checkpoint_every`` epochs and at the end."""
-        cfg = self.config
-        torch.manual_seed(cfg.seed)
-        device = resolve_device(cfg.device)
-        counts = np.asarray(counts, dtype=np.float32)
+    def fit(self, X, y=None, *, trial=None, bin_in_trial=None, neurons=None, bin_size_s: float = 0.1,
+            checkpoint: str | Path | None = None) -> "SwapVAE":
+        """Train on the bins ``X`` (raw counts over all channels, rows in time order).
+
+        ``trial``: trial id of each row (all rows one trial if None); ``bin_in_trial``: each
+        row's position in its trial (counted in row order if None); ``y``: ignored.
+        ``neurons``: the channels to keep (the static filter's choice on X if None);
+        ``bin_size_s``: the bin width, for input in Hz; ``checkpoint``: a file to save to every
+        ``optim.checkpoint_every`` epochs and at the end."""
+        cfg = self.get_config()
+        counts = self._counts(X, reset=True)
+        n = len(counts)
+        trial = np.zeros(n, dtype=np.int64) if trial is None else np.asarray(trial)
+        if trial.shape != (n,):
+            raise ValueError(f"trial must hold one id per row of X ({n}), got shape {trial.shape}")
+        bin_in_trial = positions_in_trials(trial) if bin_in_trial is None else np.asarray(bin_in_trial)
+        if bin_in_trial.shape != (n,):
+            raise ValueError(f"bin_in_trial must hold one position per row of X ({n}), got shape {bin_in_trial.shape}")
         if cfg.data.thin_min < 1 and not np.array_equal(counts, np.round(counts)):
             raise ValueError("spike thinning (data.thin_min < 1) needs whole spike counts, and these have "
                              "fractional values: pass counts, or set data.thin_min to 1")
-        self.n_channels_, self.bin_size_s_ = counts.shape[1], float(bin_size_s)
-        self.neurons_ = np.asarray(neurons) if neurons is not None else static_filter(counts, cfg.data.static_std)
-        n_in = len(self.neurons_)
-        self.model_ = build_model(cfg, n_in).to(device)
-        x = self._inputs(counts, device)
-        pairs = torch.as_tensor(jitter_pairs(np.asarray(trial), np.asarray(bin_in_trial), cfg.data.jitter), device=device)
+        keep = np.asarray(neurons) if neurons is not None else static_filter(counts, cfg.data.static_std)
+        if keep.size == 0:
+            raise ValueError(f"every channel of X is static (std <= data.static_std = {cfg.data.static_std}): "
+                             f"nothing to learn from")
+        device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.config_, self.bin_size_s_, self.neurons_ = cfg, float(bin_size_s), keep
+        self.channel_mean_ = counts.mean(axis=0)
+        self.model_ = build_model(cfg, len(keep)).to(device)
+        x = self._model_input(counts, device)
+        pairs = torch.as_tensor(jitter_pairs(trial, bin_in_trial, cfg.data.jitter), device=device)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         # fused: one kernel for all parameters instead of a Python loop of small ops per step
         opt = torch.optim.Adam(self.model_.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
@@ -92,11 +216,12 @@ class SwapVAEEstimator:
         steps_per_epoch = max(1, len(x) // cfg.optim.batch_size)
         checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.history_ = []
+        self.train_seconds_ = float("nan")
         threads = torch.get_num_threads()
         try:
             if device.type == "cpu":
                 torch.set_num_threads(cfg.optim.cpu_threads or self._calibrate_threads(x, pairs, threads))
-            self._train(x, pairs, gen, opt, steps_per_epoch, checkpoint, progress)
+            self._train(x, pairs, gen, opt, steps_per_epoch, checkpoint)
         finally:
             torch.set_num_threads(threads)
         self.model_.eval()
@@ -104,9 +229,9 @@ class SwapVAEEstimator:
             self.save(checkpoint)
         return self
 
-    def _step(self, model: SwapVAE, opt, x: torch.Tensor, pairs: torch.Tensor, gen: torch.Generator) -> dict:
+    def _step(self, model: SwapVAENet, opt, x: torch.Tensor, pairs: torch.Tensor, gen: torch.Generator) -> dict:
         """One optimiser step on a batch of in-trial view pairs; returns the loss terms."""
-        cfg = self.config
+        cfg = self.config_
         idx = pairs[torch.randint(len(pairs), (cfg.optim.batch_size,), generator=gen, device=x.device)]
         x1, x2 = x[idx.T.reshape(-1)].chunk(2)  # one gather for both views
         if cfg.data.dropout_max > 0:  # the dropped bin is the view and its target
@@ -132,14 +257,14 @@ class SwapVAEEstimator:
         if cores < 2:
             return 1
         scratch = copy.deepcopy(self.model_)
-        opt = torch.optim.Adam(scratch.parameters(), lr=self.config.optim.lr, fused=True)
+        opt = torch.optim.Adam(scratch.parameters(), lr=self.config_.optim.lr, fused=True)
         gen = torch.Generator(device=x.device).manual_seed(0)
         with torch.random.fork_rng(devices=[]):
             return choose_threads(lambda: self._step(scratch, opt, x, pairs, gen), (cores, 1))
 
-    def _train(self, x, pairs, gen, opt, steps_per_epoch, checkpoint, progress) -> None:
-        cfg, device = self.config, x.device
-        bar = _progress(cfg.optim.epochs, progress)
+    def _train(self, x, pairs, gen, opt, steps_per_epoch, checkpoint) -> None:
+        cfg, device = self.config_, x.device
+        bar = _progress(cfg.optim.epochs, self.verbose)
         terms = ("loss", "rec", "kl", "align")
         start = time.perf_counter()
         self.model_.train()
@@ -167,46 +292,65 @@ class SwapVAEEstimator:
 
     # -- inference -----------------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def encode(self, X) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The encoder's outputs for each bin: content c, style mean mu, style log-variance."""
+        x = self._inputs(X)
         self.model_.eval()
-        return tuple(t.cpu().numpy() for t in self.model_.encoder(self._inputs(counts)))
+        return tuple(t.cpu().numpy() for t in self.model_.encoder(x))
 
     @torch.no_grad()
-    def transform(self, counts: np.ndarray, space: str = "full") -> np.ndarray:
-        """Frozen representation of each bin: ``full`` = [c, mu], ``content`` = c, ``style`` = mu."""
+    def transform(self, X, space: str = "full") -> np.ndarray:
+        """Frozen representation of each bin (float32): ``full`` = [c, mu], ``content`` = c,
+        ``style`` = mu."""
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+        x = self._inputs(X)
         self.model_.eval()
-        z = self.model_.represent(self._inputs(counts)).cpu().numpy()
-        k = self.config.model.content_dim
+        z = self.model_.represent(x).cpu().numpy()
+        k = self.config_.model.content_dim
         return {"full": z, "content": z[:, :k], "style": z[:, k:]}[space]
 
     @torch.no_grad()
     def decode(self, z: np.ndarray) -> np.ndarray:
-        """Firing rates g(z) of latents z = [c, s] (content, then style), in the model's input unit."""
-        self._check_fitted()
+        """Firing rates g(z) of latents z = [c, s] (content, then style), in the model's input
+        unit, over the kept neurons."""
+        check_is_fitted(self)
+        width = self.config_.model.content_dim + self.config_.model.style_dim
+        z = check_array(z, dtype=np.float32)
+        if z.shape[1] != width:
+            raise ValueError(f"latents must have {width} columns ([c, s]: content then style), got {z.shape[1]}")
         self.model_.eval()
-        device = next(self.model_.parameters()).device
-        return self.model_.decoder(torch.as_tensor(np.asarray(z), dtype=torch.float32, device=device)).cpu().numpy()
+        return self.model_.decoder(torch.as_tensor(z, device=next(self.model_.parameters()).device)).cpu().numpy()
+
+    def inverse_transform(self, X) -> np.ndarray:
+        """Expected spike counts per bin over every recorded channel, from latents [c, s] (what
+        ``transform`` gives): the decoder's rates in counts, and the channels the static filter
+        dropped at their mean over the training bins."""
+        rates = self.decode(X) / np.float32(self.input_scale)
+        out = np.repeat(self.channel_mean_[None, :].astype(np.float32), len(rates), axis=0)
+        out[:, self.neurons_] = rates
+        return out
 
     @torch.no_grad()
-    def reconstruct(self, counts: np.ndarray) -> np.ndarray:
-        """Denoised firing rates g([c, mu]) in the model's input unit, over the kept neurons."""
+    def reconstruct(self, X) -> np.ndarray:
+        """Denoised firing rates g([c, mu]) in the model's input unit, over the kept neurons
+        (the bundle's ``rates`` output)."""
+        x = self._inputs(X)
         self.model_.eval()
-        return self.model_(self._inputs(counts)).cpu().numpy()
+        return self.model_(x).cpu().numpy()
 
     # -- persistence (no pickled objects: tensors and plain JSON only) -----------------------
     def save(self, path: str | Path) -> Path:
         """Write the fitted model to ``path`` atomically: a crash mid-write never clobbers the
         last good checkpoint."""
-        self._check_fitted()
+        check_is_fitted(self)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {
             "state_dict": {k: v.detach().cpu() for k, v in self.model_.state_dict().items()},
             "neurons": torch.as_tensor(self.neurons_, dtype=torch.int64),
-            "meta": json.dumps({"config": self.config.model_dump(mode="json"), "n_channels": self.n_channels_,
+            "channel_mean": torch.as_tensor(self.channel_mean_, dtype=torch.float32),
+            "meta": json.dumps({"config": self.config_.model_dump(mode="json"), "n_channels": self.n_features_in_,
                                 "bin_size_s": self.bin_size_s_, "history": self.history_,
                                 "train_seconds": self.train_seconds_}),
         }
@@ -216,17 +360,22 @@ class SwapVAEEstimator:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu") -> "SwapVAEEstimator":
+    def load(cls, path: str | Path, device: str = "cpu") -> "SwapVAE":
+        """A fitted estimator from a checkpoint ``save`` wrote, its model on ``device``."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such checkpoint file")
         state = torch.load(path, map_location=device, weights_only=True)
         meta = json.loads(state["meta"])
-        est = cls(SwapVAEConfig.model_validate(meta["config"]))
+        est = cls(config=SwapVAEConfig.model_validate(meta["config"]))
+        est.config_ = est.config
         est.neurons_ = state["neurons"].numpy()
-        est.n_channels_, est.bin_size_s_ = meta["n_channels"], meta["bin_size_s"]
+        est.n_features_in_, est.bin_size_s_ = meta["n_channels"], meta["bin_size_s"]
+        # checkpoints from before inverse_transform: the dropped channels were static, mostly silent
+        est.channel_mean_ = (state["channel_mean"].numpy() if "channel_mean" in state
+                             else np.zeros(est.n_features_in_, dtype=np.float32))
         est.train_seconds_, est.history_ = meta["train_seconds"], meta["history"]
-        est.model_ = build_model(est.config, len(est.neurons_))
+        est.model_ = build_model(est.config_, len(est.neurons_))
         est.model_.load_state_dict(state["state_dict"])
         est.model_.to(device).eval()
         return est
@@ -251,9 +400,9 @@ def choose_threads(step, choices: tuple[int, ...], rounds: int = 3) -> int:
     return best
 
 
-def build_model(cfg: SwapVAEConfig, n_in: int) -> SwapVAE:
+def build_model(cfg: SwapVAEConfig, n_in: int) -> SwapVAENet:
     m = cfg.model
-    return SwapVAE(n_in, m.hidden_sizes(n_in), m.content_dim, m.style_dim, m.input_transform)
+    return SwapVAENet(n_in, m.hidden_sizes(n_in), m.content_dim, m.style_dim, m.input_transform)
 
 
 def _thin(x: torch.Tensor, p_min: float, scale: float, gen: torch.Generator) -> torch.Tensor:

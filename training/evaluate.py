@@ -214,7 +214,7 @@ def evaluate(estimator, split: Split, cfg: ReadoutConfig) -> tuple[dict, Readout
         return {"readout": "skipped: the session has no reach labels (target, velocity)"}, None
     metrics, fit = representation_metrics(estimator.transform(split.train.counts),
                                           estimator.transform(split.test.counts), split, cfg)
-    if estimator.config.model.content_dim:
+    if estimator.config_.model.content_dim:
         for space in ("content", "style"):
             _, acc, dacc = readout_scores(estimator.transform(split.train.counts, space),
                                           estimator.transform(split.test.counts, space), split, cfg)

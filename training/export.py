@@ -23,7 +23,7 @@ from runtime.reach import classes_of_angles
 from schemas.manifest import (CORE_FIELDS, MANIFEST, BundleManifest, Direction, Evaluation, GraphSpec, Quantization,
                               ReadoutSpec, TrainingInfo, graph_io)
 from runtime.bundle import SIGNATURE, load_private_key, sign_manifest
-from training.estimator import SwapVAEEstimator
+from training.estimator import SwapVAE
 from training.evaluate import Readout
 from training.graphs import (Affine, ExportError, build_graphs, fold_input, fold_sequential, package_version,
                              quantize_int8, readout_heads)
@@ -54,11 +54,11 @@ def export_bundle(run_dir: str | Path, out: str | Path, opset: int = 17, weights
     quant = None
     if weights == "int8":
         graphs["decode"], quant = quantize_checked(graphs["decode"], est, readout, bins)
-    info = TrainingInfo(config=est.config.model_dump(mode="json"), metrics=run.metrics(),
+    info = TrainingInfo(config=est.config_.model_dump(mode="json"), metrics=run.metrics(),
                         data=run.source()["data"],
                         session=loaded.session.name, epochs_done=len(est.history_) or None,
-                        evaluation=Evaluation(train_fraction=est.config.data.train_fraction,
-                                              speed_threshold=est.config.readout.speed_threshold))
+                        evaluation=Evaluation(train_fraction=est.config_.data.train_fraction,
+                                              speed_threshold=est.config_.readout.speed_threshold))
     return write_bundle(out, graphs, core, info, opset, weights, quant, key,
                         verify=lambda stage: verify_bundle(stage, est, readout, bins, key))
 
@@ -76,7 +76,7 @@ def _check_request(out: Path, opset: int, weights: str) -> None:
         raise ExportError(f"{out} exists and is not a bundle directory; refusing to overwrite it")
 
 
-def manifest_core(est: SwapVAEEstimator, readout: Readout | None) -> dict:
+def manifest_core(est: SwapVAE, readout: Readout | None) -> dict:
     """The manifest's CORE_FIELDS: what a client sends and what the graphs compute."""
     cfg = est.config
     spec = None
@@ -87,7 +87,7 @@ def manifest_core(est: SwapVAEEstimator, readout: Readout | None) -> dict:
             raise ExportError(f"readout: {e}") from None
         direction = Direction(classes=tuple(int(c) for c in classes), angles_rad=tuple(float(a) for a in readout.class_angles))
         spec = ReadoutSpec(history_bins=readout.history_bins, direction=direction).model_dump(mode="json")
-    core = {"n_channels": est.n_channels_, "neurons": [int(i) for i in est.neurons_], "bin_size_s": est.bin_size_s_,
+    core = {"n_channels": est.n_features_in_, "neurons": [int(i) for i in est.neurons_], "bin_size_s": est.bin_size_s_,
             "input_unit": cfg.data.input_unit, "input_scale": est.input_scale,
             "input_transform": cfg.model.input_transform,
             "rates_unit": "hz" if cfg.data.input_unit == "hz" else "counts_per_bin",
@@ -96,27 +96,27 @@ def manifest_core(est: SwapVAEEstimator, readout: Readout | None) -> dict:
     return core
 
 
-def fold_model(est: SwapVAEEstimator) -> tuple[list[Affine], list[Affine]]:
+def fold_model(est: SwapVAE) -> tuple[list[Affine], list[Affine]]:
     """The encoder and decoder as affine layers, the input selection and scale in the first."""
     cfg = est.config
     enc = fold_sequential(est.model_.encoder.net)
     # sqrt(scale * x) = sqrt(scale) * sqrt(x): the scale still folds into the first layer
     scale = np.sqrt(est.input_scale) if cfg.model.input_transform == "sqrt" else est.input_scale
-    enc[0] = fold_input(enc[0], np.asarray(est.neurons_, dtype=np.int64), est.n_channels_, scale)
+    enc[0] = fold_input(enc[0], np.asarray(est.neurons_, dtype=np.int64), est.n_features_in_, scale)
     return enc, fold_sequential(est.model_.decoder.net)
 
 
-def quantize_checked(decode: onnx.ModelProto, est: SwapVAEEstimator, readout: Readout | None,
+def quantize_checked(decode: onnx.ModelProto, est: SwapVAE, readout: Readout | None,
                      bins: CheckBins) -> tuple[onnx.ModelProto, Quantization]:
     """The int8 decode graph and its measured distance from the fp32 model, one bin per call;
     ExportError beyond INT8_LIMITS."""
-    if est.config.model.input_transform != "identity":
+    if est.config_.model.input_transform != "identity":
         raise ExportError(f"int8 weights need whole counts into the first layer; input_transform "
-                          f"{est.config.model.input_transform!r} is not supported with them: export with fp32 weights")
+                          f"{est.config_.model.input_transform!r} is not supported with them: export with fp32 weights")
     q = quantize_int8(decode)
     k = readout.history_bins if readout else 1
     got = run_decode(q, bins, k, per_bin=True)
-    got["content"] = got["latent"][:, :est.config.model.content_dim]
+    got["content"] = got["latent"][:, :est.config_.model.content_dim]
     quant = measure_quantization(got, reference(est, readout, bins))
     check_quantization(quant)
     return q, quant

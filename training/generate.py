@@ -33,12 +33,12 @@ def generate(estimator, content_counts: np.ndarray, n: int, rng: np.random.Gener
     """``n`` new bins whose content comes from random rows of ``content_counts`` (bins of one
     direction) and whose style is drawn from the prior or taken from random rows of
     ``style_counts``. Returns (Poisson counts, rates), both over the kept neurons."""
-    if estimator.config.model.content_dim == 0:
+    if estimator.config_.model.content_dim == 0:
         raise ValueError("this model has no content block to condition on (a VAE variant)")
     c, _ = encode(estimator, content_counts)
     c = c[rng.integers(len(c), size=n)]
     if style == "prior":
-        s = rng.standard_normal((n, estimator.config.model.style_dim))
+        s = rng.standard_normal((n, estimator.config_.model.style_dim))
     elif style == "bins":
         if style_counts is None:
             raise ValueError("style='bins' needs style_counts")

@@ -23,6 +23,7 @@ import numpy as np
 
 from runtime.reach import classes_of_angles, r2_scores
 from schemas.session import Session, Split
+from training.data import load_options
 from training.evaluate import Readout, fit_readout, raw_rates
 from training.metrics import TEMPORAL_BINS, trial_average
 from training.robustness import lost_channel_scores
@@ -42,7 +43,7 @@ def _plt():
 
 
 def _spaces(est) -> list[str]:
-    return ["content", "style"] if est.config.model.content_dim else ["full"]
+    return ["content", "style"] if est.config_.model.content_dim else ["full"]
 
 
 def _pca(z_fit: np.ndarray, k: int = 2):
@@ -99,7 +100,7 @@ def plot_embedding(est, split: Split, path: Path) -> None:
 
 def plot_trajectories(est, split: Split, path: Path, n_time: int = TEMPORAL_BINS) -> None:
     plt = _plt()
-    spaces = [*_spaces(est), "full"] if est.config.model.content_dim else ["full"]
+    spaces = [*_spaces(est), "full"] if est.config_.model.content_dim else ["full"]
     session = _concat(split)
     n_dir = int(session.target.max()) + 1
     n_time = min(n_time, int(session.bin_in_trial.max()) + 1)
@@ -163,7 +164,7 @@ def plot_reconstruction(est, split: Split, path: Path, n_time: int = TEMPORAL_BI
 def plot_generation(est, split: Split, path: Path, seed: int = 0) -> bool:
     """Per direction and neuron: mean rate of real training bins vs of generated bins whose
     content comes from those bins and style from the prior. False if the model has no content."""
-    if not est.config.model.content_dim:
+    if not est.config_.model.content_dim:
         return False
     from training.generate import generate
 
@@ -279,12 +280,13 @@ def _concat(split: Split) -> Session:
                    cat(a.target, b.target), cat(a.velocity, b.velocity), a.bin_size_s, a.name)
 
 
-def write_report(run_dir: str | Path, data: str | None = None, out: str | Path | None = None) -> list[Path]:
+def write_report(run_dir: str | Path, data: str | None = None, out: str | Path | None = None,
+                 options: dict | None = None) -> list[Path]:
+    """The figures of a run (on its own data unless ``data`` is given); those drawn by reach
+    direction only for a session with labels."""
     run = RunDir(run_dir)
-    loaded = run.load(data)
+    loaded = run.load(data, options=options)
     est, split, cfg = loaded.estimator, loaded.split, loaded.config.readout
-    if not split.train.has_labels:
-        raise ValueError(f"{loaded.session.name} has no reach labels: the figures are drawn by direction")
     out = Path(out) if out is not None else run.path / FIGURES_DIR
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -293,12 +295,14 @@ def write_report(run_dir: str | Path, data: str | None = None, out: str | Path |
         if plot(*a, out / name) is not False:
             written.append(out / name)
 
+    if est.history_:
+        draw("training_curves.png", plot_training_curves, est.history_)
+    if not split.train.has_labels:
+        return written
     draw("embedding.png", plot_embedding, est, split)
     draw("trajectories.png", plot_trajectories, est, split)
     draw("reconstruction.png", plot_reconstruction, est, split)
     draw("generation.png", plot_generation, est, split)
-    if est.history_:
-        draw("training_curves.png", plot_training_curves, est.history_)
     readout = run.readout()
     z_test = est.transform(split.test.counts)
     draw("confusion.png", plot_confusion, readout, z_test, split.test, cfg)
@@ -308,6 +312,9 @@ def write_report(run_dir: str | Path, data: str | None = None, out: str | Path |
 
 
 def report_command(args) -> int:
-    for path in write_report(args.run_dir, args.data, args.out):
+    written = write_report(args.run_dir, args.data, args.out, load_options(args))
+    for path in written:
         print(path)
+    if not any(p.name == "embedding.png" for p in written):
+        print("the session has no reach labels (target, velocity): the figures by direction were skipped")
     return 0

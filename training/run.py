@@ -7,20 +7,23 @@ from pathlib import Path
 
 from schemas import SwapVAEConfig
 from schemas.session import split_session
-from training.data import load_session
-from training.estimator import SwapVAEEstimator
+from training.data import load_options, load_session
+from training.estimator import SwapVAE
 from training.evaluate import evaluate
 from training.rundir import RunDir
 
 
-def train_run(data: str, out: str | Path, config: SwapVAEConfig, progress: bool = True) -> dict:
-    """Load, split, fit, evaluate; write everything into ``out``; return the metrics."""
-    session = load_session(data, min_trials=config.data.min_trials)
+def train_run(data: str, out: str | Path, config: SwapVAEConfig, progress: bool = True,
+              options: dict | None = None) -> dict:
+    """Load (``options``: ``load_session``'s keywords for an NWB file), split, fit, evaluate;
+    write everything into ``out``; return the metrics."""
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    session = load_session(data, min_trials=config.data.min_trials, **options)
     split = split_session(session, config.data.train_fraction, config.data.static_std)
-    run = RunDir.create(out, config, data, session.name)
-    est = SwapVAEEstimator(config).fit(split.train.counts, split.train.trial, split.train.bin_in_trial,
-                                       neurons=split.neurons, bin_size_s=session.bin_size_s,
-                                       checkpoint=run.checkpoint, progress=progress)
+    run = RunDir.create(out, config, data, session.name, options)
+    est = SwapVAE(config=config, verbose=progress).fit(
+        split.train.counts, trial=split.train.trial, bin_in_trial=split.train.bin_in_trial, neurons=split.neurons,
+        bin_size_s=session.bin_size_s, checkpoint=run.checkpoint)
     run.save_history(est.history_)
     metrics, readout = evaluate(est, split, config.readout)
     metrics["train_seconds"] = est.train_seconds_
@@ -30,9 +33,9 @@ def train_run(data: str, out: str | Path, config: SwapVAEConfig, progress: bool 
     return metrics
 
 
-def evaluate_run(run_dir: str | Path, data: str | None = None) -> dict:
+def evaluate_run(run_dir: str | Path, data: str | None = None, options: dict | None = None) -> dict:
     """The run's metrics again (on its own data, or on ``data`` with the same split rule)."""
-    loaded = RunDir(run_dir).load(data)
+    loaded = RunDir(run_dir).load(data, options=options)
     metrics, _ = evaluate(loaded.estimator, loaded.split, loaded.config.readout)
     metrics["train_seconds"] = loaded.estimator.train_seconds_
     return metrics
@@ -81,13 +84,13 @@ def train_command(args) -> int:
     if args.epochs:
         raw["optim"] = {**raw.get("optim", {}), "epochs": args.epochs}
     config = SwapVAEConfig.model_validate(raw)
-    metrics = train_run(args.data, args.out, config, progress=not args.quiet)
+    metrics = train_run(args.data, args.out, config, progress=not args.quiet, options=load_options(args))
     print(format_table(metrics))
     print(f"run written to {args.out}")
     return 0
 
 
 def evaluate_command(args) -> int:
-    metrics = evaluate_run(args.run_dir, args.data)
+    metrics = evaluate_run(args.run_dir, args.data, load_options(args))
     print(json.dumps(metrics) if args.json else format_table(metrics))
     return 0

@@ -5,7 +5,8 @@
     history.json    the loss terms per epoch, readable
     readout.json    the fitted readouts, plain arrays
     metrics.json    the evaluation
-    run.json        where the data came from, so later steps rebuild the same split
+    run.json        where the data came from (and how an NWB file was read), so later steps
+                    rebuild the same session and split
 
 ``swapvae train`` writes one; ``evaluate``, ``report`` and ``export`` reopen it with
 ``RunDir(path).load()``: the estimator, its session and the split it was trained on.
@@ -18,8 +19,8 @@ from pathlib import Path
 
 from schemas import SwapVAEConfig
 from schemas.session import Session, Split, split_session
-from training.data import load_session
-from training.estimator import SwapVAEEstimator
+from training.data import NWB_OPTIONS, load_session
+from training.estimator import SwapVAE
 from training.evaluate import Readout
 
 CONFIG, CHECKPOINT, HISTORY = "config.json", "checkpoint.pt", "history.json"
@@ -29,13 +30,13 @@ FIGURES_DIR = "figures"
 
 @dataclass(frozen=True)
 class LoadedRun:
-    estimator: SwapVAEEstimator
+    estimator: SwapVAE
     session: Session
     split: Split
 
     @property
     def config(self) -> SwapVAEConfig:
-        return self.estimator.config
+        return self.estimator.config_
 
 
 class RunDir:
@@ -47,11 +48,17 @@ class RunDir:
         return self.path / CHECKPOINT
 
     @classmethod
-    def create(cls, path: str | Path, config: SwapVAEConfig, data: str, session: str) -> "RunDir":
+    def create(cls, path: str | Path, config: SwapVAEConfig, data: str, session: str,
+               options: dict | None = None) -> "RunDir":
+        """A run directory for ``config`` trained on ``data`` (read with the ``load_session``
+        keywords ``options``)."""
         run = cls(path)
         run.path.mkdir(parents=True, exist_ok=True)
         (run.path / CONFIG).write_text(config.model_dump_json(indent=2))
-        (run.path / SOURCE).write_text(json.dumps({"data": str(data), "session": session}))
+        source = {"data": str(data), "session": session}
+        if options:
+            source["options"] = dict(options)
+        (run.path / SOURCE).write_text(json.dumps(source))
         return run
 
     def _need(self, name: str, hint: str) -> Path:
@@ -61,8 +68,8 @@ class RunDir:
         return path
 
     # -- what a run holds -------------------------------------------------------------------------
-    def estimator(self, device: str = "cpu") -> SwapVAEEstimator:
-        return SwapVAEEstimator.load(self._need(CHECKPOINT, f"is {self.path} a training run directory?"), device)
+    def estimator(self, device: str = "cpu") -> SwapVAE:
+        return SwapVAE.load(self._need(CHECKPOINT, f"is {self.path} a training run directory?"), device)
 
     def save_history(self, history: list[dict]) -> None:
         (self.path / HISTORY).write_text(json.dumps(history))
@@ -81,17 +88,26 @@ class RunDir:
         (self.path / METRICS).write_text(json.dumps(metrics, indent=2))
 
     def source(self) -> dict:
-        """``{"data": ..., "session": ...}``: what the run was trained on."""
+        """``{"data": ..., "session": ..., "options": {...}}``: what the run was trained on, and
+        the ``load_session`` keywords it was read with (NWB files; absent otherwise)."""
         return json.loads(self._need(SOURCE, "pass the data explicitly").read_text())
 
     # -- reopening a run ------------------------------------------------------------------------
-    def load(self, data: str | None = None, device: str = "cpu") -> LoadedRun:
+    def load(self, data: str | None = None, device: str = "cpu", options: dict | None = None) -> LoadedRun:
         """The estimator, the session (the run's own data unless ``data`` is given) and the
-        split the run's config makes of it."""
+        split the run's config makes of it. An NWB file is read with the run's own NWB options,
+        each replaced by one given in ``options``."""
         est = self.estimator(device)
-        data = data if data is not None else self.source()["data"]
-        cfg = est.config
-        session = load_session(data, min_trials=cfg.data.min_trials)
-        if session.n_neurons != est.n_channels_:
-            raise ValueError(f"{data} has {session.n_neurons} channels but the run was trained on {est.n_channels_}")
+        saved = self.source() if data is None or (self.path / SOURCE).is_file() else {}
+        data = data if data is not None else saved["data"]
+        options = {k: v for k, v in (options or {}).items() if v is not None}
+        if str(data).endswith(".nwb"):
+            options = {**{k: v for k, v in saved.get("options", {}).items() if k in NWB_OPTIONS}, **options}
+        cfg = est.config_
+        session = load_session(data, min_trials=cfg.data.min_trials, **options)
+        if session.n_neurons != est.n_features_in_:
+            raise ValueError(f"{data} has {session.n_neurons} channels but the run was trained on {est.n_features_in_}")
+        if abs(session.bin_size_s - est.bin_size_s_) > 1e-9:
+            raise ValueError(f"{data} has bins of {session.bin_size_s:g} s but the run was trained on bins of "
+                             f"{est.bin_size_s_:g} s")
         return LoadedRun(est, session, split_session(session, cfg.data.train_fraction, cfg.data.static_std))

@@ -19,7 +19,7 @@ from runtime.history import StreamHistory, causal_windows
 from runtime.reach import classes_of_angles, resultant
 from schemas.manifest import MANIFEST, BundleManifest, Quantization, graph_io
 from schemas.session import Split
-from training.estimator import SwapVAEEstimator
+from training.estimator import SwapVAE
 from training.evaluate import Readout
 from training.graphs import ExportError
 
@@ -50,7 +50,7 @@ def check_bins(split: Split) -> CheckBins:
                      np.r_[test.trial, last + 1, last + 2])
 
 
-def reference(est: SwapVAEEstimator, readout: Readout | None, bins: CheckBins) -> dict[str, np.ndarray]:
+def reference(est: SwapVAE, readout: Readout | None, bins: CheckBins) -> dict[str, np.ndarray]:
     """What every graph and the engine must reproduce: torch model and numpy readout."""
     c, mu, logvar = (a.astype(np.float64) for a in est.encode(bins.counts))
     z = np.concatenate([c, mu], axis=1)
@@ -62,7 +62,7 @@ def reference(est: SwapVAEEstimator, readout: Readout | None, bins: CheckBins) -
         w = readout.windows(z, bins.trial)
         p = readout.proba(w)
         r = resultant(p, readout.class_angles)
-        classes = classes_of_angles(readout.class_angles, est.config.readout.n_directions)
+        classes = classes_of_angles(readout.class_angles, est.config_.readout.n_directions)
         ref.update(window=w, proba=p, direction=classes[p.argmax(1)], angle=readout.angle(w), resultant=r,
                    resultant_length=np.hypot(*r.T), velocity=readout.velocity(w))
     return ref
@@ -152,7 +152,7 @@ def check_quantization(quant: Quantization) -> None:
                           + "; export with fp32 weights")
 
 
-def verify_bundle(bundle: Path, est: SwapVAEEstimator, readout: Readout | None, bins: CheckBins,
+def verify_bundle(bundle: Path, est: SwapVAE, readout: Readout | None, bins: CheckBins,
                   key=None) -> None:
     """Every graph under plain ONNX Runtime, and the runtime engine (a trial per call, and one
     bin per call; trusting only ``key``'s public half when the bundle is signed), must
