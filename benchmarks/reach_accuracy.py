@@ -5,10 +5,12 @@
     python benchmarks/reach_accuracy.py --validation --set '{"data": {"dropout_max": 0.3}}'
 
 Rows: Swap-VAE with the product readout (a causal window of the last k latents, k and the
-penalties by CV grouped by training trial) and with the paper's per-bin protocol (k = 1);
-Swap-VAE trained with neuron dropout (the paper's "Drop": p ~ U(0, 0.6) per sample, as the
-released code draws it); raw rates of the kept neurons under the same rules (their velocity
-head with history is the classic Wiener filter); and, with ``--cebra``, CEBRA-Time (the
+penalties by CV grouped by training trial, the direction head also trained on silenced
+copies of the training bins) and with the paper's per-bin protocol (k = 1); the same model
+trained without neuron dropout and with the paper's "Drop" (p ~ U(0, 0.6) per sample, as the
+released code draws it; the default is U(0, 0.3)); raw rates of the kept neurons under the
+same rules (their velocity head with history is the classic Wiener filter); and, with
+``--cebra``, CEBRA-Time (the
 ``cebra`` package: an MLP encoder of about Swap-VAE's size, time-contrastive, fitted on the
 training bins, its 128-d embedding read out by the same rules; settings in the JSON).
 Direction: acc / delta-acc on the moving test bins; velocity: R^2 (mean of vx, vy) on all
@@ -39,12 +41,13 @@ from schemas import SwapVAEConfig
 from schemas.session import split_session
 from training.data import load_session
 from training.estimator import SwapVAE
-from training.evaluate import raw_rate_baseline, raw_rates, representation_metrics
+from training.evaluate import raw_rates, representation_metrics
 from training.robustness import FRACTIONS, lost_channel_scores
 
 KEYS = ("reach_acc", "reach_delta_acc", "velocity_r2", "reach_acc_per_bin", "reach_delta_acc_per_bin",
         "velocity_r2_per_bin", "history_bins")
-DROP = {"data": {"dropout_max": 0.6}}
+VARIANTS = {"Swap-VAE, no dropout": {"data": {"dropout_max": 0.0}},
+            "Swap-VAE, dropout 0.6 (paper)": {"data": {"dropout_max": 0.6}}}
 CEBRA_SETTINGS = {"model_architecture": "offset1-model", "conditional": "time", "time_offsets": 10,
                   "output_dimension": 128, "num_hidden_units": 128, "batch_size": 256, "learning_rate": 3e-4,
                   "temperature": 1.0, "distance": "cosine"}
@@ -71,7 +74,7 @@ def fit_cebra(split, bin_size_s: float, seed: int, steps: int):
 
 
 def model_row(represent, split, cfg, lost: bool, seed: int, draws: int) -> dict:
-    metrics, fit = representation_metrics(represent(split.train.counts), represent(split.test.counts), split, cfg)
+    metrics, fit = representation_metrics(represent, split, split.neurons, cfg, seed)
     if lost:
         metrics["lost"] = lost_channel_scores(represent, fit.readout, split, split.neurons, cfg, draws=draws, seed=seed)
     return metrics
@@ -115,7 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", default="{}", help="JSON overrides merged into the config's sections")
     p.add_argument("--validation", action="store_true", help="score on a validation split of the training trials")
     p.add_argument("--cebra", action="store_true", help="add CEBRA-Time (needs the cebra package)")
-    p.add_argument("--no-drop", action="store_true", help="skip the dropout-trained Swap-VAE")
+    p.add_argument("--no-variants", action="store_true", help="skip the dropout variants of Swap-VAE")
     p.add_argument("--no-lost", action="store_true", help="skip the lost-channel scores")
     p.add_argument("--draws", type=int, default=5, help="random draws per lost-channel fraction")
     p.add_argument("--out", default="results/reach_accuracy.json")
@@ -130,9 +133,8 @@ def main(argv=None) -> int:
         split = split_session(split.train, config.data.train_fraction, config.data.static_std)
     steps = config.optim.epochs * max(1, split.train.n_bins // config.optim.batch_size)
     lost = not args.no_lost
-    raw_metrics, raw_fit = raw_rate_baseline(split, split.neurons, cfg)
+    raw_cfg = cfg.model_copy(update={"scaling": "feature"})
     to_rates = lambda c: c[:, split.neurons] / session.bin_size_s  # noqa: E731
-    raw_row = {k.removeprefix("raw_"): v for k, v in raw_metrics.items()}  # the same every seed
 
     runs, timing = [], Counter()
     for seed in range(args.seeds):
@@ -141,17 +143,16 @@ def main(argv=None) -> int:
         est = fit_swap(config, split, session.bin_size_s, seed)
         timing["swap_vae_train_s"] += est.train_seconds_
         row["Swap-VAE"] = model_row(est.transform, split, cfg, lost, seed, args.draws)
-        if not args.no_drop:
-            drop = fit_swap(SwapVAEConfig.model_validate(merge(config.model_dump(), DROP)), split, session.bin_size_s, seed)
-            row["Swap-VAE + dropout 0.6"] = model_row(drop.transform, split, cfg, lost, seed, args.draws)
+        for name, change in ({} if args.no_variants else VARIANTS).items():
+            variant = fit_swap(SwapVAEConfig.model_validate(merge(config.model_dump(), change)), split,
+                               session.bin_size_s, seed)
+            row[name] = model_row(variant.transform, split, cfg, lost, seed, args.draws)
         if args.cebra:
             t_cebra = time.perf_counter()
             row["CEBRA-Time"] = model_row(fit_cebra(split, session.bin_size_s, seed, steps), split, cfg, lost, seed,
                                           args.draws)
             timing["cebra_s"] += time.perf_counter() - t_cebra
-        row["raw rates"] = {**raw_row, "lost": lost_channel_scores(to_rates, raw_fit.readout, split, split.neurons,
-                                                                     cfg.model_copy(update={"scaling": "feature"}),
-                                                                     draws=args.draws, seed=seed)} if lost else raw_row
+        row["raw rates"] = model_row(to_rates, split, raw_cfg, lost, seed, args.draws)
         runs.append(row)
         print(f"seed {seed} ({time.perf_counter() - t:.0f} s): " + "  ".join(
             f"{m} {r['reach_acc']:.3f}/{r['reach_delta_acc']:.3f}/R2 {r['velocity_r2']:.3f} (k={r['history_bins']})"
@@ -165,7 +166,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "data": args.data, "scored_on": scored_on, "config": config.model_dump(mode="json"), "dropout_variant": DROP,
+        "data": args.data, "scored_on": scored_on, "config": config.model_dump(mode="json"), "variants": VARIANTS,
         "cebra": {**CEBRA_SETTINGS, "max_iterations": steps} if args.cebra else None,
         "lost_fractions": FRACTIONS, "draws": args.draws, "seeds": runs, "summary": summary,
         "timing": {k: v / args.seeds for k, v in timing.items()},

@@ -27,13 +27,14 @@ def _fit(split, config, **kw):
                                                bin_in_trial=split.train.bin_in_trial, neurons=split.neurons, **kw)
 
 
-@pytest.mark.parametrize("thin_min", [1.0, 0.3])
-def test_short_training_learns_direction(split, thin_min):
+@pytest.mark.parametrize("thin_min, dropout_max", [(1.0, 0.0), (0.3, 0.0), (1.0, 0.3)])
+def test_short_training_learns_direction(split, thin_min, dropout_max):
     # counts make the KL term strong relative to reconstruction within this short schedule, so
     # without spike thinning the style block stays nearly free of direction and the
     # content/style split is testable (thinning lets style carry some direction here)
     config = SwapVAEConfig.model_validate({"optim": {"epochs": 30, "batch_size": 128, "lr": 2e-3},
-                                           "data": {"input_unit": "counts", "thin_min": thin_min}})
+                                           "data": {"input_unit": "counts", "thin_min": thin_min,
+                                                    "dropout_max": dropout_max}})
     est = _fit(split, config)
     metrics, _ = evaluate(est, split, config.readout)
     # chance is 1/8; an untrained network of this size scores about 0.5 on this session

@@ -74,17 +74,22 @@ def _standardizer(x: np.ndarray, scaling: str) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.where(scale > 0, scale, 1.0)
 
 
-def _cv_direction(x: np.ndarray, target: np.ndarray, folds, cfg: ReadoutConfig) -> dict[float, float]:
-    """acc + delta-acc of each C on the held-out folds."""
+def _cv_direction(x: np.ndarray, target: np.ndarray, folds, cfg: ReadoutConfig,
+                  scored: np.ndarray | None = None) -> dict[float, float]:
+    """acc + delta-acc of each C on the held-out folds (only the ``scored`` rows of them: the
+    clean bins when silenced copies pad the training rows)."""
+    scored = np.ones(len(x), bool) if scored is None else scored
     pred = {C: np.empty(len(x)) for C in cfg.C_grid}
     for tr, va in folds:
+        va = va[scored[va]]
         mean, scale = _standardizer(x[tr], cfg.scaling)
         xtr, xva = (x[tr] - mean) / scale, (x[va] - mean) / scale
-        clf = LogisticRegression(max_iter=5000, warm_start=True)  # each C starts where the last ended
+        # each C starts where the last one ended; a loose tolerance is enough to rank them
+        clf = LogisticRegression(max_iter=5000, tol=1e-3, warm_start=True)
         for C in sorted(cfg.C_grid):
             clf.set_params(C=C).fit(xtr, target[tr])
             pred[C][va] = angle_from_proba(clf.predict_proba(xva), class_angles(clf.classes_, cfg.n_directions))
-    return {C: sum(reach_scores(p, target, cfg.n_directions)) for C, p in pred.items()}
+    return {C: sum(reach_scores(p[scored], target[scored], cfg.n_directions)) for C, p in pred.items()}
 
 
 def _fit_direction(x: np.ndarray, target: np.ndarray, C: float, cfg: ReadoutConfig):
@@ -122,39 +127,76 @@ def _folds(groups: np.ndarray, cfg: ReadoutConfig) -> list:
     return list(GroupKFold(n_splits=min(cfg.cv_folds, len(np.unique(groups)))).split(groups, groups=groups))
 
 
+def silenced_copies(train: Session, neurons: np.ndarray, cfg: ReadoutConfig, seed: int) -> list[np.ndarray]:
+    """``cfg.silenced_copies`` copies of the training counts in which each trial has a random
+    share U(0, ``cfg.silenced_max``) of the kept channels zeroed: extra rows that teach the
+    direction readout not to lean on a few channels (a failed electrode reads zero)."""
+    rng = np.random.default_rng([seed, 2000])
+    copies = []
+    for _ in range(cfg.silenced_copies):
+        c = np.array(train.counts, copy=True)
+        for t in np.unique(train.trial):
+            off = rng.choice(neurons, int(rng.uniform(0, cfg.silenced_max) * len(neurons)), replace=False)
+            c[np.ix_(np.flatnonzero(train.trial == t), off)] = 0
+        copies.append(c)
+    return copies
+
+
 @dataclass
 class ReadoutFit:
     readout: Readout
     cv: dict[tuple[int, float], float]  # (k, C) -> acc + delta-acc on the held-out folds
-    per_bin: Readout  # the paper's protocol: k = 1, C by the same CV
+    per_bin: Readout  # the paper's protocol: k = 1, C by the same CV, no silenced copies
+    history_direction: int  # the window each head chose; the readout's is the longer one
+    history_velocity: int
+
+
+def _pad_lags(coef: np.ndarray, k: int, width: int) -> np.ndarray:
+    """A head fitted on a k-bin window as weights of a longer window: zero on the older lags."""
+    return np.pad(coef, ((0, 0), (0, width - coef.shape[1]))) if coef.shape[1] < width else coef
 
 
 @threadpool_limits.wrap(limits=1)  # these fits are small: BLAS threads only add wake-ups, and spin badly on a busy CPU
-def fit_readout(z: np.ndarray, train: Session, cfg: ReadoutConfig,
+def fit_readout(represent, train: Session, neurons: np.ndarray, cfg: ReadoutConfig, seed: int = 0,
                 history_grid: tuple[int, ...] | None = None) -> ReadoutFit:
-    """The product readout on training latents ``z`` (bins of ``train``, in order): (k, C) by
-    grouped CV on the moving bins, alpha by grouped CV on all bins at that k; refit on all."""
+    """The product readout of the representation ``represent(counts) -> (bins, d)`` of the
+    training bins (in order). Direction: (k, C) by grouped CV on the moving bins, the training
+    rows padded with ``silenced_copies`` of them (a trial's copies in its fold, only clean bins
+    scored). Velocity: (k, alpha) by the same kind of CV on all clean bins. The readout's window
+    is the longer of the two k; the other head gets zero weights on the older lags."""
     grid = tuple(sorted(history_grid or cfg.history_grid))
-    ks = sorted({1, *grid})  # k = 1 is always scored: the paper's per-bin protocol
+    z = represent(train.counts)
+    copies = [represent(c) for c in silenced_copies(train, neurons, cfg, seed)]
     moving = train.speed > cfg.speed_threshold
-    dir_folds, vel_folds = _folds(train.trial[moving], cfg), _folds(train.trial, cfg)
-    windows = {k: causal_windows(z, train.trial, k) for k in ks}
-    cv = {(k, C): s for k in ks for C, s in _cv_direction(windows[k][moving], train.target[moving], dir_folds,
-                                                            cfg).items()}
+    target, groups = train.target[moving], train.trial[moving]
+    n_views = 1 + len(copies)
+    rows_target, rows_groups = np.tile(target, n_views), np.tile(groups, n_views)
+    clean = np.r_[np.ones(len(target), bool), np.zeros(len(copies) * len(target), bool)]
+    dir_folds, vel_folds = _folds(rows_groups, cfg), _folds(train.trial, cfg)
+    windows = {k: causal_windows(z, train.trial, k) for k in sorted({1, *grid})}
+
+    def rows(k: int) -> np.ndarray:
+        return np.concatenate([windows[k][moving], *(causal_windows(c, train.trial, k)[moving] for c in copies)])
+
     # ties: the shorter window, then the stronger penalty
-    best = max((kc for kc in cv if kc[0] in grid), key=lambda kc: (cv[kc], -kc[0], -kc[1]))
+    cv = {(k, C): v for k in grid for C, v in _cv_direction(rows(k), rows_target, dir_folds, cfg, clean).items()}
+    k_dir, C = max(cv, key=lambda kc: (cv[kc], -kc[0], -kc[1]))
+    vcv = {(k, a): v for k in grid for a, v in _cv_velocity(windows[k], train.velocity, vel_folds, cfg).items()}
+    k_vel, alpha = max(vcv, key=lambda ka: (vcv[ka], -ka[0], ka[1]))
+    k = max(k_dir, k_vel)
+    width = windows[1].shape[1] * k
+    coef, b, angles = _fit_direction(rows(k_dir), rows_target, C, cfg)
+    ((vcoef, vb),) = _ridge_path(windows[k_vel], train.velocity, (alpha,), cfg.scaling)
+    readout = Readout(k, _pad_lags(coef, k_dir, width), b, angles, _pad_lags(vcoef, k_vel, width), vb, C, alpha)
 
-    def refit(k: int, C: float) -> Readout:
-        w = windows[k]
-        coef, b, angles = _fit_direction(w[moving], train.target[moving], C, cfg)
-        vcv = _cv_velocity(w, train.velocity, vel_folds, cfg)
-        alpha = max(vcv, key=lambda a: (vcv[a], a))
-        ((vcoef, vb),) = _ridge_path(w, train.velocity, (alpha,), cfg.scaling)
-        return Readout(k, coef, b, angles, vcoef, vb, C, alpha)
-
-    k1 = max((kc for kc in cv if kc[0] == 1), key=lambda kc: (cv[kc], -kc[1]))
-    per_bin = refit(*k1)
-    return ReadoutFit(per_bin if best == k1 else refit(*best), cv, per_bin)
+    cv1 = _cv_direction(windows[1][moving], target, _folds(groups, cfg), cfg)  # the paper's per-bin protocol
+    C1 = max(cv1, key=lambda c: (cv1[c], -c))
+    v1 = _cv_velocity(windows[1], train.velocity, vel_folds, cfg)
+    a1 = max(v1, key=lambda a: (v1[a], a))
+    coef1, b1, angles1 = _fit_direction(windows[1][moving], target, C1, cfg)
+    ((vcoef1, vb1),) = _ridge_path(windows[1], train.velocity, (a1,), cfg.scaling)
+    per_bin = Readout(1, coef1, b1, angles1, vcoef1, vb1, C1, a1)
+    return ReadoutFit(readout, cv, per_bin, k_dir, k_vel)
 
 
 @threadpool_limits.wrap(limits=1)
@@ -190,15 +232,17 @@ def raw_rates(session: Session, neurons: np.ndarray) -> np.ndarray:
     return session.counts[:, neurons] / session.bin_size_s
 
 
-def representation_metrics(z_train: np.ndarray, z_test: np.ndarray, split: Split,
-                           cfg: ReadoutConfig) -> tuple[dict, ReadoutFit]:
-    """The product readout and the per-bin protocol on one representation of the train and test
-    bins: reach_acc, reach_delta_acc, velocity_r2* (with history_bins, readout_C, velocity_alpha),
-    and the same with the suffix _per_bin."""
-    fit = fit_readout(z_train, split.train, cfg)
+def representation_metrics(represent, split: Split, neurons: np.ndarray, cfg: ReadoutConfig,
+                           seed: int = 0) -> tuple[dict, ReadoutFit]:
+    """The product readout and the per-bin protocol on one representation ``represent(counts)``
+    of the train and test bins: reach_acc, reach_delta_acc, velocity_r2* (with history_bins,
+    readout_C, velocity_alpha), and the same with the suffix _per_bin."""
+    fit = fit_readout(represent, split.train, neurons, cfg, seed)
     r = fit.readout
-    metrics = {**score(r, z_test, split.test, cfg), "history_bins": r.history_bins, "readout_C": r.C,
-               "velocity_alpha": r.alpha}
+    z_test = represent(split.test.counts)
+    metrics = {**score(r, z_test, split.test, cfg), "history_bins": r.history_bins,
+               "history_bins_direction": fit.history_direction, "history_bins_velocity": fit.history_velocity,
+               "readout_C": r.C, "velocity_alpha": r.alpha}
     metrics.update({f"{k}_per_bin": v for k, v in score(fit.per_bin, z_test, split.test, cfg).items()})
     return metrics, fit
 
@@ -212,22 +256,22 @@ def evaluate(estimator, split: Split, cfg: ReadoutConfig) -> tuple[dict, Readout
     raw_*                                      the same rules on raw rates (raw_history_bins)"""
     if not split.train.has_labels:
         return {"readout": "skipped: the session has no reach labels (target, velocity)"}, None
-    metrics, fit = representation_metrics(estimator.transform(split.train.counts),
-                                          estimator.transform(split.test.counts), split, cfg)
+    metrics, fit = representation_metrics(estimator.transform, split, estimator.neurons_, cfg,
+                                          estimator.config_.seed)
     if estimator.config_.model.content_dim:
         for space in ("content", "style"):
             _, acc, dacc = readout_scores(estimator.transform(split.train.counts, space),
                                           estimator.transform(split.test.counts, space), split, cfg)
             metrics[f"reach_acc_{space}"], metrics[f"reach_delta_acc_{space}"] = acc, dacc
-    metrics.update(raw_rate_baseline(split, estimator.neurons_, cfg)[0])
+    metrics.update(raw_rate_baseline(split, estimator.neurons_, cfg, estimator.config_.seed)[0])
     metrics["n_test_bins"] = int((split.test.speed > cfg.speed_threshold).sum())
     metrics["n_test_bins_all"] = split.test.n_bins
     return metrics, fit.readout
 
 
-def raw_rate_baseline(split: Split, neurons: np.ndarray, cfg: ReadoutConfig) -> tuple[dict, ReadoutFit]:
+def raw_rate_baseline(split: Split, neurons: np.ndarray, cfg: ReadoutConfig, seed: int = 0) -> tuple[dict, ReadoutFit]:
     """The product readout's rules on per-feature standardised raw rates of the kept neurons
     (the velocity head is then the classic Wiener filter: ridge on lagged rates); keys raw_*."""
     cfg = cfg.model_copy(update={"scaling": "feature"})
-    metrics, fit = representation_metrics(raw_rates(split.train, neurons), raw_rates(split.test, neurons), split, cfg)
+    metrics, fit = representation_metrics(lambda c: c[:, neurons] / split.train.bin_size_s, split, neurons, cfg, seed)
     return {f"raw_{k}": v for k, v in metrics.items()}, fit

@@ -24,7 +24,7 @@ import numpy as np
 from runtime.reach import classes_of_angles, r2_scores
 from schemas.session import Session, Split
 from training.data import load_options
-from training.evaluate import Readout, fit_readout, raw_rates
+from training.evaluate import Readout, fit_readout
 from training.metrics import TEMPORAL_BINS, trial_average
 from training.robustness import lost_channel_scores
 from training.rundir import FIGURES_DIR, RunDir
@@ -257,10 +257,10 @@ def plot_lost_channels(est, readout: Readout, split: Split, cfg, path: Path, dra
     """The run's decoder and the same rules on raw rates, with test channels silenced."""
     plt = _plt()
     raw_cfg = cfg.model_copy(update={"scaling": "feature"})
-    raw_readout = fit_readout(raw_rates(split.train, est.neurons_), split.train, raw_cfg).readout
+    rates = lambda c: c[:, est.neurons_] / split.test.bin_size_s  # noqa: E731
+    raw_readout = fit_readout(rates, split.train, est.neurons_, raw_cfg, est.config_.seed).readout
     rows = {"this model": lost_channel_scores(est.transform, readout, split, est.neurons_, cfg, draws=draws),
-            "raw rates": lost_channel_scores(lambda c: c[:, est.neurons_] / split.test.bin_size_s, raw_readout, split,
-                                             est.neurons_, raw_cfg, draws=draws)}
+            "raw rates": lost_channel_scores(rates, raw_readout, split, est.neurons_, raw_cfg, draws=draws)}
     fig, ax = plt.subplots(figsize=(6, 4.4))
     for (name, scores), color in zip(rows.items(), ("C0", "0.4")):
         fr = [float(f) for f in scores]
