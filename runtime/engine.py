@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from math import atan2
 from pathlib import Path
 
@@ -42,7 +41,7 @@ import onnxruntime as ort
 from pydantic import ValidationError
 
 from runtime.history import StreamHistory
-from runtime.output import FIELDS, DecodeOutput  # noqa: F401 - FIELDS re-exported
+from runtime.output import DecodeOutput
 from schemas.manifest import CORE_KEY, MANIFEST, BundleManifest, graph_io
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
