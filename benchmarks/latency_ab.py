@@ -9,13 +9,17 @@ Both services run side by side from their own source trees (``python -m swapvae 
 the tree first on ``sys.path``) on one bundle built here (``_common.build_bundle``); each gets
 an echo server (``latency.py``'s floor) answering with its reply size. Every round measures
 each of the four, in a rotating order, with ``latency.py``'s request loop: back to back, and
-optionally paced at 1 kHz. The protocol version of each service is asked first (a PING; a
+optionally paced at 1 kHz. All servers are started afresh ``--restarts`` times: two identical
+echo servers' floors differ by up to 8% within one start (where a process lands), which the
+restarts average out. The protocol version of each service is asked first (a PING; a
 server of another version answers BAD_VERSION in its own), so an old service is probed in its
 own version; ``server_ns`` sits at offset 24 in versions 1 and 2.
 
 Reported: round-trip p50/p99 and the reply's in-server p50 of each, their ratios to the echo
-floor of the same run, and the after/before ratios (over all samples, and the median of the
-per-round ratios, which drift on a shared machine cannot skew). The bar of issue 11: the
+floor of the same run (all echoes pooled, per round their mean: one floor for both services),
+and the after/before ratios (over all samples, and the median of the per-round ratios, which
+drift on a shared machine cannot skew); the two echoes' ratio says how far apart two
+measurements of one thing land. The bar of issue 11: the
 back-to-back p50 round trip and the in-server p50 within 10% of before.
 """
 from __future__ import annotations
@@ -104,6 +108,38 @@ class TreeProc(Proc):
         self.endpoint = self._wait_ready(120.0)
 
 
+def measure(trees: list, bundle: Path, x: np.ndarray, cpu: int | None, args, samples: dict, restart: int) -> dict:
+    """Start each tree's service and an echo floor beside it, measure them in ``args.rounds``
+    interleaved rounds (appended to ``samples``), stop them; the probes (closed) by name."""
+    procs, probes = {}, {}
+    me = str(Path(__file__).resolve().parent / "latency.py")
+    try:
+        for name, tree in trees:
+            procs[name] = TreeProc(name, tree, bundle, cpu)
+            probes[name] = VersionedProbe(procs[name].endpoint, x)
+            echo = f"echo {name}"
+            procs[echo] = Proc(echo, [sys.executable, me, "--_serve", "echo", "--_reply-bytes",
+                                      str(probes[name].reply_bytes)], cpu)
+            probes[echo] = VersionedProbe(procs[echo].endpoint, x)
+        names = list(probes)
+        for r in range(args.rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                probe = probes[name]
+                probe.run(args.warmup)  # re-warm after the others ran
+                got = samples.setdefault(name, {"b2b": [], "1kHz": []})
+                got["b2b"].append(probe.run(args.n))
+                if args.paced_seconds:
+                    got["1kHz"].append(probe.run(int(args.paced_seconds * 1000), 1000.0))
+            print(f"  start {restart + 1}/{args.restarts}, round {r + 1}/{args.rounds} done", file=sys.stderr,
+                  flush=True)
+    finally:
+        for probe in probes.values():
+            probe.close()
+        for proc in procs.values():
+            proc.stop()
+    return probes
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="source tree of the service before the change")
@@ -116,6 +152,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=3000, help="back-to-back round trips per server per round")
     p.add_argument("--paced-seconds", type=float, default=0.0, help="also this long at 1 kHz per server per round")
     p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--restarts", type=int, default=3,
+                   help="start every server afresh this many times, --rounds rounds each (pooled)")
     p.add_argument("--pin", action="store_true", help="servers on CPU 1, client on CPU 0")
     p.add_argument("--out", default=str(ROOT / "results/latency_ab.json"))
     args = p.parse_args(argv)
@@ -128,33 +166,12 @@ def main(argv=None) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         bundle = Path(args.bundle) if args.bundle else build_bundle(workdir, args.channels)[1]
         x = np.random.default_rng(0).poisson(2.0, args.channels).astype(np.float32)
-        procs, probes = {}, {}
-        try:
-            also = [tuple(a.split("=", 1)) for a in args.also]
-            for name, tree in (("before", base), *((n, Path(t).resolve()) for n, t in also), ("after", ROOT)):
-                procs[name] = TreeProc(name, tree, bundle, cpu)
-                probes[name] = VersionedProbe(procs[name].endpoint, x)
-                me = str(Path(__file__).resolve().parent / "latency.py")
-                echo = f"echo {name}"
-                procs[echo] = Proc(echo, [sys.executable, me, "--_serve", "echo", "--_reply-bytes",
-                                          str(probes[name].reply_bytes)], cpu)
-                probes[echo] = VersionedProbe(procs[echo].endpoint, x)
-            names = list(probes)
-            samples = {k: {"b2b": [], "1kHz": []} for k in names}
-            for r in range(args.rounds):
-                order = names[r % len(names):] + names[:r % len(names)]
-                for name in order:
-                    probe = probes[name]
-                    probe.run(args.warmup)  # re-warm after the others ran
-                    samples[name]["b2b"].append(probe.run(args.n))
-                    if args.paced_seconds:
-                        samples[name]["1kHz"].append(probe.run(int(args.paced_seconds * 1000), 1000.0))
-                print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
-        finally:
-            for probe in probes.values():
-                probe.close()
-            for proc in procs.values():
-                proc.stop()
+        also = [(n, Path(t).resolve()) for n, t in (a.split("=", 1) for a in args.also)]
+        trees = [("before", base), *also, ("after", ROOT)]
+        samples: dict = {}
+        for restart in range(args.restarts):  # fresh processes: where they land matters by several %
+            probes = measure(trees, bundle, x, cpu, args, samples, restart)
+    names = list(samples)
     versions = {k: probes[k].version for k in names if not k.startswith("echo ")}
     result = {"d": args.channels, "bundle": str(bundle), "versions": versions,
               "reply_bytes": {k: probes[k].reply_bytes for k in names}, "modes": {}}
@@ -169,14 +186,19 @@ def main(argv=None) -> int:
                          "server_p50": float(np.median(srv)), "n": int(rtt.size),
                          "round_p50": [float(np.median(a)) / 1e3 for a, _ in samples[name][mode]],
                          "round_server_p50": [float(np.median(b)) / 1e3 for _, b in samples[name][mode]]}
+        # One floor per run, for every service: the echo servers all measure the same thing (their
+        # reply sizes differ by bytes), and two of them land up to 8% apart, so each service's own
+        # echo as its floor would add that noise to the comparison. Per round, the mean of the echoes.
         services = [n for n in names if not n.startswith("echo ")]
+        echoes = [n for n in names if n.startswith("echo ")]
+        floor = float(np.median(np.concatenate([a for e in echoes for a, _ in samples[e][mode]]))) / 1e3
+        round_floor = np.mean([res[e]["round_p50"] for e in echoes], axis=0)
+        res["echo floor"] = {"p50": floor, "round_p50": round_floor.tolist()}
         for k in services:
-            floor = res[f"echo {k}"]["p50"]
             res[k]["p50_over_echo"] = res[k]["p50"] / floor
             res[k]["server_p50_over_echo"] = res[k]["server_p50"] / floor
-            res[k]["round_p50_over_echo"] = [a / e for a, e in zip(res[k]["round_p50"], res[f"echo {k}"]["round_p50"])]
-            res[k]["round_server_over_echo"] = [a / e for a, e in zip(res[k]["round_server_p50"],
-                                                                       res[f"echo {k}"]["round_p50"])]
+            res[k]["round_p50_over_echo"] = (np.array(res[k]["round_p50"]) / round_floor).tolist()
+            res[k]["round_server_over_echo"] = (np.array(res[k]["round_server_p50"]) / round_floor).tolist()
         per_round = lambda x, y: float(np.median(np.divide(x, y)))  # noqa: E731
         b, eb = res["before"], res["echo before"]
         for k in services[1:]:
@@ -187,15 +209,15 @@ def main(argv=None) -> int:
                 "p50_over_echo_median_of_rounds": per_round(a["round_p50_over_echo"], b["round_p50_over_echo"]),
                 "server_over_echo_median_of_rounds": per_round(a["round_server_over_echo"],
                                                                b["round_server_over_echo"]),
-                # absolute (the services ran interleaved, so these compare too), and the two echo
-                # floors against each other: how far apart two measurements of the same thing land
-                "p50_median_of_rounds": per_round(a["round_p50"], b["round_p50"]),
-                "server_p50_median_of_rounds": per_round(a["round_server_p50"], b["round_server_p50"]),
+                # the two echo floors against each other: how far apart two measurements of the
+                # same thing land (pooled, and the median of the rounds)
+                "echo_p50": ea["p50"] / eb["p50"],
                 "echo_p50_median_of_rounds": per_round(ea["round_p50"], eb["round_p50"]),
             }
         result["modes"][mode] = res
         print(f"\n{mode}, d = {args.channels}, round trip and in-server time in us (p50 over "
-              f"{res['after']['n']} samples each, {args.rounds} interleaved rounds; protocol versions {versions})")
+              f"{res['after']['n']} samples each: {args.restarts} starts x {args.rounds} interleaved rounds; "
+              f"protocol versions {versions})")
         print(f"{'server':<14} {'rtt p50':>8} {'rtt p99':>8} {'server p50':>10} {'p50/echo':>9} {'server/echo':>11}")
         for name in names:
             r = res[name]
@@ -203,13 +225,14 @@ def main(argv=None) -> int:
                       else f"{'-':>9} {'-':>11}")
             srv = f"{r['server_p50']:10.1f}" if not name.startswith("echo") else f"{'-':>10}"
             print(f"{name:<14} {r['p50']:8.1f} {r['p99']:8.1f} {srv} {ratios}")
+        print(f"{'echo floor':<14} {floor:8.1f}   (all echoes pooled: the floor of both ratios)")
         for k in services[1:]:
             ab = res[f"{k}/before"]
             print(f"{k}/before: round trip p50/echo x{ab['p50_over_echo']:.3f} (median of rounds "
                   f"x{ab['p50_over_echo_median_of_rounds']:.3f}); in-server p50/echo "
                   f"x{ab['server_p50_over_echo']:.3f} (median of rounds x{ab['server_over_echo_median_of_rounds']:.3f})")
-            print(f"  absolute, median of rounds: round trip p50 x{ab['p50_median_of_rounds']:.3f}, in-server p50 "
-                  f"x{ab['server_p50_median_of_rounds']:.3f}; the two echo floors x{ab['echo_p50_median_of_rounds']:.3f}")
+            print(f"  its echo against before's echo (the noise of a floor): x{ab['echo_p50']:.3f} pooled, "
+                  f"x{ab['echo_p50_median_of_rounds']:.3f} median of rounds")
     result["machine"] = {"cpu": cpu_name(), "cores": os.cpu_count(), "load_avg": os.getloadavg(), "pin": args.pin}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

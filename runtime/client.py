@@ -5,9 +5,9 @@
         out = c.decode(counts)               # the next bins of the trial
         out.angle[0], out.direction[0], out.velocity[0], out.queue_ns
 
-The client's socket is one stream for the server: the readout sees the latents of the bins
-this client sent before (its last ``history_bins``), so send a trial's bins in order and
-``reset=True`` at its first bin. A client that never resets gets windows of its own
+The client's socket is one stream for the server: the readout's window holds the latents of
+the last ``history_bins - 1`` bins this client sent (INFO's ``history_bins``), so send a
+trial's bins in order and ``reset=True`` at its first bin. A client that never resets gets windows of its own
 preceding bins; after a reconnect (a timeout rebuilds the socket) it is a new stream.
 
 It uses a DEALER socket, so a lost reply does not lock the socket (as it would a REQ socket).
