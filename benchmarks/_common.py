@@ -61,8 +61,9 @@ def build_bundle(workdir: Path, d: int = 174, weights: str = "fp32") -> tuple[Pa
 
 
 class TorchEngine:
-    """The engine interface (``n_channels``, ``manifest``, ``decode``) on the torch model,
-    eager, one intra-op thread, BatchNorm unfolded, with the numpy readout."""
+    """The engine interface (``n_channels``, ``manifest``, ``history_bins``, ``latent_dim``,
+    ``new_stream``, ``decode_stream``, ``decode_streams``) on the torch model, eager, one
+    intra-op thread, BatchNorm unfolded, with the numpy readout on each stream's window."""
 
     def __init__(self, run_dir: str | Path):
         import torch
@@ -74,11 +75,20 @@ class TorchEngine:
         run = RunDir(run_dir)
         self.est, self.readout = run.estimator(), run.readout()
         self.n_channels = self.est.n_features_in_
+        m = self.est.config_.model
+        self.latent_dim, self.history_bins = m.content_dim + m.style_dim, self.readout.history_bins
         self.manifest = _JsonModel({"engine": "torch eager", "run": str(run_dir)})
+        self.stream = self.new_stream()
 
-    def decode(self, counts):
-        from runtime.engine import DecodeOutput
+    def new_stream(self):
+        from runtime.history import StreamHistory
 
+        return StreamHistory(self.history_bins, self.latent_dim)
+
+    def decode(self, counts, reset: bool = False):
+        return self.decode_stream(self.stream, counts, reset)
+
+    def _latents(self, counts):
         x = np.asarray(counts, np.float32).reshape(-1, self.n_channels)
         if not (np.isfinite(x).all() and (x >= 0).all()):
             raise ValueError("counts must be finite and >= 0")
@@ -86,11 +96,35 @@ class TorchEngine:
             model = self.est.model_
             c, mu, _ = model.encoder(self.torch.from_numpy(x[:, self.est.neurons_] * self.est.input_scale))
             rates = model.decoder(self.torch.cat([c, mu], -1))
-        z = np.concatenate([c.numpy(), mu.numpy()], axis=1)
-        proba = self.readout.proba(z)
+        return np.concatenate([c.numpy(), mu.numpy()], axis=1), rates.numpy()
+
+    def _window(self, stream, z: np.ndarray, reset: bool) -> np.ndarray:
+        if reset:
+            stream.reset()
+        past = np.tile(z, self.history_bins - 1) if stream.fresh else stream.row
+        stream.push(z)
+        return np.r_[z, past]
+
+    def _output(self, z: np.ndarray, windows: np.ndarray, rates: np.ndarray):
+        from runtime.output import DecodeOutput
+
+        proba = self.readout.proba(windows)
         f32 = lambda a: np.ascontiguousarray(a, np.float32)  # noqa: E731
-        return DecodeOutput(f32(c.numpy()), f32(mu.numpy()), f32(self.readout.angle(z)),
-                            proba.argmax(1).astype(np.int64), f32(proba), f32(rates.numpy()))
+        k = self.est.config.model.content_dim
+        return DecodeOutput(content=f32(z[:, :k]), style_mean=f32(z[:, k:]), angle=f32(self.readout.angle(windows)),
+                            direction=proba.argmax(1).astype(np.int64), proba=f32(proba),
+                            velocity=f32(self.readout.velocity(windows)), rates=f32(rates))
+
+    def decode_stream(self, stream, counts, reset: bool = False):
+        z, rates = self._latents(counts)
+        windows = np.stack([self._window(stream, zi, reset and i == 0) for i, zi in enumerate(z)])
+        return self._output(z, windows, rates)
+
+    def decode_streams(self, streams, counts, resets=None):
+        z, rates = self._latents(counts)
+        resets = np.zeros(len(z), bool) if resets is None else resets
+        windows = np.stack([self._window(s, zi, bool(r)) for s, zi, r in zip(streams, z, resets)])
+        return self._output(z, windows, rates)
 
 
 class _JsonModel:

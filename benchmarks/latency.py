@@ -22,7 +22,9 @@ with the same request loop for every server:
 each back to back, and paced at 100 Hz and 1 kHz (a pause before each request: the server
 goes idle, as in a closed loop; paced requests expose wake-up latency). Each reply carries
 the server's own processing time (``server_ns``): its median is reported beside the round
-trip, so a gap to the echo floor splits into work in the server and transport/wake-ups.
+trip, so a gap to the echo floor splits into work in the server and transport/wake-ups. The
+probe is one client socket, so one stream to the server (never reset: its windows are its own
+preceding bins, as for any client).
 Sustained throughput is measured with a window of requests in flight (the server's
 capacity, one core).
 
@@ -304,8 +306,8 @@ def print_table(res: dict) -> None:
             for q in ("p50", "p99", "p999"):
                 cells.append(f"{r[m][q]:11.1f}" if m in r else f"{'-':>11}")
         print(f"{name:<15} " + " ".join(cells) + f" {r['sequential_per_s']:7d} {r['throughput_per_s']:7d}")
-    print("in-server time, p50 us (the reply's server_ns: request frame in hand -> decoded; the rest is transport "
-          "and wake-ups):")
+    print("in-server time, p50 us (the reply's server_ns: request read off the socket -> reply ready; the rest is "
+          "transport, wake-ups and time queued in libzmq):")
     for name, r in res["servers"].items():
         if name != "echo":
             print(f"  {name:<15} " + "  ".join(f"{m} {r[m]['server_p50']:.1f}" for m in MODES if m in r))

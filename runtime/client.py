@@ -1,8 +1,14 @@
 """A Python client for the decoding service, with timeouts: it never hangs when the server is gone.
 
     with Client("tcp://127.0.0.1:5555", timeout_ms=100) as c:
-        out = c.decode(counts)          # counts: (n_channels,) of any wire dtype
-        out.angle[0], out.direction[0]
+        out = c.decode(counts, reset=True)   # a trial's first bin: counts (n_channels,) of any wire dtype
+        out = c.decode(counts)               # the next bins of the trial
+        out.angle[0], out.direction[0], out.velocity[0], out.queue_ns
+
+The client's socket is one stream for the server: the readout's window holds the latents of
+the last ``history_bins - 1`` bins this client sent (INFO's ``history_bins``), so send a
+trial's bins in order and ``reset=True`` at its first bin. A client that never resets gets windows of its own
+preceding bins; after a reconnect (a timeout rebuilds the socket) it is a new stream.
 
 It uses a DEALER socket, so a lost reply does not lock the socket (as it would a REQ socket).
 Each reply is matched to its request by sequence number; replies to earlier requests that
@@ -20,7 +26,8 @@ import numpy as np
 import zmq
 
 from runtime import wire
-from schemas.protocol import DTYPE_NUMPY, ErrorBody, ErrorCode, InfoReply, MsgType, StatsReply
+from runtime.output import DecodeOutput
+from schemas.protocol import DTYPE_NUMPY, ErrorBody, ErrorCode, InfoReply, MsgType, ReplyFlag, StatsReply
 
 
 _WIRE_DTYPES = {np.dtype(v).str.lstrip("<=|") for v in DTYPE_NUMPY.values()}
@@ -39,17 +46,24 @@ class ServiceTimeout(TimeoutError):
 
 
 @dataclass
-class Decoded:
-    """One decode reply. Arrays are read-only views of the reply frame, shaped (n_bins, ...)."""
+class Decoded(DecodeOutput):
+    """One decode reply: the decode's sections (``DecodeOutput``: read-only views of the reply
+    frame, shaped (n_bins, ...); direction int32; angle, direction, proba and velocity None
+    without a readout) and what the header says about it."""
     seq: int
-    content: np.ndarray
-    style_mean: np.ndarray
-    angle: np.ndarray
-    direction: np.ndarray  # int32 on the wire
-    proba: np.ndarray
-    rates: np.ndarray
-    server_ns: int  # server processing time
+    flags: int  # ReplyFlag bits
+    server_ns: int  # request read by the server -> reply ready
+    queue_ns: int  # the part of server_ns the request waited for its turn
     rtt_ns: int  # round trip measured here, send to receipt
+
+    @property
+    def has_readout(self) -> bool:
+        return bool(self.flags & ReplyFlag.HAS_READOUT)
+
+    @property
+    def reset_applied(self) -> bool:
+        """The window of the first bin started afresh (a RESET, a new stream, or an evicted one)."""
+        return bool(self.flags & ReplyFlag.RESET_APPLIED)
 
 
 class Client:
@@ -84,7 +98,7 @@ class Client:
         self.close()
 
     # -- raw exchange ------------------------------------------------------------------------------
-    def request(self, frame, seq: int) -> tuple[wire.ReplyHeader, memoryview, bytes, int]:
+    def request(self, frame, seq: int) -> tuple[wire.ReplyFields, memoryview, bytes, int]:
         """Send one request frame and wait for the reply with sequence number ``seq``.
 
         Returns (header, body, frame, rtt_ns). Raises ServiceTimeout, or ServiceError for an
@@ -123,8 +137,9 @@ class Client:
         self._connect()
 
     # -- requests ----------------------------------------------------------------------------------
-    def decode(self, counts: np.ndarray) -> Decoded:
-        """Decode one bin (n_channels,) or a batch (n_bins, n_channels) of counts."""
+    def decode(self, counts: np.ndarray, reset: bool = False) -> Decoded:
+        """Decode one bin (n_channels,) or consecutive bins (n_bins, n_channels) of this client's
+        stream; ``reset``: the first of them starts a trial (the server forgets the stream's history)."""
         seq = next(self._seq)
         counts = np.asarray(counts)
         if counts.dtype.str.lstrip("<=|") not in _WIRE_DTYPES:  # e.g. int64 from np.array([...])
@@ -135,17 +150,17 @@ class Client:
             if buf is None:
                 buf = self._bufs[key] = wire.RequestBuffer(counts.shape[0], counts.dtype)
             buf.counts[:] = counts
-            frame = buf.stamp(seq, time.monotonic_ns())
+            frame = buf.stamp(seq, time.monotonic_ns(), reset)
         else:
-            frame = wire.pack_request(MsgType.DECODE, seq, time.monotonic_ns(), counts)
+            frame = wire.pack_request(MsgType.DECODE, seq, time.monotonic_ns(), counts,
+                                      int(wire.RESET if reset else 0))
         head, body, _, rtt = self.request(frame, seq)
         if head.msg_type != MsgType.DECODE_REPLY:
             raise ServiceError(-1, "UNEXPECTED", f"expected a decode reply, got message type {head.msg_type}", seq)
-        a = wire.decode_arrays(head, body)
-        return Decoded(seq, a["content"], a["style_mean"], a["angle"], a["direction"], a["proba"], a["rates"],
-                       head.server_ns, rtt)
+        return Decoded(**wire.decode_arrays(head, body), seq=seq, flags=head.flags, server_ns=head.server_ns,
+                       queue_ns=head.queue_ns, rtt_ns=rtt)
 
-    def _control(self, msg_type: MsgType) -> tuple[wire.ReplyHeader, memoryview, int]:
+    def _control(self, msg_type: MsgType) -> tuple[wire.ReplyFields, memoryview, int]:
         seq = next(self._seq)
         head, body, _, rtt = self.request(wire.pack_request(msg_type, seq, time.monotonic_ns()), seq)
         return head, body, rtt
@@ -161,7 +176,7 @@ class Client:
         return StatsReply.model_validate_json(bytes(self._control(MsgType.STATS)[1]))
 
 
-def _service_error(head: wire.ReplyHeader, body) -> ServiceError:
+def _service_error(head: wire.ReplyFields, body) -> ServiceError:
     try:
         err = ErrorBody.model_validate_json(bytes(body))
         return ServiceError(err.code, err.error, err.message, head.seq)

@@ -32,7 +32,6 @@ several times slower (caches gone cold); ``warm()`` lets a server pay that befor
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from math import atan2
 from pathlib import Path
 
@@ -41,30 +40,13 @@ import onnxruntime as ort
 
 from runtime.bundle import BundleError, load_bundle
 from runtime.history import StreamHistory
+from runtime.output import DecodeOutput
 from schemas.manifest import CORE_KEY, graph_io
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
-# The decode reply's sections, in wire order (schemas/protocol.py DECODE_SECTIONS)
-FIELDS = ("content", "style_mean", "angle", "direction", "proba", "velocity", "rates")
 _INF = float("inf")
 
 
-@dataclass
-class DecodeOutput:
-    content: np.ndarray  # (B, content_dim) float32
-    style_mean: np.ndarray  # (B, style_dim) float32
-    angle: np.ndarray | None  # (B,) float32, radians in [-pi, pi]
-    direction: np.ndarray | None  # (B,) int64 direction class
-    proba: np.ndarray | None  # (B, n_classes) float32, columns follow manifest.readout.direction.classes
-    velocity: np.ndarray | None  # (B, 2) float32 hand velocity, in the training data's unit
-    rates: np.ndarray  # (B, n_kept_neurons) float32, denoised, in manifest.rates_unit
-
-    def copy(self) -> "DecodeOutput":
-        return DecodeOutput(*(None if getattr(self, k) is None else getattr(self, k).copy() for k in FIELDS))
-
-    def as_dict(self) -> dict[str, np.ndarray]:
-        """Copies of the arrays by field name (absent sections left out)."""
-        return {k: getattr(self, k).copy() for k in FIELDS if getattr(self, k) is not None}
 
 
 def session_options(intra_op_threads: int = 1, spin: bool = False) -> ort.SessionOptions:
@@ -144,8 +126,9 @@ class BundleDecoder:
         self._run, self._bound, self._io = _bound_runner(self.session, x, y)
         self._latent1 = y["latent"]
         angle = np.zeros(1, np.float32) if self.has_readout else None
-        self._out1 = DecodeOutput(y["latent"][:, :self._k], y["latent"][:, self._k:], angle, y.get("direction"),
-                                  y.get("proba"), y.get("velocity"), y["rates"])
+        self._out1 = DecodeOutput(content=y["latent"][:, :self._k], style_mean=y["latent"][:, self._k:], angle=angle,
+                                  direction=y.get("direction"), proba=y.get("proba"), velocity=y.get("velocity"),
+                                  rates=y["rates"])
         if self.has_readout:
             self._angle_mv, self._res_mv = memoryview(angle), memoryview(y["resultant"].reshape(-1))
         self._min_mv, self._sum_mv = memoryview(y["count_min"]), memoryview(y["count_sum"])
@@ -298,8 +281,9 @@ class BundleDecoder:
             r = out["resultant"].astype(np.float64)
             angle = np.arctan2(r[:, 1], r[:, 0]).astype(np.float32)
         latent = out["latent"]
-        return DecodeOutput(latent[:, :self._k], latent[:, self._k:], angle, out.get("direction"), out.get("proba"),
-                            out.get("velocity"), out["rates"])
+        return DecodeOutput(content=latent[:, :self._k], style_mean=latent[:, self._k:], angle=angle,
+                            direction=out.get("direction"), proba=out.get("proba"), velocity=out.get("velocity"),
+                            rates=out["rates"])
 
 
 def _bound_runner(session: ort.InferenceSession, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]):

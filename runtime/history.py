@@ -69,6 +69,7 @@ class StreamTable:
             raise ValueError(f"max_streams must be >= 1, got {max_streams}")
         self.k, self.latent_dim, self.max_streams = k, latent_dim, max_streams
         self._streams: OrderedDict[bytes, StreamHistory] = OrderedDict()
+        self._last: tuple[bytes | None, StreamHistory | None] = (None, None)  # the most recently used
         self.evicted = 0
 
     def __len__(self) -> int:
@@ -76,12 +77,16 @@ class StreamTable:
 
     def get(self, key: bytes) -> StreamHistory:
         """The stream's history, created (fresh) if unknown; marks it most recently used."""
+        last_key, last = self._last
+        if key == last_key:  # the same stream again (one closed-loop client): already the most recent
+            return last
         s = self._streams.get(key)
         if s is not None:
             self._streams.move_to_end(key)
-            return s
-        if len(self._streams) >= self.max_streams:
-            self._streams.popitem(last=False)
-            self.evicted += 1
-        s = self._streams[key] = StreamHistory(self.k, self.latent_dim)
+        else:
+            if len(self._streams) >= self.max_streams:
+                self._streams.popitem(last=False)
+                self.evicted += 1
+            s = self._streams[key] = StreamHistory(self.k, self.latent_dim)
+        self._last = (key, s)
         return s

@@ -1,11 +1,14 @@
 """``swapvae replay BUNDLE --data PATH``: stream a recording's test bins through a running service.
 
 The test bins are those of the offline evaluation: the same chronological split by trial with
-the bundle's own data settings, scored on the bins whose hand speed exceeds the bundle's
-readout threshold. Every test bin is sent, in order, one request per bin (as a rig would);
-the reach accuracy of the returned angles therefore equals the offline evaluation of the same
-bundle decoded bin by bin in-process (``offline_reach``), and the round trips measured here
-are what a closed loop would see.
+the bundle's own data settings. Every test bin is sent, in order, one request per bin (as a
+rig would), with RESET at each test trial's first bin, so the server's readout sees the same
+causal windows as the offline evaluation (``runtime.history.causal_windows``). Reach acc and
+delta-acc are scored on the bins whose hand speed exceeds the bundle's readout threshold,
+velocity R^2 on all test bins. The scores therefore equal those of the same bundle decoded bin
+by bin in-process with the same resets (``offline_reach``), exactly, and those of the
+training-time evaluation (torch and a float64 readout) up to float rounding; the round trips
+measured here are what a closed loop would see.
 
 Like all of ``runtime`` it needs numpy alone: the recording arrives as a ``schemas.session``
 Session (``swapvae replay`` reads a .npz with numpy, or builds the simulated session when the
@@ -22,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.client import Client, ServiceTimeout
-from runtime.reach import reach_scores
+from runtime.reach import r2_scores, reach_scores
 from schemas.manifest import MANIFEST, BundleManifest
 from schemas.session import Session, split_session
 
@@ -30,8 +33,10 @@ from schemas.session import Session, split_session
 @dataclass
 class ReplayBins:
     counts: np.ndarray  # (n_bins, n_channels) float32, every test bin in order
+    first: np.ndarray  # (n_bins,) bool: the first bin of a test trial (sent with RESET)
     target: np.ndarray  # (n_bins,) direction class
-    scored: np.ndarray  # (n_bins,) bool: hand speed above the readout threshold
+    velocity: np.ndarray  # (n_bins, 2) hand velocity
+    scored: np.ndarray  # (n_bins,) bool: hand speed above the readout threshold (acc, delta-acc)
     n_directions: int
     session: str
 
@@ -43,8 +48,16 @@ def read_manifest(bundle: str | Path) -> BundleManifest:
     return BundleManifest.model_validate_json(path.read_bytes())
 
 
+def require_readout(manifest: BundleManifest) -> None:
+    """ValueError, saying why, for a bundle without a readout."""
+    if manifest.readout is None:
+        raise ValueError(f"the bundle was trained without reach labels ({manifest.training.data or 'its data'} had "
+                         f"none): it has no readout, so a replay has nothing to score; it serves latents and rates only")
+
+
 def replay_bins(manifest: BundleManifest, session: Session) -> ReplayBins:
     """The test bins of ``session`` under the split and scoring rule the bundle was evaluated with."""
+    require_readout(manifest)
     if session.n_neurons != manifest.n_channels:
         raise ValueError(f"{session.name} has {session.n_neurons} channels but the bundle expects {manifest.n_channels} "
                          f"(it was trained on {manifest.training.data or 'unknown data'}); pass --data")
@@ -52,23 +65,34 @@ def replay_bins(manifest: BundleManifest, session: Session) -> ReplayBins:
         raise ValueError(f"{session.name} has no reach labels (target, velocity): nothing to score a replay against")
     rule = manifest.training.evaluation
     test = split_session(session, rule.train_fraction).test
-    return ReplayBins(np.ascontiguousarray(test.counts, np.float32), test.target, test.speed > rule.speed_threshold,
-                      len(manifest.direction.classes), session.name)
+    first = np.r_[True, test.trial[1:] != test.trial[:-1]]  # the trial boundaries of causal_windows
+    return ReplayBins(np.ascontiguousarray(test.counts, np.float32), first, test.target,
+                      np.asarray(test.velocity, np.float64), test.speed > rule.speed_threshold,
+                      len(manifest.readout.direction.classes), session.name)
 
 
-def scores(angle: np.ndarray, bins: ReplayBins) -> tuple[float, float]:
-    return reach_scores(angle[bins.scored], bins.target[bins.scored], bins.n_directions)
+def scores(angle: np.ndarray, velocity: np.ndarray, bins: ReplayBins) -> dict:
+    """acc and delta-acc of the angles on the scored bins, R^2 of the velocities on all bins."""
+    acc, dacc = reach_scores(angle[bins.scored], bins.target[bins.scored], bins.n_directions)
+    r2 = r2_scores(velocity, bins.velocity)
+    return {"reach_acc": acc, "reach_delta_acc": dacc, "velocity_r2": float(r2.mean()),
+            "velocity_r2_vx": float(r2[0]), "velocity_r2_vy": float(r2[1]), "n_bins": len(angle),
+            "n_scored": int(bins.scored.sum()), "n_trials": int(bins.first.sum())}
 
 
 def offline_reach(bundle: str | Path, session: Session) -> dict:
-    """The same scores from the engine in-process, one bin per call as the service decodes."""
+    """The same scores from the engine in-process, one bin per call with the same resets, as
+    the service decodes them."""
     from runtime.engine import BundleDecoder
 
     dec = BundleDecoder(bundle)
     bins = replay_bins(dec.manifest, session)
-    angle = np.array([dec.decode(x).angle[0] for x in bins.counts], np.float32)
-    acc, dacc = scores(angle, bins)
-    return {"reach_acc": acc, "reach_delta_acc": dacc, "n_bins": len(angle), "n_scored": int(bins.scored.sum())}
+    n = len(bins.counts)
+    angle, velocity = np.empty(n, np.float32), np.empty((n, bins.velocity.shape[1]), np.float32)
+    for i, (x, first) in enumerate(zip(bins.counts, bins.first)):
+        out = dec.decode(x, reset=first)
+        angle[i], velocity[i] = out.angle[0], out.velocity[0]
+    return scores(angle, velocity, bins)
 
 
 def percentiles_us(ns: np.ndarray) -> dict[str, float]:
@@ -99,30 +123,36 @@ def replay(bundle: str | Path, session: Session, endpoint: str, rate: float = 0.
             raise ValueError(f"the service at {endpoint} serves a different bundle than {bundle} "
                              f"(its files' sha256 differ)")
         n = len(bins.counts)
-        angle = np.empty(n, np.float32)
-        rtt, server = np.empty(n, np.int64), np.empty(n, np.int64)
+        angle, velocity = np.empty(n, np.float32), np.empty((n, info.velocity_dim), np.float32)
+        rtt, server, queue = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
         period = 1.0 / rate if rate > 0 else 0.0
         start = time.perf_counter()
-        for i, x in enumerate(bins.counts):
+        for i, (x, first) in enumerate(zip(bins.counts, bins.first)):
             if period:
                 wait = start + i * period - time.perf_counter()
                 if wait > 0:
                     time.sleep(wait)
             try:
-                out = client.decode(x)
+                out = client.decode(x, reset=first)
             except ServiceTimeout:
-                raise RuntimeError(f"the service at {endpoint} stopped answering at bin {i} of {n}") from None
-            angle[i], rtt[i], server[i] = out.angle[0], out.rtt_ns, out.server_ns
+                raise RuntimeError(f"the service at {endpoint} stopped answering at bin {i} of {n} (a new "
+                                   f"connection would be a new stream: start the replay again)") from None
+            if out.reset_applied != first:  # e.g. evicted by other clients beyond --max-streams
+                raise RuntimeError(f"the service lost this stream's history at bin {i} (evicted?): the windows "
+                                   f"would differ from the offline evaluation's")
+            angle[i], velocity[i] = out.angle[0], out.velocity[0]
+            rtt[i], server[i], queue[i] = out.rtt_ns, out.server_ns, out.queue_ns
         elapsed = time.perf_counter() - start
-    acc, dacc = scores(angle, bins)
-    return {"reach_acc": acc, "reach_delta_acc": dacc, "n_bins": n, "n_scored": int(bins.scored.sum()),
-            "latency_us": percentiles_us(rtt), "server_us": percentiles_us(server),
-            "bins_per_s": n / elapsed, "rate_hz": rate, "endpoint": endpoint, "session": bins.session}
+    return {**scores(angle, velocity, bins), "latency_us": percentiles_us(rtt), "server_us": percentiles_us(server),
+            "queue_us": percentiles_us(queue), "bins_per_s": n / elapsed, "rate_hz": rate, "endpoint": endpoint,
+            "session": bins.session}
 
 
 def replay_command(args, load_session) -> int:
     """``load_session(data, min_trials)``: how the command reads ``--data`` (swapvae.cli)."""
-    data = args.data or read_manifest(args.bundle).training.data
+    manifest = read_manifest(args.bundle)
+    require_readout(manifest)  # before loading any data
+    data = args.data or manifest.training.data
     if data is None:
         raise ValueError(f"{args.bundle}: the manifest does not say which data it was trained on; pass --data")
     r = replay(args.bundle, load_session(data), args.endpoint, args.rate)
@@ -131,10 +161,10 @@ def replay_command(args, load_session) -> int:
         return 0
     lat, srv = r["latency_us"], r["server_us"]
     pace = f"at {r['rate_hz']:g} Hz" if r["rate_hz"] else "back to back"
-    print(f"replayed {r['n_bins']} test bins of {r['session']} through {r['endpoint']} {pace} "
-          f"({r['bins_per_s']:.0f} bins/s)")
-    print(f"reach acc {r['reach_acc']:.3f}, delta-acc {r['reach_delta_acc']:.3f} "
-          f"on the {r['n_scored']} moving bins")
+    print(f"replayed {r['n_bins']} test bins ({r['n_trials']} trials) of {r['session']} through {r['endpoint']} "
+          f"{pace} ({r['bins_per_s']:.0f} bins/s)")
+    print(f"reach acc {r['reach_acc']:.3f}, delta-acc {r['reach_delta_acc']:.3f} on the {r['n_scored']} moving bins; "
+          f"velocity R^2 {r['velocity_r2']:.3f} (vx {r['velocity_r2_vx']:.3f}, vy {r['velocity_r2_vy']:.3f}) on all")
     print(f"round trip  p50 {lat['p50']:7.1f}  p99 {lat['p99']:7.1f}  p99.9 {lat['p999']:7.1f}  max {lat['max']:7.1f} us")
     print(f"server      p50 {srv['p50']:7.1f}  p99 {srv['p99']:7.1f}  p99.9 {srv['p999']:7.1f}  max {srv['max']:7.1f} us")
     return 0

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.engine import FIELDS, BundleDecoder, DecodeOutput, _check_values
+from runtime.engine import BundleDecoder, _check_values
+from runtime.output import FIELDS, DecodeOutput
 
 
 class SlidingWindowDecoder:

@@ -1,12 +1,18 @@
-"""The wire protocol of the decoding service, version 1: numbers, byte layouts and the JSON bodies.
+"""The wire protocol of the decoding service, version 2: numbers, byte layouts and the JSON bodies.
 
 This module is the definition; ``runtime/wire.py`` implements it for the server and the Python
 client, and ``schemas/PROTOCOL.md`` explains it for rig software written in C, C++ or MATLAB.
 It depends on nothing but pydantic, so a rig PC can validate messages without the runtime.
 
 Every message is one ZeroMQ frame: a fixed little-endian header, then a body. Requests have a
-32-byte header, replies a 48-byte one. Decode bodies are raw little-endian arrays; control
+32-byte header, replies a 56-byte one. Decode bodies are raw little-endian arrays; control
 bodies (info, stats, error) are UTF-8 JSON described by the pydantic models below.
+
+Version 2 (issue 11) decodes streams: the readout sees a window of the last ``history_bins``
+latents of the sender's stream (one ROUTER peer, or the SUB input), a request flag resets
+that history at a trial start, and the reply carries the decoded velocity, the time the
+request queued in the server and flags saying which sections are present and whether the
+window started afresh.
 
 ``python -m schemas.protocol`` prints the JSON Schema of the headers and control messages
 (committed as ``schemas/protocol.schema.json``; a test keeps the two equal).
@@ -15,13 +21,13 @@ from __future__ import annotations
 
 import json
 import struct
-from enum import IntEnum
-from typing import Any, ClassVar, Literal, Self
+from enum import IntEnum, IntFlag
+from typing import Any, ClassVar, Literal, NamedTuple, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
 MAGIC = b"SVAE"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # (field, struct code) in wire order; "<" = little-endian, no padding. Offsets follow from the
 # codes; the spec's tables are checked against these by tests/test_wire.py.
@@ -30,7 +36,7 @@ REQUEST_LAYOUT: tuple[tuple[str, str], ...] = (
     ("version", "B"),
     ("msg_type", "B"),
     ("dtype", "B"),  # decode: element type of the body (DType); 0 otherwise
-    ("flags", "B"),  # reserved, send 0; v1 servers ignore it
+    ("flags", "B"),  # RequestFlag bits; the others are reserved and must be 0
     ("seq", "Q"),  # chosen by the client, echoed in the reply
     ("t_client_ns", "Q"),  # opaque to the server, echoed (by convention the client's monotonic clock)
     ("n_channels", "I"),  # decode: values per bin; 0 otherwise
@@ -41,14 +47,17 @@ REPLY_LAYOUT: tuple[tuple[str, str], ...] = (
     ("version", "B"),  # the server's protocol version
     ("msg_type", "B"),  # request type | 0x80, or ERROR (0xFF)
     ("status", "B"),  # 0 = OK, otherwise an ErrorCode
-    ("flags", "B"),
+    ("flags", "B"),  # ReplyFlag bits (decode replies); 0 otherwise
     ("seq", "Q"),  # echoed; 0 when the request header could not be read
     ("t_client_ns", "Q"),  # echoed; 0 when the request header could not be read
-    ("server_ns", "I"),  # server processing time, receipt to reply, ns (saturates at 2**32 - 1)
+    ("server_ns", "I"),  # request read off the socket -> reply ready, ns (saturates at 2**32 - 1)
+    ("queue_ns", "I"),  # the part of server_ns spent waiting before this request's turn came
     ("n_bins", "I"),  # decode: rows in the body; 0 otherwise
-    ("content_dim", "H"),  # decode: floats per row of each section (0 otherwise)
+    ("content_dim", "H"),  # decode: row widths of the sections (0 otherwise)
     ("style_dim", "H"),
-    ("n_classes", "H"),
+    ("n_classes", "H"),  # 0 without HAS_READOUT
+    ("velocity_dim", "H"),  # 0 without HAS_READOUT
+    ("history_bins", "H"),  # decode: bins in the readout's window (k); 0 without HAS_READOUT
     ("reserved", "H"),
     ("n_rates", "I"),
     ("body_bytes", "I"),  # bytes after the header
@@ -56,17 +65,28 @@ REPLY_LAYOUT: tuple[tuple[str, str], ...] = (
 REQUEST_FORMAT = "<" + "".join(code for _, code in REQUEST_LAYOUT)
 REPLY_FORMAT = "<" + "".join(code for _, code in REPLY_LAYOUT)
 REQUEST_HEADER_SIZE = struct.calcsize(REQUEST_FORMAT)  # 32
-REPLY_HEADER_SIZE = struct.calcsize(REPLY_FORMAT)  # 48
+REPLY_HEADER_SIZE = struct.calcsize(REPLY_FORMAT)  # 56
 
-# The body of a decode reply: these sections in this order, each n_bins rows, row-major. Every
-# element is 4 bytes, so every section starts 4-byte aligned. (name, little-endian dtype, row width field)
-DECODE_SECTIONS: tuple[tuple[str, str, str | None], ...] = (
-    ("content", "<f4", "content_dim"),
-    ("style_mean", "<f4", "style_dim"),
-    ("angle", "<f4", None),  # radians, atan2 of the probability-weighted class vectors
-    ("direction", "<i4", None),  # argmax class
-    ("proba", "<f4", "n_classes"),
-    ("rates", "<f4", "n_rates"),  # denoised rates of the kept neurons, in the model's input unit
+
+class Section(NamedTuple):
+    """One section of a decode reply body: ``n_bins`` rows of ``width`` elements of ``dtype``."""
+    name: str
+    dtype: str  # little-endian numpy dtype; every element is 4 bytes
+    width: str | None  # the reply header field holding the row width; None: one element per row
+    readout: bool  # present only in replies flagged HAS_READOUT (zero bytes otherwise)
+
+
+# The body of a decode reply: these sections in this order, each n_bins rows, row-major, so every
+# section starts 4-byte aligned. The one definition of the decode output's fields: the engine's
+# DecodeOutput, the client's Decoded and the reply writer all follow it.
+DECODE_SECTIONS: tuple[Section, ...] = (
+    Section("content", "<f4", "content_dim", False),  # content latent
+    Section("style_mean", "<f4", "style_dim", False),  # style latent mean
+    Section("angle", "<f4", None, True),  # radians, atan2 of the probability-weighted class vectors
+    Section("direction", "<i4", None, True),  # most probable direction class
+    Section("proba", "<f4", "n_classes", True),  # class probabilities
+    Section("velocity", "<f4", "velocity_dim", True),  # hand velocity, manifest.readout.velocity components
+    Section("rates", "<f4", "n_rates", False),  # denoised rates of the kept neurons, in the model's input unit
 )
 
 MAX_BINS = 4096  # rows per decode request; bigger batches get BAD_SHAPE
@@ -85,6 +105,20 @@ class MsgType(IntEnum):
 
 
 REPLY_BIT = 0x80
+
+
+class RequestFlag(IntFlag):
+    """Bits of a request's ``flags`` byte. Any other bit set gets BAD_HEADER."""
+    RESET = 0x01  # DECODE: the request's first bin starts a trial: the stream's history is dropped first
+
+
+class ReplyFlag(IntFlag):
+    """Bits of a reply's ``flags`` byte (decode replies; 0 on the others)."""
+    HAS_READOUT = 0x01  # the angle, direction, proba and velocity sections are present
+    RESET_APPLIED = 0x02  # the window of the request's first bin started afresh (RESET, new or evicted stream)
+
+
+REQUEST_FLAGS = int(RequestFlag.RESET)  # every bit a request may set
 
 
 class DType(IntEnum):
@@ -109,7 +143,7 @@ DTYPE_NUMPY: dict[DType, str] = {
 
 class ErrorCode(IntEnum):
     OK = 0
-    BAD_HEADER = 1  # frame shorter than the header, or wrong magic
+    BAD_HEADER = 1  # frame shorter than the header, wrong magic, or reserved request flag bits set
     BAD_VERSION = 2  # protocol version this server does not speak
     UNKNOWN_TYPE = 3  # msg_type is not a request type
     BAD_DTYPE = 4  # dtype code not in DType
@@ -139,7 +173,7 @@ class _Header(BaseModel):
 
 
 class _Body(BaseModel):
-    # A v1 client must read replies of a newer v1 server, which may add keys (PROTOCOL.md, 10).
+    # A client must read replies of a newer server of its version, which may add keys (PROTOCOL.md, 10).
     model_config = ConfigDict(extra="ignore")
 
 
@@ -149,7 +183,7 @@ class RequestHeader(_Header):
     version: int = Field(PROTOCOL_VERSION, ge=0, le=0xFF)
     msg_type: MsgType
     dtype: int = Field(0, ge=0, le=0xFF, description="DType code for DECODE, else 0")
-    flags: int = Field(0, ge=0, le=0xFF, description="reserved: send 0")
+    flags: int = Field(0, ge=0, le=0xFF, description="RequestFlag bits (0x01 RESET); other bits must be 0")
     seq: int = Field(0, ge=0, le=0xFFFFFFFFFFFFFFFF)
     t_client_ns: int = Field(0, ge=0, le=0xFFFFFFFFFFFFFFFF)
     n_channels: int = Field(0, ge=0, le=0xFFFFFFFF)
@@ -158,19 +192,22 @@ class RequestHeader(_Header):
 
 
 class ReplyHeader(_Header):
-    """The 48-byte header of every reply (little-endian, struct format ``<4sBBBBQQIIHHHHII``)."""
+    """The 56-byte header of every reply (little-endian, struct format ``<4sBBBBQQIIIHHHHHHII``)."""
     magic: Literal[b"SVAE"] = MAGIC
     version: int = Field(PROTOCOL_VERSION, ge=0, le=0xFF)
     msg_type: MsgType
     status: ErrorCode = ErrorCode.OK
-    flags: int = Field(0, ge=0, le=0xFF)
+    flags: int = Field(0, ge=0, le=0xFF, description="ReplyFlag bits (0x01 HAS_READOUT, 0x02 RESET_APPLIED)")
     seq: int = Field(0, ge=0, le=0xFFFFFFFFFFFFFFFF)
     t_client_ns: int = Field(0, ge=0, le=0xFFFFFFFFFFFFFFFF)
-    server_ns: int = Field(0, ge=0, le=0xFFFFFFFF)
+    server_ns: int = Field(0, ge=0, le=0xFFFFFFFF, description="request read -> reply ready, ns")
+    queue_ns: int = Field(0, ge=0, le=0xFFFFFFFF, description="the part of server_ns before the request's turn")
     n_bins: int = Field(0, ge=0, le=0xFFFFFFFF)
     content_dim: int = Field(0, ge=0, le=0xFFFF)
     style_dim: int = Field(0, ge=0, le=0xFFFF)
     n_classes: int = Field(0, ge=0, le=0xFFFF)
+    velocity_dim: int = Field(0, ge=0, le=0xFFFF)
+    history_bins: int = Field(0, ge=0, le=0xFFFF)
     reserved: int = Field(0, ge=0, le=0xFFFF)
     n_rates: int = Field(0, ge=0, le=0xFFFFFFFF)
     body_bytes: int = Field(0, ge=0, le=0xFFFFFFFF)
@@ -191,7 +228,11 @@ class InfoReply(_Body):
     n_channels: int = Field(description="values per bin that DECODE requests must carry")
     content_dim: int
     style_dim: int
-    n_classes: int
+    n_classes: int = Field(description="0 without a readout")
+    velocity_dim: int = Field(description="0 without a readout")
+    history_bins: int = Field(description="bins in the readout's window (the stream's last history_bins - 1 "
+                                          "and the current one); 0 without a readout")
+    has_readout: bool = Field(description="decode replies carry angle, direction, proba and velocity")
     n_rates: int
     accepted_dtypes: list[str] = Field(description="DType names the server converts to float32")
     max_bins: int = MAX_BINS
@@ -200,7 +241,7 @@ class InfoReply(_Body):
 
 
 class LatencySummary(_Body):
-    """Server processing time of DECODE requests over the most recent ``n`` (receipt to reply), us."""
+    """Percentiles of a time over the most recent ``n`` one-bin DECODE requests, us."""
     n: int
     mean: float | None = None
     p50: float | None = None
@@ -222,7 +263,11 @@ class StatsReply(_Body):
     streamed: int = Field(0, description="decodes published on the stream")
     prewarms: int = Field(0, description="engine warm-ups run while idle, ahead of an expected bin")
     coalesced: int = Field(0, description="one-bin decodes that shared an engine call with other queued ones")
-    latency_us: LatencySummary
+    streams: int = Field(0, description="streams whose history the server holds now")
+    streams_evicted: int = Field(0, description="streams dropped (least recently used) to stay within max_streams")
+    max_streams: int = Field(0, description="the most streams the server holds (--max-streams)")
+    latency_us: LatencySummary = Field(description="server_ns: request read off the socket -> reply ready")
+    queue_us: LatencySummary = Field(description="queue_ns: the part of server_ns spent waiting behind other requests")
     window: int = Field(description="capacity of the latency ring buffer")
     busy_poll: bool
     provider: str

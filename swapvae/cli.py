@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     s.add_argument("--trust", action="append", metavar="PUBKEY",
                    help="serve only a bundle signed by this Ed25519 public key (repeatable)")
+    s.add_argument("--max-streams", type=int, metavar="N",
+                   help="streams (clients) whose readout history is kept, default 1024; beyond N the least "
+                        "recently used is dropped")
     s.set_defaults(run="runtime.server:serve_command")
 
     r = sub.add_parser("replay", help="stream a recording's test bins through a running service")

@@ -23,7 +23,8 @@ import pytest
 import zmq
 
 from runtime import wire
-from schemas.protocol import MAGIC, PROTOCOL_VERSION, ErrorCode, MsgType
+from runtime.output import DecodeOutput
+from schemas.protocol import MAGIC, PROTOCOL_VERSION, ErrorCode, MsgType, ReplyFlag
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "runtime" / "clients" / "c"
@@ -114,10 +115,14 @@ def _parse(fuzz_reply, config: str, frame: bytes) -> tuple[str, dict[str, str], 
     return lines[0], head, sections
 
 
-def _issue12_reply() -> bytes:
-    """The reply of issue 12: a DECODE_REPLY header with n_bins = 2^31, n_rates = 2^31 - 2, no body."""
-    return wire.REP.pack(MAGIC, PROTOCOL_VERSION, int(MsgType.DECODE_REPLY), 0, 0, 1, 0, 0, 2**31,
-                         0, 0, 0, 0, 2**31 - 2, 0)
+def _issue12_reply(seq: int = 1, t: int = 0) -> bytes:
+    """The reply of issue 12: a DECODE_REPLY header with n_bins = 2^31, n_rates = 2^31 - 2, no body
+    (with HAS_READOUT, so that 4 * n_bins * (2 + n_rates) wraps to 0 as it did in v1)."""
+    head = wire.ReplyFields(magic=MAGIC, version=PROTOCOL_VERSION, msg_type=int(MsgType.DECODE_REPLY), status=0,
+                            flags=int(ReplyFlag.HAS_READOUT), seq=seq, t_client_ns=t, server_ns=0, queue_ns=0,
+                            n_bins=2**31, content_dim=0, style_dim=0, n_classes=0, velocity_dim=0, history_bins=0,
+                            reserved=0, n_rates=2**31 - 2, body_bytes=0)
+    return wire.REP.pack(*head)
 
 
 @pytest.mark.parametrize(("config", "code"), [("limits", "SVAE_E_DIMS"), ("no_limits", "SVAE_E_OVERFLOW")])
@@ -126,25 +131,39 @@ def test_issue12_reply_is_rejected(fuzz_reply, config, code):
     assert result.split()[1] == code, result
 
 
-def test_parser_reads_the_python_servers_frames(fuzz_reply):
+def _output(rng, n_bins: int, readout: bool, n_rates: int = 174) -> DecodeOutput:
+    r = readout
+    return DecodeOutput(content=rng.normal(size=(n_bins, 8)).astype(np.float32),
+                        style_mean=rng.normal(size=(n_bins, 5)).astype(np.float32),
+                        angle=rng.uniform(-3, 3, n_bins).astype(np.float32) if r else None,
+                        direction=np.array([7, 0, 3][:n_bins], np.int64) if r else None,
+                        proba=rng.dirichlet(np.ones(8), n_bins).astype(np.float32) if r else None,
+                        velocity=rng.normal(size=(n_bins, 2)).astype(np.float32) if r else None,
+                        rates=rng.uniform(0, 50, (n_bins, n_rates)).astype(np.float32))
+
+
+@pytest.mark.parametrize("readout", [True, False])
+def test_parser_reads_the_python_servers_frames(fuzz_reply, readout):
     """Frames built by runtime/wire.py (the server's code) parse, with the same fields and offsets."""
-    layout = wire.DecodeLayout(content_dim=8, style_dim=5, n_classes=8, n_rates=174)
+    layout = wire.DecodeLayout(content_dim=8, style_dim=5, n_classes=8 if readout else 0,
+                               velocity_dim=2 if readout else 0, history_bins=3 if readout else 0, n_rates=174,
+                               has_readout=readout)
     rng = np.random.default_rng(0)
     n_bins = 3
-    out = SimpleNamespace(content=rng.normal(size=(n_bins, 8)).astype(np.float32),
-                          style_mean=rng.normal(size=(n_bins, 5)).astype(np.float32),
-                          angle=rng.uniform(-3, 3, n_bins).astype(np.float32),
-                          direction=np.array([7, 0, 3], np.int64),
-                          proba=rng.dirichlet(np.ones(8), n_bins).astype(np.float32),
-                          rates=rng.uniform(0, 50, (n_bins, 174)).astype(np.float32))
-    frame = wire.finish(wire.DecodeReplyWriter(layout).write(42, 123, out), 777)
+    frame = wire.finish(wire.DecodeReplyWriter(layout).write(42, 123, _output(rng, n_bins, readout), fresh=True), 777, 55)
     result, head, sections = _parse(fuzz_reply, "limits", frame)
     assert result.startswith("rc=0 "), result
     assert head["msg_type"] == "129" and head["seq"] == "42" and head["t_client_ns"] == "123"
-    assert head["server_ns"] == "777" and head["n_bins"] == str(n_bins) and head["n_rates"] == "174"
+    assert head["server_ns"] == "777" and head["queue_ns"] == "55" and head["n_bins"] == str(n_bins)
+    assert head["n_rates"] == "174" and head["flags"] == str(layout.flags | int(ReplyFlag.RESET_APPLIED))
+    assert (head["velocity_dim"], head["history_bins"]) == (("2", "3") if readout else ("0", "0"))
     views = layout.sections(frame, n_bins)
+    assert len(sections) == len(views) == 7
     offset = wire.REPLY_HEADER_SIZE
     for sec, (name, view) in zip(sections, views.items()):
+        if view is None:
+            assert sec == {"absent": "1"}, name
+            continue
         assert int(sec["offset"]) == offset and int(sec["rows"]) == n_bins, name
         assert np.float32(float(sec["first"])) == view.reshape(n_bins, -1)[0, 0], name
         offset += view.nbytes
@@ -160,19 +179,29 @@ def test_parser_reads_the_python_servers_frames(fuzz_reply):
     assert result.split()[1] == "SVAE_E_LENGTH", result
 
 
+def test_parser_refuses_readout_widths_without_the_readout_flag_and_v1_replies(fuzz_reply):
+    layout = wire.DecodeLayout(8, 5, 8, 2, 3, 174, True)
+    frame = bytearray(wire.DecodeReplyWriter(layout).write(1, 2, _output(np.random.default_rng(1), 1, True)))
+    frame[7] = 0  # HAS_READOUT cleared: n_classes, velocity_dim and history_bins must then be 0
+    assert _parse(fuzz_reply, "limits", frame)[0].split()[1] == "SVAE_E_DIMS"
+    v1_error = b"SVAE\x01\xff\x02\x00" + bytes(40)  # what a version 1 server answers a v2 request
+    assert _parse(fuzz_reply, "limits", v1_error)[0].split()[1] == "SVAE_E_VERSION"
+
+
 # -- the whole client against an impostor -------------------------------------------------------------
 
 def _issue12_decode(seq, t):
-    return [[wire.REP.pack(MAGIC, PROTOCOL_VERSION, int(MsgType.DECODE_REPLY), 0, 0, seq, t, 0, 2**31,
-                           0, 0, 0, 0, 2**31 - 2, 0)]]
+    return [[_issue12_reply(seq, t)]]
 
 
 def _two_bin_decode(seq, t):
     """A valid DECODE_REPLY of two bins (the demo asked for one)."""
-    layout = wire.DecodeLayout(content_dim=2, style_dim=2, n_classes=2, n_rates=3)
+    layout = wire.DecodeLayout(content_dim=2, style_dim=2, n_classes=2, velocity_dim=2, history_bins=3, n_rates=3,
+                               has_readout=True)
     out = SimpleNamespace(content=np.zeros((2, 2), np.float32), style_mean=np.zeros((2, 2), np.float32),
                           angle=np.zeros(2, np.float32), direction=np.zeros(2, np.int64),
-                          proba=np.zeros((2, 2), np.float32), rates=np.zeros((2, 3), np.float32))
+                          proba=np.zeros((2, 2), np.float32), velocity=np.zeros((2, 2), np.float32),
+                          rates=np.zeros((2, 3), np.float32))
     return [[bytes(wire.DecodeReplyWriter(layout).write(seq, t, out))]]
 
 
@@ -182,7 +211,8 @@ IMPOSTORS = {
     "pong_for_decode": (lambda seq, t: [[wire.pack_reply(MsgType.PONG, seq, t)]], "reply does not answer the request"),
     "two_bins_for_one": (_two_bin_decode, "reply does not answer the request"),
     "multipart": (lambda seq, t: [[wire.pack_reply(MsgType.PONG, seq, t), b"more"]], "reply of more than one frame"),
-    "garbage": (lambda seq, t: [[b"SVAE\x01" + bytes(range(200))]], "reply body_bytes disagrees"),
+    "garbage": (lambda seq, t: [[b"SVAE\x02" + bytes(range(200))]], "reply body_bytes disagrees"),
+    "v1_server": (lambda seq, t: [[b"SVAE\x01\xff\x02\x00" + bytes(40)]], "reply of an unknown protocol version"),
     "late_reply_flood": ("flood", "no reply in time"),
     "oversize": (lambda seq, t: [[b"SVAE" + bytes(17 << 20)]], "no reply in time"),  # over SVAE_MAX_REPLY_BYTES
 }

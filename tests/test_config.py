@@ -6,11 +6,13 @@ from pydantic import ValidationError
 from schemas import SwapVAEConfig
 
 
-def test_defaults_are_the_paper_recipe():
+def test_defaults_are_the_paper_recipe_where_validation_did_not_move_them():
     c = SwapVAEConfig()
     assert (c.model.content_dim, c.model.style_dim, c.model.hidden) == (64, 64, ("d", 128))
     assert (c.loss.kl_weight, c.loss.align_weight, c.loss.swap) == (10.0, 1.0, True)
-    assert (c.optim.lr, c.optim.batch_size, c.optim.epochs, c.data.input_unit) == (5e-4, 256, 225, "hz")
+    assert (c.optim.lr, c.optim.batch_size, c.data.input_unit) == (5e-4, 256, "hz")
+    # chosen on a validation split of the training trials (docs/RECIPE.md)
+    assert (c.optim.epochs, c.data.dropout_max, c.data.jitter) == (450, 0.3, 10)
     assert c.model.hidden_sizes(163) == [163, 128]
 
 

@@ -256,7 +256,7 @@ def test_int8_export_beyond_its_limits_fails_and_leaves_nothing(tiny_run, tmp_pa
         export_bundle(tiny_run, tmp_path / "bundle", weights="fp16")
 
 
-def test_label_free_run_exports_latents_and_rates_only(tmp_path):
+def test_label_free_run_exports_latents_and_rates_only(tmp_path, capsys):
     """Counts and trials are enough: no readout is fitted, the bundle says so, the engine
     serves latents and rates and gives None for the readout's outputs."""
     from runtime.engine import BundleDecoder
@@ -273,9 +273,31 @@ def test_label_free_run_exports_latents_and_rates_only(tmp_path):
     assert "reach_acc" not in metrics and "no reach labels" in metrics["readout"]
     m = export_bundle(tmp_path / "run", tmp_path / "bundle")
     assert m.readout is None and set(m.graphs) == {"decode", "encoder", "decoder"} and m.n_classes == 0
-    out = BundleDecoder(tmp_path / "bundle").decode(s.counts[0])
+    dec = BundleDecoder(tmp_path / "bundle")
+    out = dec.decode(s.counts[0]).copy()
     assert out.angle is None and out.direction is None and out.proba is None and out.velocity is None
     assert out.rates.shape == (1, m.n_neurons) and out.content.shape == (1, 4)
+
+    # served: the reply has no readout sections and says so; a replay refuses, saying why
+    from runtime import wire
+    from runtime.server import Server
+    from schemas.protocol import InfoReply, MsgType
+    from swapvae.cli import main
+
+    server = Server(dec, bind=None, sub="inproc://label-free-sub", pub="inproc://label-free-pub", warmup=0)
+    try:
+        head, body = wire.parse_reply(server.handle(wire.pack_request(MsgType.DECODE, 1, 0, s.counts[0], flags=1), b"c"))
+        info = InfoReply.model_validate_json(bytes(wire.parse_reply(server.handle(wire.pack_request(MsgType.INFO)))[1]))
+    finally:
+        server.close()
+    assert head.msg_type == MsgType.DECODE_REPLY and head.flags == wire.RESET_APPLIED  # no HAS_READOUT
+    assert (head.n_classes, head.velocity_dim, head.history_bins) == (0, 0, 0)
+    arrays = wire.decode_arrays(head, body)
+    assert arrays["angle"] is None and arrays["velocity"] is None
+    np.testing.assert_array_equal(arrays["rates"], out.rates)
+    assert not info.has_readout and info.history_bins == 0
+    assert main(["replay", str(tmp_path / "bundle"), "--data", str(data), "--endpoint", "tcp://127.0.0.1:1"]) == 2
+    assert "trained without reach labels" in capsys.readouterr().err
 
 
 def test_manifest_int8_weights_need_a_quantization_record(tiny_bundle):

@@ -1,6 +1,6 @@
 """The serving loop on a fake engine over real sockets, in-process: batching of queued requests
-(ROUTER and stream), pre-warming driven by the loop's waits, and stopping. Each test runs
-``Server.run`` in a thread and bounds every wait."""
+(ROUTER and stream) that keeps each stream's bins in order, queue times, pre-warming driven by
+the loop's waits, and stopping. Each test runs ``Server.run`` in a thread and bounds every wait."""
 from __future__ import annotations
 
 import threading
@@ -13,21 +13,29 @@ import zmq
 from fakes import FakeEngine, expected
 from runtime import wire
 from runtime.server import Server
-from schemas.protocol import ErrorCode, MsgType
+from schemas.protocol import ErrorCode, MsgType, ReplyFlag
 
 
 class CountingEngine(FakeEngine):
-    """Counts batched engine calls, and records when it decoded and when it warmed."""
+    """Records each engine call (kind, bins, the streams' ids), when it decoded, and when it warmed."""
 
     def __init__(self):
         super().__init__()
-        self.batch_calls, self.decoded, self.warmed = 0, [], []
+        self.calls, self.decoded, self.warmed = [], [], []
 
-    def decode(self, counts):
-        if np.ndim(counts) == 2:
-            self.batch_calls += 1
+    def decode_stream(self, stream, counts, reset=False):
+        self.calls.append(("stream", len(counts) if np.ndim(counts) == 2 else 1, [id(stream)]))
         self.decoded.append(time.perf_counter_ns())
-        return super().decode(counts)
+        return super().decode_stream(stream, counts, reset)
+
+    def decode_streams(self, streams, counts, resets=None):
+        self.calls.append(("streams", len(streams), [id(s) for s in streams]))
+        self.decoded.append(time.perf_counter_ns())
+        return super().decode_streams(streams, counts, resets)
+
+    @property
+    def batch_calls(self) -> int:
+        return sum(n > 1 for _, n, _ in self.calls)
 
     def warm(self):
         self.warmed.append(time.perf_counter_ns())
@@ -61,64 +69,85 @@ def _socket(kind: int, endpoint: str | None = None, bind: bool = False) -> zmq.S
     return s
 
 
-def _check_decode(head, body, x) -> None:
+def _check_decode(head, body, x, before=()) -> None:
+    """The reply decodes ``x`` as the fake does on a stream that saw ``before`` since its start."""
     assert head.msg_type == MsgType.DECODE_REPLY and head.n_bins == len(np.atleast_2d(x)), (head, bytes(body))
-    got, ref = wire.decode_arrays(head, body), expected(x)
+    got, ref = wire.decode_arrays(head, body), expected(x, before)
     for k in got:
-        np.testing.assert_allclose(got[k], getattr(ref, k), rtol=1e-6, err_msg=k)
+        np.testing.assert_array_equal(got[k], getattr(ref, k), err_msg=k)
+
+
+def _replies(sock, n: int) -> list:
+    out = []
+    for _ in range(n):
+        frames = sock.recv_multipart()
+        assert len(frames) == 1 or frames[0] == b""  # a REQ-style delimiter comes back
+        out.append(wire.parse_reply(frames[-1]))
+    return out
 
 
 @pytest.mark.parametrize("busy_poll", [False, True])
-def test_queued_requests_share_one_engine_call_and_each_gets_its_reply(busy_poll):
+def test_queued_requests_share_engine_calls_one_bin_per_stream_in_order(busy_poll):
+    """Three clients' requests queue up before the loop runs: each round decodes the head bin of
+    every stream in one call, a stream's second bin waits for the next round, and a stream
+    left alone has its run of bins decoded in one call. Every reply equals the stream's
+    bin-by-bin decode; the replies that waited report it in queue_ns."""
     eng = CountingEngine()
     s = Server(eng, bind="tcp://127.0.0.1:*", warmup=0, prewarm=False, busy_poll=busy_poll)
-    c = _socket(zmq.DEALER, s.endpoints["router"])
-    xs = [np.full(6, i, np.float32) for i in range(12)]
-    xs[5] = np.full(6, np.nan, np.float32)  # spoils the batch call: must fall back to one by one
-    replies = {}
+    socks = [_socket(zmq.DEALER, s.endpoints["router"]) for _ in range(3)]
+    rng = np.random.default_rng(0)
+    sent = {0: rng.integers(0, 5, (5, 6)).astype(np.float32), 1: rng.integers(0, 5, (2, 6)).astype(np.float32),
+            2: rng.integers(0, 5, (1, 6)).astype(np.float32)}
     try:
-        for i, x in enumerate(xs):  # all queued before the loop starts
-            c.send(wire.pack_request(MsgType.DECODE, i, 0, x))
-        c.send(wire.pack_request(MsgType.PING, 100, 0))
+        for k, xs in sent.items():  # all queued before the loop starts
+            for i, x in enumerate(xs):
+                socks[k].send(wire.pack_request(MsgType.DECODE, 10 * k + i, 0, x, flags=int(i == 0)))
+        socks[2].send(wire.pack_request(MsgType.PING, 100, 0))
         time.sleep(0.3)
+        start = len(eng.calls)
         loop = Running(s)
-        for _ in range(len(xs) + 1):
-            head, body = wire.parse_reply(c.recv())
-            replies[head.seq] = (head, body)
+        got = {k: _replies(socks[k], len(xs) + (k == 2)) for k, xs in sent.items()}
         loop.stop()
-        assert eng.batch_calls == 1 and s.recorder.coalesced == 0  # the failed batch call
+        calls = eng.calls[start:]
+        assert [c[:2] for c in calls] == [("streams", 3), ("streams", 2), ("stream", 3)], calls
+        assert all(len(set(ids)) == len(ids) for _, _, ids in calls)  # one bin per stream per call
+        for k, xs in sent.items():
+            decodes = [(h, b) for h, b in got[k] if h.msg_type == MsgType.DECODE_REPLY]
+            assert [h.seq for h, _ in decodes] == [10 * k + i for i in range(len(xs))]  # in order
+            for i, (h, b) in enumerate(decodes):
+                _check_decode(h, b, xs[i], xs[:i])
+                assert bool(h.flags & ReplyFlag.RESET_APPLIED) == (i == 0)
+                assert 0 < h.queue_ns <= h.server_ns, h  # each waited for its shared call
+        assert got[2][1][0].msg_type == MsgType.PONG
+        st = s.stats()
+        assert st.coalesced == 8 and st.latency_us.n == 8 and st.queue_us.n == 8 and st.queue_us.max > 0
+        assert st.queue_us.p50 <= st.latency_us.p50
 
-        # A second queue, all valid: a multi-bin request first, then one-bin ones, some with a
-        # REQ-style empty delimiter. The one-bin ones go first, in one engine call.
-        bulk = np.arange(18, dtype=np.float32).reshape(3, 6)
-        c.send(wire.pack_request(MsgType.DECODE, 50, 0, bulk))
-        for i in range(12, 20):
-            xs.append(np.full(6, i, np.float32))
-            frame = wire.pack_request(MsgType.DECODE, i, 0, xs[i])
-            c.send_multipart([b"", frame] if i % 3 == 0 else [frame])
+        # A second queue: client 0 sends a two-bin request, then two one-bin ones (one REQ
+        # style); client 1 two one-bin ones, the first with NaN, which spoils the shared call
+        # (each is then decoded alone, so only it errs and its stream is left as it was).
+        bulk = rng.integers(0, 5, (2, 6)).astype(np.float32)
+        more = rng.integers(0, 5, (4, 6)).astype(np.float32)
+        nan = np.full(6, np.nan, np.float32)
+        socks[0].send(wire.pack_request(MsgType.DECODE, 50, 0, bulk))
+        socks[0].send_multipart([b"", wire.pack_request(MsgType.DECODE, 51, 0, more[0])])
+        socks[0].send(wire.pack_request(MsgType.DECODE, 52, 0, more[1]))
+        socks[1].send(wire.pack_request(MsgType.DECODE, 60, 0, nan))
+        socks[1].send(wire.pack_request(MsgType.DECODE, 61, 0, more[2]))
         time.sleep(0.3)
         loop = Running(s)
-        order = []
-        for _ in range(9):
-            frames = c.recv_multipart()
-            assert len(frames) == 1 or frames[0] == b""  # the delimiter comes back
-            head, body = wire.parse_reply(frames[-1])
-            replies[head.seq] = (head, body)
-            order.append(head.seq)
+        r0, r1 = _replies(socks[0], 3), _replies(socks[1], 2)
         loop.stop()
     finally:
-        c.close()
+        for c in socks:
+            c.close()
         s.close()
-    assert replies[100][0].msg_type == MsgType.PONG
-    assert replies[5][0].status == ErrorCode.BAD_VALUE
-    for i, x in enumerate(xs):
-        if i != 5:
-            _check_decode(*replies[i], x)
-    _check_decode(*replies[50], bulk)
-    assert order == list(range(12, 20)) + [50]
-    assert eng.batch_calls == 3 and s.recorder.coalesced == 8  # + the one-bin batch and the bulk request
-    st = s.stats()
-    assert st.decodes == 11 + 8 + 1 and st.bins == 11 + 8 + 3 and st.latency_us.n == 11 + 8
+    assert [h.seq for h, _ in r0] == [50, 51, 52]  # a stream's requests in arrival order
+    _check_decode(*r0[0], bulk, sent[0])
+    _check_decode(*r0[1], more[0], [*sent[0], *bulk])
+    _check_decode(*r0[2], more[1], [*sent[0], *bulk, more[0]])
+    assert r1[0][0].status == ErrorCode.BAD_VALUE and r1[0][0].seq == 60
+    _check_decode(*r1[1], more[2], sent[1])
 
 
 def test_queued_stream_bins_share_one_engine_call():
@@ -137,10 +166,10 @@ def test_queued_stream_bins_share_one_engine_call():
         loop.stop()
         while sink.poll(200):
             sink.recv()
-        calls = eng.batch_calls
+        calls = len(eng.calls)
         xs = [np.full(6, i, np.float32) for i in range(1, 11)]
-        for i, x in enumerate(xs, start=1):
-            source.send(wire.pack_request(MsgType.DECODE, i, 0, x))
+        for i, x in enumerate(xs, start=1):  # a trial after the join probes
+            source.send(wire.pack_request(MsgType.DECODE, i, 0, x, flags=int(i == 1)))
         source.send_multipart([b"a", b"b"])
         time.sleep(0.3)
         loop = Running(s)
@@ -154,10 +183,10 @@ def test_queued_stream_bins_share_one_engine_call():
         sink.close()
         source.close()
         s.close()
-    for i, x in enumerate(xs, start=1):
-        _check_decode(*got[i], x)
+    for i, x in enumerate(xs, start=1):  # the SUB input is one stream: its queued bins in one call
+        _check_decode(*got[i], x, xs[:i - 1])
     assert got[0][0].status == ErrorCode.BAD_ENVELOPE
-    assert eng.batch_calls == calls + 1 and s.recorder.coalesced == len(xs)
+    assert [c[:2] for c in eng.calls[calls:]] == [("stream", len(xs))] and s.recorder.coalesced == len(xs)
 
 
 @pytest.mark.parametrize("busy_poll", [False, True])
@@ -233,14 +262,18 @@ def test_recorder_rings_every_coalesced_decode_and_counts_what_stats_reports():
         Recorder(6)
     r = Recorder(8)
     r.decoded(1_000)
-    r.decoded(5_000, n=3)  # one engine call for three queued requests
-    assert r.latency().n == 4 and r.latency().max == 5.0 and r.latency().p50 == 5.0 and r.coalesced == 3
+    r.decoded_together(np.array([5_000, 6_000, 7_000]), np.array([1_000, 2_000, 3_000]))  # one call, three requests
+    lat, queue = r.latency(), r.latency(queue=True)
+    assert lat.n == 4 and lat.max == 7.0 and lat.p50 == 5.5 and r.coalesced == 3
+    assert queue.n == 4 and queue.max == 3.0 and queue.p50 == 1.5
     for _ in range(10):
-        r.decoded(2_000)
+        r.decoded(2_000, 500)
     r.multi_bin(7)
     r.error("BAD_SHAPE")
     r.control("PING")
-    st = r.stats(prewarms=2, busy_poll=False, provider="cpu")
+    st = r.stats(prewarms=2, busy_poll=False, provider="cpu", streams=(3, 4, 5))
     assert st.latency_us.n == 8 and st.latency_us.max == 2.0  # the window holds the latest 8
+    assert st.queue_us.n == 8 and st.queue_us.max == 0.5
     assert (st.decodes, st.bins, st.coalesced, st.prewarms) == (14 + 1, 14 + 7, 3, 2)
+    assert (st.streams, st.streams_evicted, st.max_streams) == (3, 4, 5)
     assert st.by_type == {"PING": 1, "DECODE": 15} and st.errors == {"BAD_SHAPE": 1}

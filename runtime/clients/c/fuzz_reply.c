@@ -4,11 +4,12 @@
  *     fuzz_reply --parse FILE       parse one frame from FILE ("-": stdin) and print the result
  *
  * Inputs, in a fixed seeded mix: (a) valid replies of every type built here byte by byte from
- * PROTOCOL.md, (b) those mutated: bit flips, truncations, extensions, header fields set to
+ * PROTOCOL.md (version 2: decode replies with and without the readout's sections), (b) those mutated: bit flips, truncations, extensions, header fields set to
  * extremes (0, 1, 2^31 - 2, 2^31, 2^32 - 1, 0xFFFF, ...), (c) decode headers whose
  * 4 * n_bins * (sum of widths) wraps around 2^32 or 2^64 to the actual body size, (d) random
  * bytes, and first of all (e) the reply of issue 12 (n_bins = 2^31, n_rates = 2^31 - 2, no
- * body), which the old parser accepted and then read 8 GiB past.
+ * body; in v2 layout, with HAS_READOUT so that the size product still wraps to 0), which the old
+ * parser accepted and then read 8 GiB past.
  *
  * Every input is copied to a heap block that ends where the frame ends, at a random
  * misalignment, so AddressSanitizer sees a read one byte past the frame. For each input the
@@ -28,10 +29,15 @@
 
 #include "svae_protocol.h"
 
-/* Reply header offsets, PROTOCOL.md section 4 (written out here, not taken from the parser). */
+/* Reply header offsets, PROTOCOL.md section 4, version 2 (written out here, not taken from the parser). */
 enum { O_VERSION = 4, O_TYPE = 5, O_STATUS = 6, O_FLAGS = 7, O_SEQ = 8, O_TCLIENT = 16, O_SERVER_NS = 24,
-       O_NBINS = 28, O_CONTENT = 32, O_STYLE = 34, O_CLASSES = 36, O_RESERVED = 38, O_NRATES = 40, O_BODY = 44,
-       HDR = 48 };
+       O_QUEUE_NS = 28, O_NBINS = 32, O_CONTENT = 36, O_STYLE = 38, O_CLASSES = 40, O_VELOCITY = 42,
+       O_HISTORY = 44, O_RESERVED = 46, O_NRATES = 48, O_BODY = 52, HDR = 56, VERSION = 2 };
+enum { HAS_READOUT = 0x01, RESET_APPLIED = 0x02 };  /* reply flags */
+/* the readout's sections: absent without HAS_READOUT (PROTOCOL.md section 5) */
+static int readout_section(size_t k) {
+    return k == SVAE_SEC_ANGLE || k == SVAE_SEC_DIRECTION || k == SVAE_SEC_PROBA || k == SVAE_SEC_VELOCITY;
+}
 #define FRAME_CAP ((size_t)1 << 20)
 
 #ifndef FUZZ_MAX_FAILURES
@@ -99,8 +105,8 @@ static unsigned long by_code[N_CODES];  /* index -rc */
 /* -- the reference: what the spec accepts, written plainly in 64-bit arithmetic ---------------- */
 
 static int reference_accepts(const unsigned char *p, size_t len) {
-    uint64_t type, status, nb, cd, sd, nc, nr, sum, body;
-    if (len < HDR || memcmp(p, "SVAE", 4) != 0 || p[O_VERSION] != 1) return 0;
+    uint64_t type, status, nb, cd, sd, nc, vd, hb, nr, sum, body, readout;
+    if (len < HDR || memcmp(p, "SVAE", 4) != 0 || p[O_VERSION] != VERSION) return 0;
     body = (uint64_t)len - HDR;
     if (get32(p + O_BODY) != body) return 0;
     type = p[O_TYPE];
@@ -108,15 +114,18 @@ static int reference_accepts(const unsigned char *p, size_t len) {
     if (type != 0x81 && type != 0x82 && type != 0x83 && type != 0x84 && type != 0xFF) return 0;
     if ((type == 0xFF) != (status != 0)) return 0;
     nb = get32(p + O_NBINS), cd = get16(p + O_CONTENT), sd = get16(p + O_STYLE), nc = get16(p + O_CLASSES);
-    nr = get32(p + O_NRATES);
+    vd = get16(p + O_VELOCITY), hb = get16(p + O_HISTORY), nr = get32(p + O_NRATES);
     if (type == 0x81) {
         uint64_t maxw = SVAE_REPLY_MAX_WIDTH, maxb = SVAE_REPLY_MAX_BINS;
-        if (nb < 1 || nb > maxb || cd > maxw || sd > maxw || nc > maxw || nr > maxw) return 0;
-        sum = cd + sd + 2 + nc + nr;                   /* < 2^34 */
+        readout = p[O_FLAGS] & HAS_READOUT;
+        if (nb < 1 || nb > maxb || cd > maxw || sd > maxw || nr > maxw) return 0;
+        if (!readout && (nc || vd || hb)) return 0;
+        if (readout && (nc > maxw || vd > maxw)) return 0;
+        sum = cd + sd + nr + (readout ? 2 + nc + vd : 0);  /* < 2^34 */
         if (sum > (UINT64_MAX / 4) / nb) return 0;     /* 4 * nb * sum > 2^64 > body */
         return 4 * nb * sum == body;
     }
-    if (nb || cd || sd || nc || nr) return 0;
+    if (nb || cd || sd || nc || vd || hb || nr) return 0;
     if (type == 0x84) return body == 0;
     return memchr(p + HDR, 0, (size_t)body) == NULL;
 }
@@ -124,10 +133,10 @@ static int reference_accepts(const unsigned char *p, size_t len) {
 /* -- the check of one input ------------------------------------------------------------------- */
 
 typedef struct {         /* what a valid reply was built with */
-    int valid;
-    uint8_t type, status;
-    uint64_t seq, t_client, server_ns;
-    uint32_t n_bins, widths[SVAE_N_SECTIONS];
+    int valid, readout;
+    uint8_t type, status, flags;
+    uint64_t seq, t_client, server_ns, queue_ns;
+    uint32_t n_bins, widths[SVAE_N_SECTIONS];  /* 0 for an absent section */
 } expect_t;
 
 static volatile uint32_t sink;
@@ -145,7 +154,8 @@ static void check_parsed(const unsigned char *p, size_t len, const expect_t *e) 
         CHECK(rc == SVAE_OK, p, len);
         CHECK(v.header.msg_type == e->type && v.header.status == e->status && v.header.seq == e->seq, p, len);
         CHECK(v.header.t_client_ns == e->t_client && v.header.server_ns == e->server_ns, p, len);
-        CHECK(v.header.version == 1 && memcmp(v.header.magic, "SVAE", 4) == 0, p, len);
+        CHECK(v.header.queue_ns == e->queue_ns && v.header.flags == e->flags, p, len);
+        CHECK(v.header.version == VERSION && memcmp(v.header.magic, "SVAE", 4) == 0, p, len);
         CHECK(svae_reply_answers(&v, (uint8_t)(e->type & 0x7F), e->n_bins) == SVAE_OK, p, len);
         if (e->type == SVAE_DECODE_REPLY) {
             size_t off = HDR;
@@ -154,6 +164,10 @@ static void check_parsed(const unsigned char *p, size_t len, const expect_t *e) 
             CHECK(svae_reply_answers(&v, SVAE_PING, 0) == SVAE_E_MISMATCH, p, len);
             for (k = 0; k < SVAE_N_SECTIONS; k++) {
                 const svae_array *a = &v.section[k];
+                if (readout_section(k) && !e->readout) {  /* absent: all zero */
+                    CHECK(a->data == NULL && a->rows == 0 && a->width == 0 && a->bytes == 0 && a->elem == 0, p, len);
+                    continue;
+                }
                 CHECK(a->rows == e->n_bins && a->width == e->widths[k], p, len);
                 CHECK(a->data == p + off, p, len);
                 CHECK(a->elem == (k == SVAE_SEC_DIRECTION ? SVAE_ELEM_I32 : SVAE_ELEM_F32), p, len);
@@ -180,17 +194,24 @@ static void check_parsed(const unsigned char *p, size_t len, const expect_t *e) 
     CHECK(v.header.body_bytes == v.body_len, p, len);
     CHECK(v.header.seq == get64(p + O_SEQ) && v.header.t_client_ns == get64(p + O_TCLIENT), p, len);
     CHECK(v.header.server_ns == get32(p + O_SERVER_NS) && v.header.n_bins == get32(p + O_NBINS), p, len);
+    CHECK(v.header.queue_ns == get32(p + O_QUEUE_NS), p, len);
     CHECK(v.header.content_dim == get16(p + O_CONTENT) && v.header.style_dim == get16(p + O_STYLE), p, len);
     CHECK(v.header.n_classes == get16(p + O_CLASSES) && v.header.reserved == get16(p + O_RESERVED), p, len);
+    CHECK(v.header.velocity_dim == get16(p + O_VELOCITY) && v.header.history_bins == get16(p + O_HISTORY), p, len);
     CHECK(v.header.n_rates == get32(p + O_NRATES) && v.header.flags == p[O_FLAGS], p, len);
     CHECK(v.header.msg_type == p[O_TYPE] && v.header.status == p[O_STATUS], p, len);
     CHECK(svae_view_aligned(&v) == (((uintptr_t)p & 3u) == 0), p, len);
     if (v.header.msg_type == SVAE_DECODE_REPLY) {
         const unsigned char *end = v.body;
+        int readout = (v.header.flags & HAS_READOUT) != 0;
         CHECK(v.header.n_bins >= 1 && v.json == NULL, p, len);
         for (k = 0; k < SVAE_N_SECTIONS; k++) {
             const svae_array *a = &v.section[k];
             uint64_t bytes = 4 * (uint64_t)a->rows * (uint64_t)a->width;  /* rows <= 2^32, width < 2^32 */
+            if (readout_section(k) && !readout) {
+                CHECK(a->data == NULL && a->rows == 0 && a->width == 0 && a->bytes == 0, p, len);
+                continue;
+            }
             CHECK(a->data == end && a->rows == v.header.n_bins && a->bytes == bytes, p, len);
             CHECK(a->data >= p + HDR && bytes <= (uint64_t)(p + len - a->data), p, len);
             for (i = 0; i < a->rows * a->width; i++) sink += (uint32_t)svae_i32(a, i);  /* read it all */
@@ -231,7 +252,7 @@ static void check_input(const unsigned char *frame, size_t len, const expect_t *
 static void header(unsigned char *p, uint8_t type, uint8_t status, size_t body, expect_t *e) {
     memset(p, 0, HDR);
     memcpy(p, "SVAE", 4);
-    p[O_VERSION] = 1;
+    p[O_VERSION] = VERSION;
     p[O_TYPE] = type;
     p[O_STATUS] = status;
     e->type = type;
@@ -239,9 +260,12 @@ static void header(unsigned char *p, uint8_t type, uint8_t status, size_t body, 
     e->seq = rnd();
     e->t_client = rnd();
     e->server_ns = (uint32_t)rnd();
+    e->queue_ns = below(2) ? 0 : (uint32_t)rnd();
+    e->flags = 0;
     put64(p + O_SEQ, e->seq);
     put64(p + O_TCLIENT, e->t_client);
     put32(p + O_SERVER_NS, e->server_ns);
+    put32(p + O_QUEUE_NS, e->queue_ns);
     put32(p + O_BODY, body);
 }
 
@@ -256,19 +280,26 @@ static size_t build_valid(unsigned char *p, expect_t *e) {
         uint32_t nb = shape < 14 ? 1 : shape < 19 ? (uint32_t)(1 + below(16)) : SVAE_MAX_BINS;
         uint32_t w[SVAE_N_SECTIONS];
         size_t sum = 0;
+        int readout = below(4) != 0;  /* mostly with a readout; without, its sections are absent */
         w[SVAE_SEC_CONTENT] = (uint32_t)(below(4) ? below(33) : 0);
         w[SVAE_SEC_STYLE_MEAN] = (uint32_t)(below(4) ? below(33) : 0);
-        w[SVAE_SEC_ANGLE] = w[SVAE_SEC_DIRECTION] = 1;
-        w[SVAE_SEC_PROBA] = (uint32_t)below(17);
+        w[SVAE_SEC_ANGLE] = w[SVAE_SEC_DIRECTION] = readout ? 1 : 0;
+        w[SVAE_SEC_PROBA] = readout ? (uint32_t)below(17) : 0;
+        w[SVAE_SEC_VELOCITY] = readout ? (uint32_t)below(4) : 0;
         w[SVAE_SEC_RATES] = (uint32_t)(below(4) ? below(301) : 0);
         if (nb == SVAE_MAX_BINS) w[SVAE_SEC_CONTENT] = w[SVAE_SEC_STYLE_MEAN] = w[SVAE_SEC_RATES] = 1;
         for (i = 0; i < SVAE_N_SECTIONS; i++) sum += w[i];
         body = 4 * (size_t)nb * sum;
         header(p, SVAE_DECODE_REPLY, 0, body, e);
+        e->readout = readout;
+        e->flags = (uint8_t)((readout ? HAS_READOUT : 0) | (below(2) ? RESET_APPLIED : 0));
+        p[O_FLAGS] = e->flags;
         put32(p + O_NBINS, nb);
         put16(p + O_CONTENT, w[SVAE_SEC_CONTENT]);
         put16(p + O_STYLE, w[SVAE_SEC_STYLE_MEAN]);
         put16(p + O_CLASSES, w[SVAE_SEC_PROBA]);
+        put16(p + O_VELOCITY, w[SVAE_SEC_VELOCITY]);
+        put16(p + O_HISTORY, readout ? 1 + below(8) : 0);
         put32(p + O_NRATES, w[SVAE_SEC_RATES]);
         e->n_bins = nb;
         memcpy(e->widths, w, sizeof w);
@@ -292,7 +323,8 @@ static const uint64_t extremes[] = {0, 1, 2, 3, 4, 0x7F, 0x80, 0x81, 0xFF, 0x100
                                     0x7FFFFFFFFFFFFFFFull, 0xFFFFFFFFFFFFFFFFull};
 static const struct { unsigned char off, size; } fields[] = {
     {O_VERSION, 1}, {O_TYPE, 1}, {O_STATUS, 1}, {O_FLAGS, 1}, {O_SEQ, 8}, {O_TCLIENT, 8}, {O_SERVER_NS, 4},
-    {O_NBINS, 4}, {O_CONTENT, 2}, {O_STYLE, 2}, {O_CLASSES, 2}, {O_RESERVED, 2}, {O_NRATES, 4}, {O_BODY, 4}};
+    {O_QUEUE_NS, 4}, {O_NBINS, 4}, {O_CONTENT, 2}, {O_STYLE, 2}, {O_CLASSES, 2}, {O_VELOCITY, 2}, {O_HISTORY, 2},
+    {O_RESERVED, 2}, {O_NRATES, 4}, {O_BODY, 4}};
 #define N_FIELDS (sizeof fields / sizeof fields[0])
 #define N_EXTREMES (sizeof extremes / sizeof extremes[0])
 
@@ -304,8 +336,10 @@ static void set_field(unsigned char *p, size_t f, uint64_t v) {
     default: put64(p + fields[f].off, v); break;
     }
 }
-/* the dimension fields, the ones products are made of */
-static const size_t dim_fields[] = {7, 8, 9, 10, 12};
+/* the dimension fields (indices into fields[]): the ones products are made of, the flags byte that
+ * decides which sections count, and history_bins (0 without a readout) */
+static const size_t dim_fields[] = {3, 8, 9, 10, 11, 12, 13, 15};
+#define N_DIM_FIELDS (sizeof dim_fields / sizeof dim_fields[0])
 
 /* (b) Mutate a frame in place (room up to FRAME_CAP); returns the new length. */
 static size_t mutate(unsigned char *p, size_t len) {
@@ -330,7 +364,7 @@ static size_t mutate(unsigned char *p, size_t len) {
     case 5:  /* dimension fields to extremes, body_bytes kept consistent: the size checks decide */
     case 6:
         for (n = 1 + below(3), i = 0; i < n; i++)
-            set_field(p, dim_fields[below(sizeof dim_fields / sizeof dim_fields[0])], extremes[below(N_EXTREMES)]);
+            set_field(p, dim_fields[below(N_DIM_FIELDS)], extremes[below(N_EXTREMES)]);
         if (m == 6) put32(p + O_BODY, below(2) ? extremes[below(N_EXTREMES)] : rnd());
         else put32(p + O_BODY, len - HDR);
         return len;
@@ -356,10 +390,11 @@ static uint64_t inverse_odd(uint64_t a) {
 
 /* (c) A DECODE_REPLY header whose 4 * n_bins * (sum of widths) wraps to the body it carries:
  * modulo 2^64 (64-bit size_t; the issue's reply is one) or modulo 2^32 (body_bytes, 32-bit
- * size_t). Everything else in the frame is valid. */
+ * size_t). Everything else in the frame is valid; with or without the readout's sections. */
 static size_t build_wrap(unsigned char *p) {
     expect_t e;
-    uint64_t nb, sum, cd, sd, nc, nr, k;
+    uint64_t nb, sum, cd, sd, nc, vd, nr, k, fixed;
+    int readout = below(4) != 0;
     size_t body, i;
     if (below(2)) {  /* 4 * nb * sum = 2^64 or 2^65 exactly, empty body */
         uint64_t which = below(3);  /* (nb, sum): (2^31, 2^31), (2^31, 2^32), (2^30, 2^32) */
@@ -374,18 +409,28 @@ static size_t build_wrap(unsigned char *p) {
         if (nb == 0) nb = (uint64_t)1 << 30;              /* only when k is 0 */
         body = 4 * (size_t)k;
     }
-    /* split sum - 2 (at most 2^32 - 2) into the four width fields (three uint16, n_rates uint32) */
+    /* split sum - fixed (fixed = 2 with the readout's angle and direction, at most 2^32 - 2) into
+     * the width fields: uint16 ones and n_rates (uint32); without the readout, no classes or velocity */
+    fixed = readout ? 2 : 0;
     cd = below(2) ? below(0x10000) : 0;
     sd = below(2) ? below(0x10000) : 0;
-    nc = below(2) ? below(0x10000) : 0;
-    if (cd + sd + nc > sum - 2) cd = sd = nc = 0;
-    nr = sum - 2 - cd - sd - nc;
-    if (((4 * nb * sum) & 0xFFFFFFFFull) != body) { fprintf(stderr, "build_wrap is wrong\n"); exit(2); }
+    nc = readout && below(2) ? below(0x10000) : 0;
+    vd = readout && below(2) ? below(0x10000) : 0;
+    if (cd + sd + nc + vd > sum - fixed) cd = sd = nc = vd = 0;
+    nr = sum - fixed - cd - sd - nc - vd;
+    if (nr > 0xFFFFFFFFull) { readout = 1; fixed = 2; nr -= 2; }  /* sum = 2^32 without a readout */
+    if (((4 * nb * sum) & 0xFFFFFFFFull) != body || cd + sd + nc + vd + nr + fixed != sum) {
+        fprintf(stderr, "build_wrap is wrong\n");
+        exit(2);
+    }
     header(p, SVAE_DECODE_REPLY, 0, body, &e);
+    p[O_FLAGS] = (unsigned char)(readout ? HAS_READOUT : 0);
     put32(p + O_NBINS, nb);
     put16(p + O_CONTENT, cd);
     put16(p + O_STYLE, sd);
     put16(p + O_CLASSES, nc);
+    put16(p + O_VELOCITY, vd);
+    put16(p + O_HISTORY, readout ? 3 : 0);
     put32(p + O_NRATES, nr);
     for (i = 0; i < body; i++) p[HDR + i] = (unsigned char)rnd();
     return HDR + body;
@@ -398,7 +443,7 @@ static size_t build_random(unsigned char *p) {
     for (i = 0; i < len; i++) p[i] = (unsigned char)rnd();
     if (below(2) && len >= HDR) {
         memcpy(p, "SVAE", 4);
-        p[O_VERSION] = 1;
+        p[O_VERSION] = VERSION;
         p[O_TYPE] = types[below(5)];
         if (below(2)) p[O_STATUS] = p[O_TYPE] == 0xFF ? (unsigned char)(1 + below(255)) : 0;
         put32(p + O_BODY, len - HDR);
@@ -407,12 +452,14 @@ static size_t build_random(unsigned char *p) {
 }
 
 /* (e) The reply of issue 12: n_bins = 2^31, n_rates = 2^31 - 2, other widths 0, no body. The
- * old check 4 * B * (2 + n_rates) wrapped to 0 == body_bytes and direction pointed 8 GiB away. */
+ * old check 4 * B * (2 + n_rates) wrapped to 0 == body_bytes and direction pointed 8 GiB away.
+ * In v2 layout, with HAS_READOUT (angle and direction count), so that it still wraps to 0. */
 static size_t build_issue12(unsigned char *p) {
     memset(p, 0, HDR);
     memcpy(p, "SVAE", 4);
-    p[O_VERSION] = 1;
+    p[O_VERSION] = VERSION;
     p[O_TYPE] = SVAE_DECODE_REPLY;
+    p[O_FLAGS] = HAS_READOUT;
     put64(p + O_SEQ, 1);
     put32(p + O_NBINS, 0x80000000u);
     put32(p + O_NRATES, 0x7FFFFFFEu);
@@ -474,7 +521,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     case 1: len = mutate(frame, build_valid(frame, &e)); e.valid = 0; break;
     case 2: len = build_wrap(frame); break;
     case 3: len = build_random(frame); break;
-    default: len = build_issue12(frame); set_field(frame, dim_fields[below(5)], extremes[below(N_EXTREMES)]); break;
+    default: len = build_issue12(frame); set_field(frame, dim_fields[below(N_DIM_FIELDS)], extremes[below(N_EXTREMES)]); break;
     }
     check_input(frame, len, &e, (size_t)below(4));
     if (failures) abort();
@@ -500,17 +547,24 @@ static int parse_file(const char *path) {
         printf("rc=%d %s %s\n", rc, code_name(rc) ? code_name(rc) : "?", svae_strerror(rc));
         if (rc == SVAE_OK) {
             const svae_reply_header *h = &v.header;
-            printf("msg_type=%u status=%u seq=%llu t_client_ns=%llu server_ns=%lu n_bins=%lu content_dim=%u "
-                   "style_dim=%u n_classes=%u n_rates=%lu body_bytes=%lu\n",
-                   h->msg_type, h->status, (unsigned long long)h->seq, (unsigned long long)h->t_client_ns,
-                   (unsigned long)h->server_ns, (unsigned long)h->n_bins, h->content_dim, h->style_dim,
-                   h->n_classes, (unsigned long)h->n_rates, (unsigned long)h->body_bytes);
+            printf("msg_type=%u status=%u flags=%u seq=%llu t_client_ns=%llu server_ns=%lu queue_ns=%lu n_bins=%lu "
+                   "content_dim=%u style_dim=%u n_classes=%u velocity_dim=%u history_bins=%u n_rates=%lu "
+                   "body_bytes=%lu\n",
+                   h->msg_type, h->status, h->flags, (unsigned long long)h->seq, (unsigned long long)h->t_client_ns,
+                   (unsigned long)h->server_ns, (unsigned long)h->queue_ns, (unsigned long)h->n_bins, h->content_dim,
+                   h->style_dim, h->n_classes, h->velocity_dim, h->history_bins, (unsigned long)h->n_rates,
+                   (unsigned long)h->body_bytes);
             if (h->msg_type == SVAE_DECODE_REPLY)
-                for (k = 0; k < SVAE_N_SECTIONS; k++)
-                    printf("section %zu offset=%zu rows=%zu width=%zu first=%.9g\n", k,
-                           (size_t)(v.section[k].data - block), v.section[k].rows, v.section[k].width,
-                           v.section[k].bytes ? (k == SVAE_SEC_DIRECTION ? (double)svae_i32(&v.section[k], 0)
-                                                                         : (double)svae_f32(&v.section[k], 0)) : 0.0);
+                for (k = 0; k < SVAE_N_SECTIONS; k++) {
+                    const svae_array *a = &v.section[k];
+                    if (!a->data) {
+                        printf("section %zu absent=1\n", k);
+                        continue;
+                    }
+                    printf("section %zu offset=%zu rows=%zu width=%zu first=%.9g\n", k, (size_t)(a->data - block),
+                           a->rows, a->width, a->bytes ? (k == SVAE_SEC_DIRECTION ? (double)svae_i32(a, 0)
+                                                                                  : (double)svae_f32(a, 0)) : 0.0);
+                }
             if (v.json) printf("json %.*s\n", (int)v.json_len, v.json);
         }
         free(block);
@@ -575,7 +629,7 @@ int main(int argc, char **argv) {
             category = "issue12-variant";
             n_cat[4]++;
             len = build_issue12(frame);
-            if (below(2)) set_field(frame, dim_fields[below(5)], extremes[below(N_EXTREMES)]);
+            if (below(2)) set_field(frame, dim_fields[below(N_DIM_FIELDS)], extremes[below(N_EXTREMES)]);
         }
         check_input(frame, len, &e, (size_t)below(4));
     }

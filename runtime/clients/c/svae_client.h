@@ -1,4 +1,4 @@
-/* svae_client.h: a minimal C client for the swapvae decoding service, wire protocol v1.
+/* svae_client.h: a minimal C client for the swapvae decoding service, wire protocol v2.
  *
  * Written from schemas/PROTOCOL.md alone (that is its purpose: it proves the spec is enough).
  * Header-only: copy it with svae_protocol.h (the protocol and the reply parser, which this file
@@ -7,9 +7,15 @@
  *     void *ctx = zmq_ctx_new();
  *     void *sock = svae_connect(ctx, "tcp://127.0.0.1:5555", 100);    // DEALER, 100 ms timeouts
  *     svae_reply r = {0};
- *     if (svae_decode_f32(sock, seq, counts, n_channels, &r) == 0)    // one bin of float32 counts
- *         use(r.angle[0], r.direction[0]);
+ *     if (svae_decode_f32(sock, seq, counts, n_channels, first_bin_of_trial, &r) == 0)  // one bin of float32 counts
+ *         use(r.angle[0], r.direction[0], r.velocity[0], r.velocity[1]);          // NULL without a readout
  *     svae_reply_free(&r);
+ *
+ * The socket is one stream for the server: it decodes each bin from a window of this socket's
+ * preceding bins. Pass reset = 1 with a trial's first bin (the server then forgets the history);
+ * a new socket (e.g. after a timeout) is a new stream. r.header.flags says whether the window
+ * started afresh (SVAE_REPLY_RESET_APPLIED) and whether the readout's sections are there
+ * (SVAE_REPLY_HAS_READOUT); r.header.server_ns and queue_ns are the server's times.
  *
  * Every reply goes through svae_parse_reply (see svae_protocol.h for what it guarantees) and must
  * answer the request sent (reply type, and n_bins for a decode) before any pointer is set, so a
@@ -41,8 +47,9 @@
  * pointers are 4-byte aligned. */
 typedef struct {
     svae_reply_header header;
-    const float *content, *style_mean, *angle, *proba, *rates; /* DECODE_REPLY: n_bins rows each, else NULL */
-    const int32_t *direction;   /* values as the server sent them: check before indexing with one */
+    const float *content, *style_mean, *rates;   /* DECODE_REPLY: n_bins rows each, else NULL */
+    const float *angle, *proba, *velocity;       /* ... with SVAE_REPLY_HAS_READOUT, else NULL */
+    const int32_t *direction;   /* (readout) values as the server sent them: check before indexing with one */
     const char *json;           /* INFO/STATS/ERROR body, NUL-terminated (in frame), else NULL */
     size_t json_len;
     uint64_t rtt_ns;            /* measured here, send to receipt */
@@ -198,8 +205,9 @@ static inline int svae_exchange(void *sock, const svae_request_header *h, const 
         r->content = (const float *)(const void *)s[SVAE_SEC_CONTENT].data;
         r->style_mean = (const float *)(const void *)s[SVAE_SEC_STYLE_MEAN].data;
         r->angle = (const float *)(const void *)s[SVAE_SEC_ANGLE].data;
-        r->direction = (const int32_t *)(const void *)s[SVAE_SEC_DIRECTION].data;
+        r->direction = (const int32_t *)(const void *)s[SVAE_SEC_DIRECTION].data;  /* NULL when absent */
         r->proba = (const float *)(const void *)s[SVAE_SEC_PROBA].data;
+        r->velocity = (const float *)(const void *)s[SVAE_SEC_VELOCITY].data;
         r->rates = (const float *)(const void *)s[SVAE_SEC_RATES].data;
     } else if (r->view.json) {  /* the buffer holds a NUL after the frame and none inside the body */
         r->json = r->view.json;
@@ -215,9 +223,10 @@ static inline int svae_control(void *sock, uint8_t msg_type, uint64_t seq, svae_
     return svae_exchange(sock, &h, NULL, 0, r);
 }
 
-/* Decode n_bins bins of n_channels values of the given dtype (row-major). */
+/* Decode n_bins consecutive bins of this socket's stream, n_channels values of the given dtype
+ * each (row-major); reset != 0: the first of them starts a trial (SVAE_FLAG_RESET). */
 static inline int svae_decode(void *sock, uint64_t seq, const void *counts, uint8_t dtype, size_t itemsize,
-                              uint32_t n_channels, uint32_t n_bins, svae_reply *r) {
+                              uint32_t n_channels, uint32_t n_bins, int reset, svae_reply *r) {
     svae_request_header h;
     size_t body_len;
     if (svae_mul_size(n_channels, n_bins, &body_len) || svae_mul_size(body_len, itemsize, &body_len)) {
@@ -226,13 +235,15 @@ static inline int svae_decode(void *sock, uint64_t seq, const void *counts, uint
     }
     svae_request_init(&h, SVAE_DECODE, seq);
     h.dtype = dtype;
+    h.flags = reset ? SVAE_FLAG_RESET : 0;
     h.n_channels = n_channels;
     h.n_bins = n_bins;
     return svae_exchange(sock, &h, counts, body_len, r);
 }
 
-static inline int svae_decode_f32(void *sock, uint64_t seq, const float *counts, uint32_t n_channels, svae_reply *r) {
-    return svae_decode(sock, seq, counts, SVAE_FLOAT32, sizeof(float), n_channels, 1, r);
+static inline int svae_decode_f32(void *sock, uint64_t seq, const float *counts, uint32_t n_channels, int reset,
+                                  svae_reply *r) {
+    return svae_decode(sock, seq, counts, SVAE_FLOAT32, sizeof(float), n_channels, 1, reset, r);
 }
 
 #endif

@@ -3,8 +3,10 @@
  *     svae_demo ENDPOINT [TIMEOUT_MS] < bins.txt
  *
  * Asks INFO for the channel count, then decodes one bin per input line (whitespace-separated
- * counts) and prints one line per reply:
- *     decode seq=1 direction=3 angle=0.785398185 server_ns=41000 rtt_ns=90000
+ * counts), the lines being consecutive bins of one trial (RESET with the first), and prints one
+ * line per reply:
+ *     decode seq=3 direction=3 angle=0.785398185 velocity=1.5,-2 flags=3 server_ns=41000 queue_ns=0 rtt_ns=90000
+ * (direction=- angle=- velocity=- for a bundle without a readout)
  * then sends a bin with one channel too few and prints the error reply:
  *     error seq=N status=5 body={"code":5,"error":"BAD_SHAPE","message":"..."}
  * Exit status 0 on success, 1 on a timeout or protocol failure.
@@ -39,6 +41,7 @@ int main(int argc, char **argv) {
     printf("info n_channels=%u\n", n);
 
     float *x = (float *)calloc(n, sizeof(float));
+    int first = 1;  /* the first bin starts a trial */
     if (!x) goto out;
     for (;;) {
         uint32_t i;
@@ -46,19 +49,27 @@ int main(int argc, char **argv) {
             if (scanf("%f", &x[i]) != 1) break;
         if (i == 0) break;
         if (i != n) { fprintf(stderr, "a line had %u of %u counts\n", i, n); free(x); goto out; }
-        int e = svae_decode_f32(sock, seq, x, n, &r);
+        int e = svae_decode_f32(sock, seq, x, n, first, &r);
         if (e != SVAE_OK) {
             fprintf(stderr, "decode seq=%llu failed: %d %s (%s) %s\n", (unsigned long long)seq, e, svae_strerror(e),
                     svae_strerror(r.reply_error), r.json ? r.json : "");
             free(x);
             goto out;
         }
-        printf("decode seq=%llu direction=%d angle=%.9g server_ns=%u rtt_ns=%llu\n", (unsigned long long)seq,
-               r.direction[0], r.angle[0], r.header.server_ns, (unsigned long long)r.rtt_ns);
+        first = 0;
+        printf("decode seq=%llu ", (unsigned long long)seq);
+        if (r.header.flags & SVAE_REPLY_HAS_READOUT) {
+            printf("direction=%d angle=%.9g velocity=", r.direction[0], r.angle[0]);
+            for (i = 0; i < r.header.velocity_dim; i++) printf("%s%.9g", i ? "," : "", r.velocity[i]);
+        } else {
+            printf("direction=- angle=- velocity=-");
+        }
+        printf(" flags=%u server_ns=%u queue_ns=%u rtt_ns=%llu\n", r.header.flags, r.header.server_ns,
+               r.header.queue_ns, (unsigned long long)r.rtt_ns);
         seq++;
     }
     /* A malformed request: the server answers with an error and keeps serving. */
-    int e = svae_decode_f32(sock, seq, x, n - 1, &r);
+    int e = svae_decode_f32(sock, seq, x, n - 1, 0, &r);
     free(x);
     if (e != SVAE_E_SERVICE) {
         fprintf(stderr, "expected an error reply, got %d (%s)\n", e, svae_strerror(e));

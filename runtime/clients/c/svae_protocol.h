@@ -1,4 +1,4 @@
-/* svae_protocol.h: the swapvae wire protocol v1 (schemas/PROTOCOL.md) for C, and a reply parser
+/* svae_protocol.h: the swapvae wire protocol v2 (schemas/PROTOCOL.md) for C, and a reply parser
  * that survives any bytes.
  *
  * Pure C99: no I/O, no allocation, no libzmq. svae_client.h adds the ZeroMQ client on top;
@@ -6,7 +6,7 @@
  *
  *     svae_reply_view v;
  *     int rc = svae_parse_reply(frame, frame_len, &v);      // SVAE_OK or a SVAE_E_* code < 0
- *     if (rc == SVAE_OK && v.header.msg_type == SVAE_DECODE_REPLY)
+ *     if (rc == SVAE_OK && v.header.msg_type == SVAE_DECODE_REPLY && (v.header.flags & SVAE_REPLY_HAS_READOUT))
  *         angle = svae_f32(&v.section[SVAE_SEC_ANGLE], 0);   // any alignment
  *     else if (rc != SVAE_OK) puts(svae_strerror(rc));
  *
@@ -16,13 +16,15 @@
  *     whose products wrap (n_bins = 2^31, n_rates = 2^31 - 2, ...) is rejected, on 32- and
  *     64-bit hosts alike;
  *   - on SVAE_OK every pointer in the view lies inside the frame: section k covers
- *     [data, data + bytes) with bytes = 4 * rows * width, the sections tile the body exactly,
- *     and the JSON body lies in [frame + 48, frame + len) and holds no NUL byte;
+ *     [data, data + bytes) with bytes = 4 * rows * width, the sections present tile the body
+ *     exactly, and the JSON body lies in [frame + 56, frame + len) and holds no NUL byte;
+ *   - the readout's sections (angle, direction, proba, velocity) are present exactly when the
+ *     reply flag SVAE_REPLY_HAS_READOUT is set; an absent section is all zero (data NULL);
  *   - on an error the view is zeroed except for what was read before the error (do not use it).
  * It validates the protocol, not the numbers: floats may be NaN, `direction` is whatever int32
  * the server sent (check it before using it as an index), JSON is not parsed.
  *
- * Alignment: the parser assumes none. A section starts at frame + 48 + 4k, so it is 4-byte
+ * Alignment: the parser assumes none. A section starts at frame + 56 + 4k, so it is 4-byte
  * aligned exactly when the frame is; libzmq does not promise that for zmq_msg_data. Read
  * elements with svae_f32()/svae_i32() (a 4-byte memcpy; compilers emit a single load), or cast
  * section pointers to float/int32_t only when svae_view_aligned() says so. svae_client.h
@@ -39,14 +41,14 @@
 #include <stdint.h>
 #include <string.h>
 
-#define SVAE_PROTOCOL_VERSION 1
+#define SVAE_PROTOCOL_VERSION 2
 #define SVAE_REQUEST_HEADER_BYTES 32
-#define SVAE_REPLY_HEADER_BYTES 48  /* version 1 */
+#define SVAE_REPLY_HEADER_BYTES 56  /* version 2 */
 #define SVAE_MAX_BINS 4096          /* rows per decode request (PROTOCOL.md section 3) */
 
 /* Limits the parser enforces on top of the spec (define before including to change them):
  * a DECODE_REPLY must have 1..SVAE_REPLY_MAX_BINS rows and every row width (content_dim,
- * style_dim, n_classes, n_rates) at most SVAE_REPLY_MAX_WIDTH. They only narrow what is
+ * style_dim, n_classes, velocity_dim, n_rates) at most SVAE_REPLY_MAX_WIDTH. They only narrow what is
  * accepted; memory safety comes from the checked arithmetic, not from them (the fuzz test also
  * runs with both set to 0xFFFFFFFF). */
 #ifndef SVAE_REPLY_MAX_BINS
@@ -60,6 +62,10 @@ enum { SVAE_DECODE = 1, SVAE_INFO = 2, SVAE_STATS = 3, SVAE_PING = 4,
        SVAE_DECODE_REPLY = 0x81, SVAE_INFO_REPLY = 0x82, SVAE_STATS_REPLY = 0x83, SVAE_PONG = 0x84,
        SVAE_ERROR = 0xFF };
 #define SVAE_REPLY_BIT 0x80
+/* Request flags (svae_request_header.flags) and reply flags (svae_reply_header.flags, DECODE_REPLY). */
+#define SVAE_FLAG_RESET 0x01           /* request: the first bin starts a trial (the stream's history is dropped) */
+#define SVAE_REPLY_HAS_READOUT 0x01    /* reply: angle, direction, proba and velocity are present */
+#define SVAE_REPLY_RESET_APPLIED 0x02  /* reply: the first bin's window started afresh (RESET, new or evicted stream) */
 enum { SVAE_FLOAT32 = 1, SVAE_FLOAT64 = 2, SVAE_UINT8 = 3, SVAE_INT16 = 4, SVAE_UINT16 = 5, SVAE_INT32 = 6 };
 /* Status codes of ERROR replies (PROTOCOL.md section 6); svae_status_name() names them. */
 enum { SVAE_OK = 0, SVAE_BAD_HEADER = 1, SVAE_BAD_VERSION = 2, SVAE_UNKNOWN_TYPE = 3, SVAE_BAD_DTYPE = 4,
@@ -80,7 +86,8 @@ enum { SVAE_OK = 0, SVAE_BAD_HEADER = 1, SVAE_BAD_VERSION = 2, SVAE_UNKNOWN_TYPE
 #define SVAE_E_LENGTH (-13)   /* body_bytes != frame length - header size */
 #define SVAE_E_TYPE (-14)     /* msg_type is not a reply type */
 #define SVAE_E_STATUS (-15)   /* status is 0 on an ERROR reply, or nonzero on another */
-#define SVAE_E_DIMS (-16)     /* dimension fields out of range, or nonzero on a non-decode reply */
+#define SVAE_E_DIMS (-16)     /* dimension fields out of range, readout widths without HAS_READOUT,
+                                 or nonzero on a non-decode reply */
 #define SVAE_E_OVERFLOW (-17) /* the body size the dimensions imply overflows size_t */
 #define SVAE_E_SIZE (-18)     /* body_bytes != the body size the dimensions imply */
 #define SVAE_E_BODY (-19)     /* a body where none belongs (PONG), or a NUL byte in a JSON body */
@@ -102,9 +109,10 @@ typedef struct {            /* PROTOCOL.md section 4, in host byte order (filled
     uint8_t  version, msg_type, status, flags;
     uint64_t seq;
     uint64_t t_client_ns;
-    uint32_t server_ns;
+    uint32_t server_ns;     /* request read by the server -> reply ready */
+    uint32_t queue_ns;      /* the part of server_ns it waited for its turn */
     uint32_t n_bins;
-    uint16_t content_dim, style_dim, n_classes, reserved;
+    uint16_t content_dim, style_dim, n_classes, velocity_dim, history_bins, reserved;
     uint32_t n_rates;
     uint32_t body_bytes;
 } svae_reply_header;
@@ -113,11 +121,13 @@ typedef char svae_check_request_size[sizeof(svae_request_header) == SVAE_REQUEST
 
 /* The sections of a DECODE_REPLY body, in wire order (PROTOCOL.md section 5). */
 enum { SVAE_SEC_CONTENT, SVAE_SEC_STYLE_MEAN, SVAE_SEC_ANGLE, SVAE_SEC_DIRECTION, SVAE_SEC_PROBA,
-       SVAE_SEC_RATES, SVAE_N_SECTIONS };
+       SVAE_SEC_VELOCITY, SVAE_SEC_RATES, SVAE_N_SECTIONS };
 enum { SVAE_ELEM_F32 = 1, SVAE_ELEM_I32 = 2 };
 
 /* One section: rows x width elements of 4 bytes, row-major, starting at `data` (inside the frame,
- * alignment unknown). bytes = 4 * rows * width; data is non-NULL even when bytes is 0. */
+ * alignment unknown). bytes = 4 * rows * width; data is non-NULL even when bytes is 0, for a
+ * section present. An absent section (the readout's, without SVAE_REPLY_HAS_READOUT) is all
+ * zero: data NULL, rows, width and bytes 0. */
 typedef struct {
     const unsigned char *data;
     size_t rows, width, bytes;
@@ -130,7 +140,7 @@ typedef struct {
     const unsigned char *frame;          /* the frame parsed */
     const unsigned char *body;           /* frame + header size; body_len == header.body_bytes */
     size_t len, body_len;
-    svae_array section[SVAE_N_SECTIONS]; /* DECODE_REPLY; all zero otherwise */
+    svae_array section[SVAE_N_SECTIONS]; /* DECODE_REPLY (absent ones zero); all zero otherwise */
     const char *json;                    /* INFO_REPLY, STATS_REPLY, ERROR: the body (not     */
     size_t json_len;                     /* NUL-terminated, no NUL inside); NULL otherwise    */
 } svae_reply_view;
@@ -197,14 +207,15 @@ static inline int32_t svae_i32(const svae_array *a, size_t i) {
 
 /* -- the layout tables ---------------------------------------------------------------------- */
 /* Everything the parser knows about a protocol version is in svae_layout(): the header size,
- * where each header field sits, and the decode sections with their row-width fields. A new
- * version is a new table (plus, for v2's per-section presence flags, a test in the section loop
- * of svae_parse_reply). */
+ * where each header field sits, and the decode sections with their row-width fields and
+ * whether they belong to the readout (present only with SVAE_REPLY_HAS_READOUT). A new version
+ * is a new table. This parser speaks version 2 only: a version 1 server's reply (to a v2
+ * request it answers BAD_VERSION) is refused with SVAE_E_VERSION. */
 
-enum { SVAE_W_ONE, SVAE_W_CONTENT_DIM, SVAE_W_STYLE_DIM, SVAE_W_N_CLASSES, SVAE_W_N_RATES };
+enum { SVAE_W_ONE, SVAE_W_CONTENT_DIM, SVAE_W_STYLE_DIM, SVAE_W_N_CLASSES, SVAE_W_VELOCITY_DIM, SVAE_W_N_RATES };
 
 typedef struct { unsigned char wire_offset, size; unsigned short host_offset; } svae_field_def;
-typedef struct { const char *name; unsigned char elem, width; } svae_section_def;
+typedef struct { const char *name; unsigned char elem, width, readout; } svae_section_def;
 typedef struct {
     size_t header_bytes;
     const svae_field_def *fields;        /* every field after magic */
@@ -217,18 +228,20 @@ typedef struct {
 
 /* The layout of replies of `version`, or NULL for a version this parser does not know. */
 static inline const svae_layout_def *svae_layout(unsigned version) {
-    static const svae_field_def fields_v1[] = {
+    static const svae_field_def fields_v2[] = {
         SVAE_FIELD(4, version), SVAE_FIELD(5, msg_type), SVAE_FIELD(6, status), SVAE_FIELD(7, flags),
-        SVAE_FIELD(8, seq), SVAE_FIELD(16, t_client_ns), SVAE_FIELD(24, server_ns), SVAE_FIELD(28, n_bins),
-        SVAE_FIELD(32, content_dim), SVAE_FIELD(34, style_dim), SVAE_FIELD(36, n_classes),
-        SVAE_FIELD(38, reserved), SVAE_FIELD(40, n_rates), SVAE_FIELD(44, body_bytes)};
-    static const svae_section_def sections_v1[SVAE_N_SECTIONS] = {
-        {"content", SVAE_ELEM_F32, SVAE_W_CONTENT_DIM}, {"style_mean", SVAE_ELEM_F32, SVAE_W_STYLE_DIM},
-        {"angle", SVAE_ELEM_F32, SVAE_W_ONE}, {"direction", SVAE_ELEM_I32, SVAE_W_ONE},
-        {"proba", SVAE_ELEM_F32, SVAE_W_N_CLASSES}, {"rates", SVAE_ELEM_F32, SVAE_W_N_RATES}};
-    static const svae_layout_def v1 = {SVAE_REPLY_HEADER_BYTES, fields_v1, sizeof fields_v1 / sizeof fields_v1[0],
-                                       sections_v1, SVAE_N_SECTIONS};
-    return version == 1 ? &v1 : NULL;
+        SVAE_FIELD(8, seq), SVAE_FIELD(16, t_client_ns), SVAE_FIELD(24, server_ns), SVAE_FIELD(28, queue_ns),
+        SVAE_FIELD(32, n_bins), SVAE_FIELD(36, content_dim), SVAE_FIELD(38, style_dim), SVAE_FIELD(40, n_classes),
+        SVAE_FIELD(42, velocity_dim), SVAE_FIELD(44, history_bins), SVAE_FIELD(46, reserved),
+        SVAE_FIELD(48, n_rates), SVAE_FIELD(52, body_bytes)};
+    static const svae_section_def sections_v2[SVAE_N_SECTIONS] = {
+        {"content", SVAE_ELEM_F32, SVAE_W_CONTENT_DIM, 0}, {"style_mean", SVAE_ELEM_F32, SVAE_W_STYLE_DIM, 0},
+        {"angle", SVAE_ELEM_F32, SVAE_W_ONE, 1}, {"direction", SVAE_ELEM_I32, SVAE_W_ONE, 1},
+        {"proba", SVAE_ELEM_F32, SVAE_W_N_CLASSES, 1}, {"velocity", SVAE_ELEM_F32, SVAE_W_VELOCITY_DIM, 1},
+        {"rates", SVAE_ELEM_F32, SVAE_W_N_RATES, 0}};
+    static const svae_layout_def v2 = {SVAE_REPLY_HEADER_BYTES, fields_v2, sizeof fields_v2 / sizeof fields_v2[0],
+                                       sections_v2, SVAE_N_SECTIONS};
+    return version == 2 ? &v2 : NULL;
 }
 
 /* The row width a section takes from the header. */
@@ -237,6 +250,7 @@ static inline uint32_t svae_width(const svae_reply_header *h, unsigned char w) {
     case SVAE_W_CONTENT_DIM: return h->content_dim;
     case SVAE_W_STYLE_DIM: return h->style_dim;
     case SVAE_W_N_CLASSES: return h->n_classes;
+    case SVAE_W_VELOCITY_DIM: return h->velocity_dim;
     case SVAE_W_N_RATES: return h->n_rates;
     default: return 1;
     }
@@ -300,9 +314,12 @@ static inline int svae_parse_reply(const void *frame, size_t len, svae_reply_vie
 
     if (body == SVAE_BODY_DECODE) {
         size_t rows = h->n_bins, sum = 0, total, off = 0;
+        int readout = (h->flags & SVAE_REPLY_HAS_READOUT) != 0;
         if (rows < 1 || rows > SVAE_REPLY_MAX_BINS) return SVAE_E_DIMS;
+        if (!readout && (h->n_classes || h->velocity_dim || h->history_bins)) return SVAE_E_DIMS;
         for (i = 0; i < lay->n_sections; i++) {
             uint32_t w = svae_width(h, lay->sections[i].width);
+            if (lay->sections[i].readout && !readout) continue;
             if (w > SVAE_REPLY_MAX_WIDTH) return SVAE_E_DIMS;
             if (svae_add_size(sum, w, &sum)) return SVAE_E_OVERFLOW;
         }
@@ -311,6 +328,7 @@ static inline int svae_parse_reply(const void *frame, size_t len, svae_reply_vie
         for (i = 0; i < lay->n_sections; i++) {            /* each end checked against body_len */
             svae_array *a = &v->section[i];
             size_t end;
+            if (lay->sections[i].readout && !readout) continue;  /* absent: left all zero */
             a->rows = rows;
             a->width = svae_width(h, lay->sections[i].width);
             a->elem = lay->sections[i].elem;
@@ -324,7 +342,9 @@ static inline int svae_parse_reply(const void *frame, size_t len, svae_reply_vie
         if (off != body_len) return SVAE_E_SIZE;
         return SVAE_OK;
     }
-    if (h->n_bins || h->content_dim || h->style_dim || h->n_classes || h->n_rates) return SVAE_E_DIMS;
+    if (h->n_bins || h->content_dim || h->style_dim || h->n_classes || h->velocity_dim || h->history_bins ||
+        h->n_rates)
+        return SVAE_E_DIMS;
     if (body == SVAE_BODY_NONE) return body_len ? SVAE_E_BODY : SVAE_OK;
     if (body_len && memchr(v->body, 0, body_len)) return SVAE_E_BODY;
     v->json = (const char *)v->body;
