@@ -10,6 +10,19 @@ the last ``history_bins - 1`` bins this client sent (INFO's ``history_bins``), s
 trial's bins in order and ``reset=True`` at its first bin. A client that never resets gets windows of its own
 preceding bins; after a reconnect (a timeout rebuilds the socket) it is a new stream.
 
+A server with CURVE (schemas/PROTOCOL.md, section 1.2) needs its public key and a key pair of
+this client's whose public half is on its allow-list:
+
+    Client("tcp://rig:5555", server_key="server.key", client_secret="me.key_secret")
+
+(files from ``swapvae keygen curve NAME``; a 40-character Z85 key works for ``server_key``).
+A client whose key is not on the list gets no reply at all: ``ServiceTimeout``.
+
+Bounded memory: a reply frame longer than ``max_reply_bytes`` (default 64 MiB) drops the
+connection (libzmq's ``ZMQ_MAXMSGSIZE``: a timeout here), and libzmq queues at most a few
+replies for this socket (``ZMQ_RCVHWM``, sized to 256 MiB of the largest), so a misbehaving
+server cannot make the client buffer more.
+
 It uses a DEALER socket, so a lost reply does not lock the socket (as it would a REQ socket).
 Each reply is matched to its request by sequence number; replies to earlier requests that
 timed out are discarded. After a timeout the socket is rebuilt, so requests queued for a dead
@@ -66,12 +79,26 @@ class Decoded(DecodeOutput):
         return bool(self.flags & ReplyFlag.RESET_APPLIED)
 
 
+MAX_REPLY_BYTES = 64 << 20  # the largest reply frame accepted (a 4096-bin decode of ~4000 kept neurons)
+RECEIVE_BUDGET = 256 << 20  # replies libzmq may queue for one client, bytes at most
+
+
 class Client:
     def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", timeout_ms: int = 1000,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, server_key=None, client_secret=None,
+                 max_reply_bytes: int = MAX_REPLY_BYTES):
         if timeout_ms <= 0:
             raise ValueError("timeout_ms must be positive: a client without a timeout can hang forever")
-        self.endpoint, self.timeout_ms = endpoint, int(timeout_ms)
+        if (server_key is None) != (client_secret is None):
+            raise ValueError("CURVE needs both server_key (the server's public key) and client_secret "
+                             "(this client's key pair, NAME.key_secret)")
+        self.endpoint, self.timeout_ms, self.max_reply_bytes = endpoint, int(timeout_ms), int(max_reply_bytes)
+        self._curve = None
+        if server_key is not None:
+            from runtime.security import key_or_file, load_secret
+
+            public, secret = client_secret if isinstance(client_secret, tuple) else load_secret(client_secret)
+            self._curve = (key_or_file(server_key), public, secret)
         self.context = context or zmq.Context.instance()
         self._seq = itertools.count(1)
         self._bufs: dict[tuple[int, str], wire.RequestBuffer] = {}
@@ -83,6 +110,13 @@ class Client:
         s.setsockopt(zmq.LINGER, 0)  # close() never waits for a dead server
         s.setsockopt(zmq.RCVTIMEO, self.timeout_ms)
         s.setsockopt(zmq.SNDTIMEO, self.timeout_ms)
+        s.setsockopt(zmq.MAXMSGSIZE, self.max_reply_bytes)
+        s.setsockopt(zmq.RCVHWM, max(2, min(1000, RECEIVE_BUDGET // self.max_reply_bytes)))
+        s.setsockopt(zmq.SNDHWM, 16)  # one request in flight: a deeper queue only holds stale ones
+        if self._curve is not None:
+            from runtime.security import client_socket
+
+            client_socket(s, *self._curve)
         s.connect(self.endpoint)
         self._sock = s
 

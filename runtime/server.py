@@ -2,288 +2,188 @@
 
 One thread, one engine, two ways in:
 - request/reply on a ROUTER socket (``--bind``): any number of DEALER or REQ clients. A ROUTER
-  never waits for a client, so a client that vanishes or drops a reply cannot wedge the server
-  or anyone else (a REP socket would);
+  never waits for a client, so a client that vanishes or stops reading cannot wedge the server
+  or anyone else (its replies are dropped, and counted, once its queue is full);
 - streaming (``--sub`` and ``--pub``): bins arriving on a SUB socket are decoded and the reply
-  frames published on a PUB socket.
+  frames published on an XPUB socket.
 
-Every frame gets exactly one reply; a bad request gets an ERROR reply naming the problem and
-nothing a client sends can stop the loop. The hot path (one float32 bin of the bundle's
-width, recognised by ``wire.OneBinRequests``) is one look-up of the sender's stream, one
-engine call (which copies the stream's history in), one join into the reply frame and one
-write into the ``Recorder``'s rings of times; everything else (other dtypes, batches, control
-requests, errors) takes the general path, which is still cheap.
+Every frame gets exactly one reply (a refused envelope too, to its identity alone); a bad
+request gets an ERROR reply naming the problem and nothing a client sends can stop the loop.
+The hot path (one float32 bin of the bundle's width, recognised by ``wire.OneBinRequests``) is
+one look-up of the sender's stream, one engine call (which copies the stream's history in), one
+join into the reply frame and one write into the ``Recorder``'s rings of times; everything else
+(other dtypes, control requests, errors) takes the general path, which is still cheap.
 
-How the loop is organised (``Server.run``): one loop serves every mode. It asks its wait
-strategy for the sources that may have input: ``BlockingWait`` (the default) sleeps in
-select() on the sockets until one signals, a planned pre-warm is due or the stop flag wants a
-look, so it costs nothing while idle; ``SpinWait`` (``--busy-poll``) polls the sockets and
-yields the core between polls, which removes the scheduler wake-up from every request at the
-price of one core. Each source (``RouterSource``, ``StreamSource``) knows only its envelope:
-where the request frame is and how its reply goes back. ``_serve`` receives one message; when
-more are queued behind it (many clients, a pipelining one, a burst on the stream) it takes up
-to ``MAX_BATCH`` and the one-bin decodes among them share engine calls (see Streams below),
-while a lone request never waits for company. Pre-warming is ``runtime/prewarm.py``'s planner, told of
-every request served and asked when to wake; framing is all in ``runtime/wire.py``; counters
-and latencies are in ``runtime/recorder.py``.
+The loop (``Server.run``) asks its wait strategy (runtime/waits.py) for the sources that may
+have input (runtime/sources.py: the ROUTER, the SUB input, the XPUB's subscriptions, the CURVE
+handshakes' ZAP requests) and serves each; ``_serve`` reads one message and, when more are
+queued behind it, drains up to ``MAX_BATCH`` (runtime/batching.py: one-bin decodes share engine
+calls, each stream's bins in order). Then, once per turn, one slice of pending multi-bin work
+(runtime/lanes.py): a multi-bin DECODE is never decoded where it is read but in slices of about
+0.5 ms between turns, so a one-bin request waits behind at most one slice of bulk work. The
+closed loop comes first. Pre-warming is runtime/prewarm.py's planner; framing is in
+runtime/wire.py; counters, latencies and drops in runtime/recorder.py.
+
+Limits (runtime/limits.py): a request frame is at most ``max_request_bytes`` (libzmq drops the
+connection of a longer one); the queues of each peer hold at most a byte budget's worth of the
+largest messages; an envelope is a few small frames; control requests are rate-limited per
+peer; multi-bin work held here is bounded (OVERLOADED beyond). Security (runtime/security.py):
+CURVE with an allow-list is required on any bind that is not loopback, unless ``insecure``;
+INFO's training details go only to authenticated or local peers.
 
 Streams (protocol v2): the readout sees a window of the last ``history_bins`` latents of the
-sender's stream. A stream is one ROUTER peer (its routing identity, i.e. one client socket)
-or the SUB input (one fixed key, ``STREAM_KEY``); the server keeps each stream's history in a
-``StreamTable``, at most ``--max-streams`` of them, evicting the least recently used (counted
-in STATS). A request's RESET flag drops its stream's history before its first bin. A drained
-queue keeps each stream's bins in arrival order: each round decodes the head one-bin request
-of every stream with one queued (one bin per stream per engine call, ``decode_streams``), or,
-when a single stream has bins queued, its run of consecutive bins in one ``decode_stream``
-call (the same windows as bin by bin); the other requests at the head of their stream follow,
-one by one. A refused request (an ERROR reply) leaves its stream as it was.
+sender's stream: one ROUTER peer (its routing identity) or the SUB input (``STREAM_KEY``),
+kept in a ``StreamTable`` of at most ``--max-streams``, the least recently used evicted.
 
-Time: ``server_ns`` runs from the moment ``_serve`` has read the request off its socket to the
-reply being ready; ``queue_ns`` is the part of it before the request's turn came (behind the
-other requests of a drained queue; 0 for a request served alone). The time a message waited
-inside libzmq before the server read it is not visible here.
+Time: ``server_ns`` runs from the moment the request was read off its socket to the reply being
+ready; ``queue_ns`` is the part of it before the request's turn came (behind other requests,
+or, for multi-bin work, all but its own slices). The time a message waited inside libzmq before
+the server read it is not visible here.
 
-Where coming work plugs in: a priority lane extends ``_serve_queue``, which already decodes
-one-bin requests first in each round (bulk requests would be kept there and served a slice
-per turn of the loop); byte limits and high-water marks are socket options in ``_socket``;
-STATS could be kept incrementally in the ``Recorder``; a SIGHUP reload would set a flag like
-``stop`` and call ``_load`` (and drop the streams, whose latents belong to the old model).
+Reload (SIGHUP, ``request_reload``): the loader (``BundleDecoder`` of the path given, re-resolved,
+with the same trusted keys) runs on a thread while the old bundle keeps serving; the loop
+switches between two requests, or keeps the old bundle if loading failed. Streams keep their
+histories when the new bundle's window and latent sizes (and channel count) are the same, else
+all start afresh (their next reply says RESET_APPLIED). Multi-bin work already begun finishes on
+the bundle it began on.
 """
 from __future__ import annotations
 
 import gc
-import json
-import os
-import select
-import signal
+import struct
 import sys
+import threading
 import time
 
-import numpy as np
 import zmq
 
 from runtime import wire
+from runtime.batching import MAX_BATCH, Coalescing
 from runtime.history import StreamTable
-from runtime.prewarm import WarmPlanner
+from runtime.lanes import SLICE_NS, BulkLane
+from runtime.limits import CONTROL_RATE, HANDSHAKE_MS, HEARTBEAT_MS, HEARTBEAT_TIMEOUT_MS, ControlLimiter
+from runtime.loaded import Loaded, prepare
 from runtime.recorder import Recorder
-from schemas.protocol import DType, ErrorCode, InfoReply, MsgType, StatsReply
+from runtime.security import CurveServer, ZapHandler, client_socket, is_local, secure_socket
+from runtime.sources import STREAM_KEY, RouterSource, StreamSource, Subscriptions
+from runtime.waits import BlockingWait, SpinWait
+from schemas.protocol import MAX_BODY_BYTES, ErrorBody, ErrorCode, MsgType, StatsReply
 
-SERVER_NAME = "swapvae-runtime/2"
-MAX_BATCH = 32  # queued requests taken at once; their one-bin decodes share engine calls
 MAX_STREAMS = 1024  # streams whose history the server keeps (--max-streams)
-STREAM_KEY = b""  # the SUB input's stream (a ROUTER identity is 1 to 255 bytes, never empty)
-POLL_S = 0.25  # how often an idle loop looks at the stop flag
 _RESET = wire.RESET
 _DECODE, _PING, _INFO, _STATS = int(MsgType.DECODE), int(MsgType.PING), int(MsgType.INFO), int(MsgType.STATS)
-# Plain ints: arithmetic on zmq's IntFlag constants costs a microsecond or two per use
-_SNDMORE, _NOBLOCK, _EVENTS, _POLLIN, _RCVMORE = (int(zmq.SNDMORE), int(zmq.NOBLOCK), int(zmq.EVENTS),
-                                                  int(zmq.POLLIN), int(zmq.RCVMORE))
+_NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
+_U32 = struct.Struct("<I")
 _clock = time.perf_counter_ns
 
 
-# -- where requests come from and replies go -----------------------------------------------------
-
-class RouterSource:
-    """Request/reply: [identity, (frames up to an empty delimiter,) request] in; the same
-    envelope and the reply out. A REQ client puts the empty delimiter there. The identity
-    (``frames[0]``) is the stream's key."""
-    keyed = True
-
-    def __init__(self, sock: zmq.Socket):
-        self.sock, self.get, self.fd = sock, sock.getsockopt, sock.getsockopt(zmq.FD)
-        self._recv, self._send = sock.recv, sock.send
-
-    def recv(self, flags: int = 0) -> list:
-        # A ROUTER message always has an identity and a body, so RCVMORE is first asked after
-        # the body (recv_multipart asks after every frame, and each ask costs on the hot path).
-        recv = self._recv
-        frames = [recv(flags), recv(flags)]  # the parts of a message arrive together
-        while self.get(_RCVMORE):
-            frames.append(recv(flags))
-        return frames
-
-    @staticmethod
-    def _cut(frames: list) -> int:
-        return frames.index(b"", 1) + 1 if b"" in frames[1:] else 1
-
-    def request(self, frames: list):
-        """The request frame of a message, or None when its envelope is wrong."""
-        if len(frames) == 2:
-            return frames[1]
-        body = frames[self._cut(frames):]
-        return body[0] if len(body) == 1 else None
-
-    def envelope_error(self, frames: list) -> str:
-        return f"a request is one frame after the envelope; got {len(frames) - self._cut(frames)} frames"
-
-    def answer(self, frames: list, reply) -> None:
-        # Two plain sends for the usual [identity, reply]: send_multipart's per-call checks cost
-        # a measurable share of a decode.
-        try:
-            if len(frames) == 2:
-                self._send(frames[0], _SNDMORE)
-                self._send(reply)
-            else:
-                self.sock.send_multipart(frames[:self._cut(frames)] + [reply])
-        except zmq.Again:  # the client's queue is full (not reading): drop, as ROUTER does
-            pass
-
-
-class StreamSource:
-    """Streaming: each frame received on SUB is a request; its reply is published on PUB. All
-    of them are one stream (``STREAM_KEY``)."""
-    keyed = False
-
-    def __init__(self, sub: zmq.Socket, pub: zmq.Socket, recorder: Recorder):
-        self.sock, self.recv, self.get, self.fd = sub, sub.recv_multipart, sub.getsockopt, sub.getsockopt(zmq.FD)
-        self._publish, self._recorder = pub.send, recorder
-
-    @staticmethod
-    def request(frames: list):
-        return frames[0] if len(frames) == 1 else None
-
-    @staticmethod
-    def envelope_error(frames: list) -> str:
-        return f"a streamed bin is one frame; got {len(frames)} frames"
-
-    def answer(self, frames: list, reply) -> None:
-        try:
-            self._publish(reply)
-            self._recorder.streamed += 1
-        except zmq.Again:
-            pass
-
-
-# -- how the loop waits ------------------------------------------------------------------------------
-# Both return the sources that may have a message queued, or an empty list when the loop should
-# look at its stop flag and planned warm-up. Reading EVENTS also lets libzmq process the
-# commands its I/O thread has queued for the socket, so a message is seen as soon as it is there.
-
-class BlockingWait:
-    """Sleep in select() on the sources' ZMQ_FDs until one signals, the planned warm-up is due,
-    or POLL_S has passed. ZMQ_FD signals only what changed since EVENTS was last read (any send
-    or receive may consume its signal), so EVENTS is read first."""
-
-    def __init__(self, sources: list):
-        self._sources = sources
-        self._by_fd = {src.fd: src for src in sources}
-        self._fds = list(self._by_fd)
-
-    def __call__(self, due: int) -> list:
-        ready = [src for src in self._sources if src.get(_EVENTS) & _POLLIN]
-        if ready:
-            return ready
-        timeout = POLL_S if not due else min(POLL_S, max(0, due - _clock()) / 1e9)
-        readable = select.select(self._fds, (), (), timeout)[0]
-        if len(self._fds) == 1:
-            return self._sources if readable else readable
-        return [self._by_fd[fd] for fd in readable]
-
-
-class SpinWait:
-    """Poll the sources; with none ready, yield the core, so that a ZeroMQ I/O thread pinned
-    to the same core does not wait for the spinner's time slice."""
-
-    def __init__(self, sources: list):
-        self._sources = sources
-
-    def __call__(self, due: int) -> list:
-        ready = [src for src in self._sources if src.get(_EVENTS) & _POLLIN]
-        if not ready:
-            os.sched_yield()
-        return ready
-
-
-class Server:
+class Server(Coalescing):
     """Serves one engine (anything with ``n_channels``, ``manifest``, ``history_bins``,
     ``latent_dim``, ``new_stream``, ``decode_stream`` and ``decode_streams``; see
-    runtime/engine.py) on a ROUTER socket and optionally a SUB -> PUB stream."""
+    runtime/engine.py) on a ROUTER socket and optionally a SUB -> XPUB stream. ``curve``: the
+    server's keys and the clients' allow-list; ``loader``: builds the engine anew (SIGHUP)."""
 
     def __init__(self, engine, bind: str | None = "tcp://127.0.0.1:5555", sub: str | None = None,
                  pub: str | None = None, busy_poll: bool = False, provider: str = "cpu",
                  window: int = 1 << 16, warmup: int = 200, prewarm: bool = True,
-                 max_streams: int = MAX_STREAMS, context: zmq.Context | None = None):
+                 max_streams: int = MAX_STREAMS, context: zmq.Context | None = None,
+                 curve: CurveServer | None = None, insecure: bool = False, sub_server_key: bytes | None = None,
+                 max_body_bytes: int = MAX_BODY_BYTES, control_rate: float = CONTROL_RATE,
+                 slice_ns: int = SLICE_NS, loader=None):
         if (sub is None) != (pub is None):
             raise ValueError("streaming needs both --sub (where bins come from) and --pub (where decodes go)")
         if bind is None and sub is None:
             raise ValueError("nothing to serve: give a ROUTER endpoint, or --sub and --pub")
+        exposed = [ep for ep in (bind, pub, sub) if ep is not None and not is_local(ep)]
+        if exposed and curve is None and not insecure:
+            raise ValueError(f"{', '.join(exposed)} can be reached from other machines: serve with CURVE "
+                             f"(--curve-secret and --allow; swapvae keygen curve NAME), or say --insecure")
+        if sub_server_key is not None and curve is None:
+            raise ValueError("a CURVE key for the --sub publisher needs this server's own keys (--curve-secret)")
         self.busy_poll, self.provider, self.streaming = busy_poll, provider, sub is not None
+        self.curve, self._loader, self._options = curve, loader, (warmup, prewarm, max_body_bytes)
         self.recorder = Recorder(window)
-        self._load(engine, warmup, prewarm, max_streams)
-        self._stop = False
-        self._open(bind, sub, pub, context)
-
-    def _load(self, engine, warmup: int, prewarm: bool, max_streams: int) -> None:
-        """Take ``engine`` into service: everything that depends on the bundle."""
-        self.engine = engine
-        n = self.n_channels = int(engine.n_channels)
-        scratch = engine.new_stream()  # start-up decodes never touch a client's stream
-        probe = engine.decode_stream(scratch, np.zeros(n, np.float32))
-        readout = probe.angle is not None
-        width = lambda a: 0 if a is None else a.shape[-1]  # noqa: E731
-        self.layout = wire.DecodeLayout(width(probe.content), width(probe.style_mean), width(probe.proba),
-                                        width(probe.velocity), int(engine.history_bins) if readout else 0,
-                                        width(probe.rates), readout)
-        self.writer = wire.DecodeReplyWriter(self.layout)
-        # Engines whose one-bin outputs are not contiguous float32 take the general path only.
-        self._one_bin = wire.OneBinRequests(n, MAX_BATCH, enabled=self.writer.check(probe))
-        # Cold caches and a lazily grown memory arena make the first calls slow; pay that here.
-        rng = np.random.default_rng(0)
-        for i in range(warmup):
-            engine.decode_stream(scratch, rng.poisson(2.0, n).astype(np.float32), i % 50 == 0)
+        self.limiter = ControlLimiter(control_rate, max(1, int(control_rate)))  # bursts of a second's worth
+        self._rate_limited = ErrorBody(code=int(ErrorCode.RATE_LIMITED), error="RATE_LIMITED", message=(
+            f"more than {control_rate:g} control requests per second from this peer")).model_dump_json().encode()
+        self._install(prepare(engine, MAX_BATCH, warmup, prewarm, self.streaming, max_body_bytes))
         self.streams = StreamTable(engine.history_bins, engine.latent_dim, max_streams)
-        # Needs an engine with warm(), which leaves the last decode's outputs alone.
-        self.planner = WarmPlanner(getattr(engine, "warm", None) if prewarm else None)
-        lay = self.layout
-        self._info_body = InfoReply(
-            server=SERVER_NAME, n_channels=n, content_dim=lay.content_dim, style_dim=lay.style_dim,
-            n_classes=lay.n_classes, velocity_dim=lay.velocity_dim, history_bins=lay.history_bins,
-            has_readout=lay.has_readout, n_rates=lay.n_rates, accepted_dtypes=[d.name.lower() for d in DType],
-            streaming=self.streaming, manifest=json.loads(engine.manifest.model_dump_json()),
-        ).model_dump_json().encode()
+        self.lane = BulkLane(self, slice_ns)
+        self._stop = self._reloading = self._reload_asked = False
+        self._reload_thread, self._reload_result, self._warms_before = None, None, 0
+        self._switch = sys.getswitchinterval()
+        self._open(bind, sub, pub, context, sub_server_key)
 
-    def _open(self, bind: str | None, sub: str | None, pub: str | None, context: zmq.Context | None) -> None:
+    def _install(self, loaded: Loaded) -> None:
+        """Take a prepared bundle into service: everything the hot path reads of it."""
+        self.model, self.engine, self.n_channels = loaded, loaded.engine, loaded.n_channels
+        self.layout, self.writer, self._one_bin, self.planner = loaded.layout, loaded.writer, loaded.one_bin, loaded.planner
+
+    def _open(self, bind, sub, pub, context, sub_server_key) -> None:
         self._own_context = context is None
         self.context = context or zmq.Context()
-        self.router = self.sub = self.pub = None
+        self.router = self.sub = self.pub = self.zap = None
         self.endpoints: dict[str, str] = {}
         self.sources: list = []
+        curve, lim = self.curve, self.model.limits
         try:
+            if curve is not None:  # the handler first: libzmq lets every CURVE client in while none is bound
+                self.zap = ZapHandler(self.context, curve.allowed, self._denied)
+                self.sources.append(self.zap)
             if bind is not None:
-                self.router = self._socket(zmq.ROUTER)
-                # Replies to clients that are gone are dropped, never queued or raised.
-                self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+                self.router = self._socket(zmq.ROUTER, rcvhwm=lim.router_rcvhwm, sndhwm=lim.router_sndhwm)
+                # A reply to a peer whose queue is full, or gone, raises (and is counted) instead of vanishing.
+                self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
                 self.router.bind(bind)
                 self.endpoints["router"] = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
-                self.sources.append(RouterSource(self.router))
+                self.sources.append(RouterSource(self.router, self.recorder, curve is not None or is_local(bind)))
             if sub is not None:
-                self.pub = self._socket(zmq.PUB)
+                self.pub = self._socket(zmq.XPUB, sndhwm=lim.pub_sndhwm)
+                self.pub.setsockopt(zmq.XPUB_MANUAL, 1)  # subscriptions applied by Subscriptions only
+                self.pub.setsockopt(zmq.XPUB_NODROP, 1)  # a full subscriber queue raises: counted
                 self.pub.bind(pub)
                 self.endpoints["pub"] = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
-                self.sub = self._socket(zmq.SUB)
+                self.sub = self._socket(zmq.SUB, rcvhwm=lim.sub_rcvhwm, server=False)
+                if sub_server_key is not None:
+                    client_socket(self.sub, sub_server_key, curve.public, curve.secret)
                 self.sub.setsockopt(zmq.SUBSCRIBE, b"")
                 self.sub.connect(sub)
                 self.endpoints["sub"] = sub
-                self.sources.append(StreamSource(self.sub, self.pub, self.recorder))
+                self.sources.append(StreamSource(self.sub, self.pub, self.recorder, curve is not None or is_local(pub)))
+                self.sources.append(Subscriptions(self.pub, self.recorder))
         except zmq.ZMQError as e:
             self.close()
             raise RuntimeError(f"cannot open the service sockets: {e}") from None
         self._wait = (SpinWait if self.busy_poll else BlockingWait)(self.sources)
 
-    def _socket(self, kind: int) -> zmq.Socket:
+    def _socket(self, kind: int, rcvhwm: int | None = None, sndhwm: int | None = None, server: bool = True):
         s = self.context.socket(kind)
-        # libzmq drops the connection of a peer sending more than the largest valid request, so
-        # no one can make the server buffer gigabytes.
-        s.setsockopt(zmq.MAXMSGSIZE, wire.max_request_bytes(self.n_channels))
+        self._limit(s, rcvhwm, sndhwm)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.SNDTIMEO, 0)
+        s.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)  # a connection that never finishes its handshake goes
+        s.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)  # a peer that stops answering goes, with its queues
+        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        if server and self.curve is not None:
+            secure_socket(s, self.curve.public, self.curve.secret)
         return s
+
+    def _limit(self, s: zmq.Socket, rcvhwm: int | None, sndhwm: int | None) -> None:
+        """Byte limits as socket options (they apply to connections made after they are set)."""
+        s.setsockopt(zmq.MAXMSGSIZE, self.model.limits.max_frame_bytes(self.curve is not None))  # longer: dropped
+        if rcvhwm is not None:
+            s.setsockopt(zmq.RCVHWM, rcvhwm)
+        if sndhwm is not None:
+            s.setsockopt(zmq.SNDHWM, sndhwm)
+
+    def _denied(self) -> None:
+        self.recorder.auth_denied += 1
 
     # -- one frame in, one frame out ------------------------------------------------------------
     def handle(self, frame, key: bytes = STREAM_KEY, t_read: int = 0, t_start: int = 0) -> bytes | bytearray:
         """The reply to one request frame of the stream ``key``, read off its socket at
         ``t_read`` and taken up at ``t_start`` (``perf_counter_ns``; 0: now, and not queued).
-        Never raises."""
+        Decodes any request at once, multi-bin ones included. Never raises."""
         if not t_read:
             t_read = _clock()
         self.recorder.requests += 1
@@ -297,7 +197,7 @@ class Server:
         try:
             out = self.engine.decode_stream(stream, one_bin.counts(frame), reset)
         except Exception as e:  # noqa: BLE001 - the server outlives any engine failure
-            return self._engine_error(e, seq, t_client)
+            return self.engine_error(e, seq, t_client)
         dt = _clock() - t_read
         queued = t_start - t_read if t_start else 0
         self.recorder.decoded(dt, queued)
@@ -305,17 +205,21 @@ class Server:
 
     def _handle_general(self, frame, key: bytes, t_read: int, t_start: int) -> bytes | bytearray:
         try:
-            req = wire.parse_request(frame, self.n_channels)
+            req = wire.parse_request(frame, self.n_channels, self.model.limits.max_bins)
         except wire.ProtocolError as e:
-            return self._error(e.code, e.message, e.seq, e.t_client_ns)
+            return self.error_reply(e.code, e.message, e.seq, e.t_client_ns)
         except Exception as e:  # noqa: BLE001 - e.g. a frame object without a buffer
-            return self._error(ErrorCode.BAD_HEADER, f"unreadable frame: {e}")
+            return self.error_reply(ErrorCode.BAD_HEADER, f"unreadable frame: {e}")
         if req.msg_type != _DECODE:  # decodes are counted by the decode counters, see Recorder.stats
+            if not self.limiter.allow(key, t_read):
+                self.recorder.error("RATE_LIMITED")
+                return wire.pack_reply(MsgType.ERROR, req.seq, req.t_client_ns, self._rate_limited,
+                                       ErrorCode.RATE_LIMITED)
             self.recorder.control(MsgType(req.msg_type).name)
         if req.msg_type == _PING:
             reply = wire.pack_reply(MsgType.PONG, req.seq, req.t_client_ns)
         elif req.msg_type == _INFO:
-            reply = wire.pack_reply(MsgType.INFO_REPLY, req.seq, req.t_client_ns, self._info_body)
+            reply = wire.pack_reply(MsgType.INFO_REPLY, req.seq, req.t_client_ns, self._info_for(key))
         elif req.msg_type == _STATS:
             reply = wire.pack_json_reply(MsgType.STATS_REPLY, req.seq, req.t_client_ns, self.stats())
         else:
@@ -329,7 +233,7 @@ class Server:
                 out = self.engine.decode_stream(stream, counts[0] if len(counts) == 1 else counts, reset)
                 reply = self.writer.write(req.seq, req.t_client_ns, out, fresh)
             except Exception as e:  # noqa: BLE001
-                return self._engine_error(e, req.seq, req.t_client_ns)
+                return self.engine_error(e, req.seq, req.t_client_ns)
             dt = _clock() - t_read
             if len(counts) == 1:
                 self.recorder.decoded(dt, t_start - t_read)
@@ -338,19 +242,27 @@ class Server:
             return wire.finish(reply, dt, t_start - t_read)
         return wire.finish(reply, _clock() - t_read, t_start - t_read)
 
-    def _engine_error(self, e: Exception, seq: int, t_client: int) -> bytearray:
-        if isinstance(e, ValueError):  # the engine's word for counts it refuses (NaN, negative, ...)
-            return self._error(ErrorCode.BAD_VALUE, str(e), seq, t_client)
-        return self._error(ErrorCode.INTERNAL, f"engine failed: {type(e).__name__}: {e}", seq, t_client)
+    def _info_for(self, key: bytes) -> bytes:
+        """INFO with the training details for peers that are authenticated or local, else without."""
+        src = next((s for s in self.sources if isinstance(s, StreamSource if key == STREAM_KEY else RouterSource)),
+                   None)
+        return self.model.info_full if src is None or src.full_info else self.model.info_public
 
-    def _error(self, code: ErrorCode, message: str, seq: int = 0, t_client: int = 0) -> bytearray:
+    def engine_error(self, e: Exception, seq: int, t_client: int, where: str = "") -> bytearray:
+        if isinstance(e, ValueError):  # the engine's word for counts it refuses (NaN, negative, ...)
+            return self.error_reply(ErrorCode.BAD_VALUE, f"{e}{where}", seq, t_client)
+        return self.error_reply(ErrorCode.INTERNAL, f"engine failed: {type(e).__name__}: {e}{where}", seq, t_client)
+
+    def error_reply(self, code: ErrorCode, message: str, seq: int = 0, t_client: int = 0) -> bytearray:
         self.recorder.error(ErrorCode(code).name)
         return wire.pack_error(code, message, seq, t_client)
 
     def stats(self) -> StatsReply:
         t = self.streams
-        return self.recorder.stats(self.planner.warms, self.busy_poll, self.provider,
-                                   streams=(len(t), t.evicted, t.max_streams))
+        limits = {**self.model.limits.as_dict(), "control_rate": int(self.limiter.rate * 1e9),
+                  "max_streams": t.max_streams}
+        return self.recorder.stats(self._warms_before + self.planner.warms, self.busy_poll, self.provider,
+                                   streams=(len(t), t.evicted, t.max_streams), bulk=self.lane.stats(), limits=limits)
 
     # -- the loop ------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -360,13 +272,20 @@ class Server:
     def run(self) -> None:
         gc.collect()
         gc.freeze()  # objects from start-up never need scanning again: collections stay short
-        planner, wait, serve = self.planner, self._wait, self._serve
+        wait, serve, lane = self._wait, self._serve, self.lane
         while not self._stop:
-            ready = wait(planner.due)
-            if ready:
-                for src in ready:
+            if self._reloading:
+                self._reload_turn()
+            planner = self.planner
+            ready = wait(planner.due, bool(lane.queues))
+            for src in ready:
+                if src.keyed is None:  # ZAP requests, subscriptions: served by the source itself
+                    src.serve()
+                else:
                     serve(src)
-            elif planner.due and _clock() >= planner.due:  # nothing came before the planned warm-up
+            if lane.queues:  # one slice of multi-bin work per turn, after what was ready
+                lane.step()
+            elif not ready and planner.due and _clock() >= planner.due:  # nothing came before the planned warm-up
                 planner.warm()
 
     def _serve(self, src) -> None:
@@ -386,101 +305,97 @@ class Server:
             self._answer(src, frames, t_read)
         planner.arrived(t_read)
 
-    def _answer(self, src, frames: list, t_read: int, t_start: int = 0) -> None:
+    def _answer(self, src, frames: list, t_read: int, t_start: int = 0, route: bool = True) -> None:
         frame = src.request(frames)
         if frame is None:
             self.recorder.requests += 1
-            reply = self._error(ErrorCode.BAD_ENVELOPE, src.envelope_error(frames))
+            reply = self.error_reply(ErrorCode.BAD_ENVELOPE, src.envelope_error(frames))
         else:
-            reply = self.handle(frame, frames[0] if src.keyed else STREAM_KEY, t_read, t_start)
+            key = frames[0] if src.keyed else STREAM_KEY
+            if route and (self.lane.queues and key in self.lane.queues or self._bulk(frame)):
+                self._to_lane(src, frames, frame, key, t_read)
+                return
+            reply = self.handle(frame, key, t_read, t_start)
         src.answer(frames, reply)
 
-    def _serve_queue(self, src, first: list, t_first: int) -> None:
-        """Serve ``first`` and the requests queued behind it, up to MAX_BATCH, in rounds that
-        keep each stream's requests in arrival order. Each round takes the request at the head
-        of every stream: the one-bin decodes among them in one engine call, one bin per
-        stream (far cheaper per bin than one call each, which is what lets one core keep up
-        with a burst), or, when they come from one stream alone, that stream's run of queued
-        one-bin decodes in one call; then the other heads one by one. Replies equal lone
-        one-bin decodes up to float rounding."""
-        recv, queued = src.recv, [(first, t_first)]
-        while len(queued) < MAX_BATCH:
-            try:
-                queued.append((recv(_NOBLOCK), _clock()))
-            except zmq.Again:
-                break
-        match, keyed = self._one_bin.match, src.keyed
-        by_stream: dict[bytes, list] = {}  # key -> [(frames, t_read, frame, one-bin head or None)], in order
-        for frames, t in queued:
-            frame = src.request(frames)
-            head = match(frame) if frame is not None else None
-            by_stream.setdefault(frames[0] if keyed else STREAM_KEY, []).append((frames, t, frame, head))
-        pending = [(key, q, 0) for key, q in by_stream.items()]  # (key, queue, index of its head)
-        while pending:
-            fast = [(key, q[i]) for key, q, i in pending if q[i][3] is not None]
-            taken = {key: 1 for key, _ in fast}
-            if len(fast) == 1 and len(pending) == 1:  # one stream alone: its run of one-bin decodes
-                key, q, i = pending[0]
-                run = 1
-                while i + run < len(q) and q[i + run][3] is not None and not q[i + run][3][2] & _RESET:
-                    run += 1
-                self._decode_batch(src, [(key, m) for m in q[i:i + run]], run > 1)
-                taken[key] = run
-            elif fast:
-                self._decode_batch(src, fast, False)
-            for key, q, i in pending:
-                if key not in taken:
-                    frames, t_read = q[i][:2]
-                    self._answer(src, frames, t_read, _clock())
-            pending = [(key, q, i + taken.get(key, 1)) for key, q, i in pending if i + taken.get(key, 1) < len(q)]
+    def _bulk(self, frame) -> bool:
+        """A DECODE of other than one bin (the lane's); the one-bin fast path's size says no at once."""
+        return (len(frame) != self._one_bin.size and len(frame) >= 32 and frame[5] == _DECODE
+                and _U32.unpack_from(frame, 28)[0] != 1)
 
-    def _decode_batch(self, src, rows: list, run: bool) -> None:
-        """One engine call for the one-bin requests ``rows`` ([(key, (frames, t_read, frame,
-        head))]): one bin of each of several streams, or (``run``) consecutive bins of one
-        stream. A single row is served alone."""
-        if len(rows) == 1:
-            frames, t_read = rows[0][1][:2]
-            self._answer(src, frames, t_read, _clock())
-            return
-        one_bin = self._one_bin
-        for _, (_, _, frame, _) in rows:
-            one_bin.add(frame)
-        counts, seqs, t_clients, flags = one_bin.batch()
-        t_read = np.array([m[1] for _, m in rows], np.int64)
+    def _to_lane(self, src, frames: list, frame, key: bytes, t_read: int) -> None:
+        """A DECODE for the multi-bin lane (or of a stream with decodes waiting there): refused
+        now if it is invalid or the lane is full, else queued. Other requests are answered now."""
         try:
-            if run:
-                stream = self.streams.get(rows[0][0])
-                reset = flags[0] & _RESET
-                fresh = np.zeros(len(rows), bool)
-                fresh[0] = reset or not stream.n
-                t_start = _clock()
-                out = self.engine.decode_stream(stream, counts, reset)
-            else:
-                streams = [self.streams.get(key) for key, _ in rows]
-                resets = (flags & _RESET).astype(bool)
-                fresh = resets | np.array([not s.n for s in streams])
-                t_start = _clock()
-                out = self.engine.decode_streams(streams, counts, resets)
-        except Exception:  # noqa: BLE001 - e.g. one NaN bin: answer each alone, in order, so only it errs
-            one_bin.clear()
-            for _, (frames, t, _, _) in rows:
-                self._answer(src, frames, t, _clock())
+            req = wire.parse_request(frame, self.n_channels, self.model.limits.max_bins)
+        except Exception:  # noqa: BLE001 - handle() names the problem
+            req = None
+        if req is None or req.msg_type != _DECODE:
+            src.answer(frames, self.handle(frame, key, t_read))
             return
-        server_ns = _clock() - t_read
-        queue_ns = t_start - t_read
-        n = len(rows)
-        self.recorder.requests += n
-        self.recorder.decoded_together(server_ns, queue_ns)
-        replies = self.writer.write_rows(seqs, t_clients, server_ns, queue_ns, fresh, out)
-        one_bin.clear()
-        size = self.writer.frame_bytes
-        for i, (_, (frames, _, _, _)) in enumerate(rows):
-            src.answer(frames, replies[i * size:(i + 1) * size])  # sent with copy: the buffer is reused
+        self.recorder.requests += 1
+        reply = self.lane.submit(key, src, frames, req, len(frame), t_read)
+        if reply is not None:
+            src.answer(frames, reply)
+
+    # -- reloading (SIGHUP) ----------------------------------------------------------------------
+    def request_reload(self) -> None:
+        """Load the bundle again (from a signal handler): see the module doc."""
+        self._reload_asked = self._reloading = True
+
+    def _reload_turn(self) -> None:
+        if self._reload_result is not None:  # loaded (or failed): switch, or keep serving the old one
+            result, self._reload_result = self._reload_result, None
+            self._reload_thread.join()
+            self._reload_thread = None
+            sys.setswitchinterval(self._switch)
+            if isinstance(result, Exception):
+                self.recorder.reload_failures += 1
+                print(f"reload refused, still serving {self.model.name}: {result}", file=sys.stderr, flush=True)
+            else:
+                self.reload(result)
+        if self._reload_asked and self._reload_thread is None:
+            self._reload_asked = False
+            if self._loader is None:
+                print("reload asked, but this server has no loader", file=sys.stderr, flush=True)
+            else:  # the load runs beside the loop: give the loop the interpreter back often meanwhile
+                self._switch = sys.getswitchinterval()
+                sys.setswitchinterval(min(self._switch, 0.0005))
+                self._reload_thread = threading.Thread(target=self._load_new, name="reload", daemon=True)
+                self._reload_thread.start()
+        self._reloading = self._reload_asked or self._reload_thread is not None
+
+    def _load_new(self) -> None:
+        warmup, prewarm, max_body = self._options
+        try:
+            self._reload_result = prepare(self._loader(), MAX_BATCH, warmup, prewarm, self.streaming, max_body)
+        except Exception as e:  # noqa: BLE001 - reported by the loop, which keeps the old bundle
+            self._reload_result = e
+
+    def reload(self, new) -> None:
+        """Serve ``new`` (an engine, or a ``Loaded``) from now on; streams as the module doc says."""
+        loaded = new if isinstance(new, Loaded) else prepare(new, MAX_BATCH, *self._options[:2], self.streaming,
+                                                             self._options[2])
+        old, self._warms_before = self.model, self._warms_before + self.planner.warms
+        self._install(loaded)
+        if not old.same_history(loaded):  # the old latents mean nothing to the new model: all start afresh
+            table = StreamTable(loaded.engine.history_bins, loaded.engine.latent_dim, self.streams.max_streams)
+            table.evicted = self.streams.evicted
+            self.streams = table
+        if loaded.limits != old.limits:  # for connections made from now on
+            lim = loaded.limits
+            for s, rcv, snd in ((self.router, lim.router_rcvhwm, lim.router_sndhwm), (self.pub, None, lim.pub_sndhwm),
+                                (self.sub, lim.sub_rcvhwm, None)):
+                if s is not None:
+                    self._limit(s, rcv, snd)
+        self.recorder.reloads += 1
+        print(f"reloaded: now serving {loaded.name} (streams {'kept' if old.same_history(loaded) else 'reset'})",
+              file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        for s in (self.router, self.sub, self.pub):
+        for s in (self.router, self.sub, self.pub, self.zap):
             if s is not None:
-                s.close(linger=0)
+                s.close(linger=0) if isinstance(s, zmq.Socket) else s.close()
         if self._own_context:
             self.context.term()
 
@@ -489,28 +404,3 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def serve_command(args) -> int:
-    from runtime.bundle import load_public_key
-    from runtime.engine import BundleDecoder
-
-    trusted = [load_public_key(p) for p in args.trust] if args.trust else None
-    engine = BundleDecoder(args.bundle, provider=args.provider, spin=args.busy_poll, trusted=trusted)
-    server = Server(engine, bind=args.bind, sub=args.sub, pub=args.pub, busy_poll=args.busy_poll,
-                    provider=args.provider, prewarm=not args.no_prewarm,
-                    max_streams=MAX_STREAMS if args.max_streams is None else args.max_streams)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: server.stop())
-    where = " ".join(f"{k}={v}" for k, v in server.endpoints.items())
-    # One parseable line: tests and scripts wait for it to learn the bound ports.
-    print(f"ready {where} channels={server.n_channels} pid={os.getpid()}"
-          f"{' busy-poll' if args.busy_poll else ''}", flush=True)
-    try:
-        server.run()
-    finally:
-        server.close()
-    s = server.stats()
-    print(f"stopped after {s.requests} requests ({s.bins} bins decoded, "
-          f"{sum(s.errors.values())} errors)", file=sys.stderr, flush=True)
-    return 0

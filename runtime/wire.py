@@ -182,15 +182,15 @@ class OneBinRequests:
         self.n = 0
 
 
-def max_request_bytes(n_channels: int) -> int:
-    """The largest valid request: MAX_BINS bins of the widest dtype."""
-    return REQUEST_HEADER_SIZE + MAX_BINS * max(d.itemsize for d in _NUMPY.values()) * n_channels
+def max_request_bytes(n_channels: int, max_bins: int = MAX_BINS) -> int:
+    """The largest valid request: ``max_bins`` bins of the widest dtype."""
+    return REQUEST_HEADER_SIZE + max_bins * max(d.itemsize for d in _NUMPY.values()) * n_channels
 
 
-def parse_request(frame, n_channels: int) -> Request:
-    """Validate a request frame against this protocol and a bundle of ``n_channels`` inputs.
-
-    Raises ProtocolError naming the first problem; the counts are a view of ``frame``."""
+def parse_request(frame, n_channels: int, max_bins: int = MAX_BINS) -> Request:
+    """Validate a request frame against this protocol and a bundle of ``n_channels`` inputs
+    (a server may allow fewer than MAX_BINS bins). Raises ProtocolError naming the first
+    problem; the counts are a view of ``frame``."""
     size = len(frame)
     if size < REQUEST_HEADER_SIZE:
         raise ProtocolError(ErrorCode.BAD_HEADER, f"frame of {size} bytes is shorter than the "
@@ -216,8 +216,8 @@ def parse_request(frame, n_channels: int) -> Request:
     if n_ch != n_channels:
         raise ProtocolError(ErrorCode.BAD_SHAPE, f"n_channels is {n_ch}, this bundle expects {n_channels}",
                             seq, t_client)
-    if not 1 <= n_bins <= MAX_BINS:
-        raise ProtocolError(ErrorCode.BAD_SHAPE, f"n_bins is {n_bins}, must be 1..{MAX_BINS}", seq, t_client)
+    if not 1 <= n_bins <= max_bins:
+        raise ProtocolError(ErrorCode.BAD_SHAPE, f"n_bins is {n_bins}, must be 1..{max_bins}", seq, t_client)
     expected = n_bins * n_ch * np_dtype.itemsize
     if size - REQUEST_HEADER_SIZE != expected:
         raise ProtocolError(ErrorCode.BAD_LENGTH, f"body has {size - REQUEST_HEADER_SIZE} bytes, expected "
@@ -378,11 +378,16 @@ class DecodeReplyWriter:
                 return False
         return True
 
+    def frame_for(self, n_bins: int, seq: int, t_client: int, fresh: bool = False) -> bytearray:
+        """A reply frame of ``n_bins`` rows, header filled in, body zero (``layout.sections`` views it)."""
+        frame = bytearray(REPLY_HEADER_SIZE + self.layout.body_bytes(n_bins))
+        self._pack_header(frame, n_bins, seq, t_client, self._flags[bool(fresh)])
+        return frame
+
     def write(self, seq: int, t_client: int, out, fresh: bool = False) -> bytearray:
         """Any batch size and output dtypes; server_ns and queue_ns are set by ``finish``."""
         n_bins = out.content.shape[0]
-        frame = bytearray(REPLY_HEADER_SIZE + self.layout.body_bytes(n_bins))
-        self._pack_header(frame, n_bins, seq, t_client, self._flags[bool(fresh)])
+        frame = self.frame_for(n_bins, seq, t_client, fresh)
         for name, view in self.layout.sections(frame, n_bins).items():
             if view is not None:
                 view[...] = np.reshape(getattr(out, name), view.shape)

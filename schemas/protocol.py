@@ -89,7 +89,8 @@ DECODE_SECTIONS: tuple[Section, ...] = (
     Section("rates", "<f4", "n_rates", False),  # denoised rates of the kept neurons, in the model's input unit
 )
 
-MAX_BINS = 4096  # rows per decode request; bigger batches get BAD_SHAPE
+MAX_BINS = 4096  # rows per decode request at most; a server may allow fewer (INFO max_bins), else BAD_SHAPE
+MAX_BODY_BYTES = 1 << 20  # default cap on a request body: max_bins = min(MAX_BINS, MAX_BODY_BYTES // (8 * n_channels))
 
 
 class MsgType(IntEnum):
@@ -151,7 +152,9 @@ class ErrorCode(IntEnum):
     BAD_LENGTH = 6  # body length != n_bins * n_channels * itemsize (truncated or padded frame)
     BAD_VALUE = 7  # NaN, inf or negative counts
     INTERNAL = 8  # the engine failed; the server keeps serving
-    BAD_ENVELOPE = 9  # a ROUTER message without a body frame
+    BAD_ENVELOPE = 9  # more than one frame after the routing envelope, or an envelope over its limits
+    RATE_LIMITED = 10  # control requests (INFO, STATS, PING) beyond the peer's rate
+    OVERLOADED = 11  # multi-bin decodes beyond what the server holds pending (per peer or in all)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,13 +238,20 @@ class InfoReply(_Body):
     has_readout: bool = Field(description="decode replies carry angle, direction, proba and velocity")
     n_rates: int
     accepted_dtypes: list[str] = Field(description="DType names the server converts to float32")
-    max_bins: int = MAX_BINS
+    max_bins: int = Field(MAX_BINS, description="n_bins limit of a DECODE here (at most MAX_BINS)")
+    max_request_bytes: int = Field(0, description="the largest request frame this server reads; a longer one "
+                                                  "drops the connection")
     streaming: bool = Field(False, description="whether the SUB -> PUB stream is running")
-    manifest: dict[str, Any] = Field(description="the bundle's manifest.json (schemas/manifest.py)")
+    training_details: bool = Field(True, description="whether manifest holds the training section, library "
+                                                     "versions and quantization errors (authenticated or "
+                                                     "loopback peers only)")
+    manifest: dict[str, Any] = Field(description="the bundle's manifest.json (schemas/manifest.py), without "
+                                                 "training, versions and quantization unless training_details")
 
 
 class LatencySummary(_Body):
-    """Percentiles of a time over the most recent ``n`` one-bin DECODE requests, us."""
+    """A time over the most recent ``n`` one-bin DECODE requests, us: mean and max exact, percentiles
+    from a log-scale histogram (32 buckets per octave: within 1.6% of the exact value)."""
     n: int
     mean: float | None = None
     p50: float | None = None
@@ -249,6 +259,24 @@ class LatencySummary(_Body):
     p99: float | None = None
     p999: float | None = None
     max: float | None = None
+
+
+class Drops(_Body):
+    """What was lost, counted where it happens."""
+    stream_gaps: int = Field(0, description="bins missing from the SUB input: seq gaps of its DECODE requests")
+    pub_full: int = Field(0, description="times a subscriber's queue was found full: it loses the replies "
+                                         "from then until it drains (libzmq does not count them)")
+    replies_full: int = Field(0, description="ROUTER replies dropped: the peer's queue was full (not reading)")
+    replies_unroutable: int = Field(0, description="ROUTER replies dropped: the peer had gone")
+
+
+class Bulk(_Body):
+    """Multi-bin decodes, served a slice (one engine call) at a time between one-bin ones."""
+    pending: int = Field(0, description="decode requests waiting in the multi-bin lane now")
+    pending_bytes: int = Field(0, description="their request bytes")
+    slices: int = Field(0, description="engine calls made for them since start")
+    slice_bins: int = Field(0, description="bins per slice now (sized to about slice_us)")
+    slice_us: float = Field(0.0, description="the target time of one slice, us")
 
 
 class StatsReply(_Body):
@@ -268,7 +296,15 @@ class StatsReply(_Body):
     max_streams: int = Field(0, description="the most streams the server holds (--max-streams)")
     latency_us: LatencySummary = Field(description="server_ns: request read off the socket -> reply ready")
     queue_us: LatencySummary = Field(description="queue_ns: the part of server_ns spent waiting behind other requests")
+    work_us: LatencySummary | None = Field(None, description="server_ns - queue_ns: the work on each request")
     window: int = Field(description="capacity of the latency ring buffer")
+    dropped: Drops = Field(default_factory=Drops)
+    bulk: Bulk = Field(default_factory=Bulk)
+    subscribers: int = Field(0, description="stream subscribers now (subscriptions to '' or 'SVAE')")
+    auth_denied: int = Field(0, description="CURVE handshakes refused (a key not on the allow-list)")
+    reloads: int = Field(0, description="bundles taken into service on SIGHUP")
+    reload_failures: int = Field(0, description="SIGHUP reloads refused (the old bundle kept serving)")
+    limits: dict[str, int] = Field(default_factory=dict, description="byte limits and queue depths in force")
     busy_poll: bool
     provider: str
 

@@ -56,7 +56,20 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-streams", type=int, metavar="N",
                    help="streams (clients) whose readout history is kept, default 1024; beyond N the least "
                         "recently used is dropped")
-    s.set_defaults(run="runtime.server:serve_command")
+    s.add_argument("--curve-secret", metavar="FILE",
+                   help="CURVE: this server's key pair (NAME.key_secret from 'swapvae keygen curve NAME', mode 0600)")
+    s.add_argument("--allow", metavar="DIR_OR_FILE",
+                   help="CURVE: the clients let in: a public key file (NAME.key) or a directory of them")
+    s.add_argument("--insecure", action="store_true",
+                   help="serve on an address other machines can reach without CURVE (no authentication, no encryption)")
+    s.add_argument("--sub-server-key", metavar="KEY",
+                   help="CURVE: the --sub publisher's public key (a .key file or its Z85 text); with --curve-secret")
+    s.add_argument("--core", type=int, metavar="N", help="pin the process to CPU N")
+    s.add_argument("--max-request-bytes", type=int, metavar="BYTES",
+                   help="largest request frame read (default 4 MiB + 32; fewer bins per DECODE for wide arrays)")
+    s.add_argument("--control-rate", type=float, metavar="PER_S",
+                   help="INFO, STATS and PING per second per peer (default 50); beyond: RATE_LIMITED")
+    s.set_defaults(run="runtime.service:serve_command")
 
     r = sub.add_parser("replay", help="stream a recording's test bins through a running service")
     r.add_argument("bundle")
@@ -67,8 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     _nwb_options(r)
     r.set_defaults(run="swapvae.cli:replay_command")
 
-    k = sub.add_parser("keygen", help="write a key pair: NAME.key (private, mode 0600) and NAME.pub")
-    k.add_argument("kind", choices=["sign"], help="sign: Ed25519, to sign bundles (export --sign, serve --trust)")
+    k = sub.add_parser("keygen", help="write a key pair (sign: NAME.key private and NAME.pub; curve: NAME.key_secret "
+                                      "private and NAME.key public); private files mode 0600, never overwritten")
+    k.add_argument("kind", choices=["sign", "curve"],
+                   help="sign: Ed25519, to sign bundles (export --sign, serve --trust); curve: ZeroMQ CURVE, to "
+                        "authenticate and encrypt the service (serve --curve-secret/--allow, clients' keys)")
     k.add_argument("name", help="path stem of the two files")
     k.set_defaults(run="swapvae.cli:keygen_command")
 
@@ -118,13 +134,17 @@ def load_session_any(data: str, min_trials: int = 4, **options):
 
 
 def keygen_command(args) -> int:
-    from runtime.bundle import generate_signing_key
-
+    if args.kind == "curve":
+        from runtime.security import generate_curve_keys as generate
+        where = "keep it on the machine that uses it, off bundles and repositories"
+    else:
+        from runtime.bundle import generate_signing_key as generate
+        where = "keep it off rigs, bundles and repositories"
     try:
-        private, public = generate_signing_key(args.name)
-    except FileExistsError:
-        raise ValueError(f"{args.name}.key exists: refusing to overwrite a key") from None
-    print(f"wrote {private} (private: keep it off rigs, bundles and repositories) and {public}")
+        private, public = generate(args.name)
+    except FileExistsError as e:
+        raise ValueError(f"{e.filename or e.args[0]} exists: refusing to overwrite a key") from None
+    print(f"wrote {private} (private: {where}) and {public}")
     return 0
 
 

@@ -6,6 +6,8 @@
  *
  *     void *ctx = zmq_ctx_new();
  *     void *sock = svae_connect(ctx, "tcp://127.0.0.1:5555", 100);    // DEALER, 100 ms timeouts
+ *     // or, with CURVE: svae_read_curve_key("server.key", srv, NULL); svae_read_curve_key("me.key_secret", pub, sec);
+ *     //                 sock = svae_connect_curve(ctx, "tcp://rig:5555", 100, srv, pub, sec);
  *     svae_reply r = {0};
  *     if (svae_decode_f32(sock, seq, counts, n_channels, first_bin_of_trial, &r) == 0)  // one bin of float32 counts
  *         use(r.angle[0], r.direction[0], r.velocity[0], r.velocity[1]);          // NULL without a readout
@@ -27,6 +29,7 @@
 
 #include <errno.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -70,21 +73,75 @@ static inline uint64_t svae_now_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/* A DEALER socket connected to `endpoint` with send/receive timeouts, no linger and the reply
- * size limit, or NULL. */
-static inline void *svae_connect(void *ctx, const char *endpoint, int timeout_ms) {
+/* Replies libzmq may queue for this socket: SVAE_RECV_BUDGET bytes of the largest reply (at least 2). */
+#ifndef SVAE_RECV_BUDGET
+#define SVAE_RECV_BUDGET ((size_t)64 << 20)
+#endif
+
+/* A DEALER socket connected to `endpoint` with send/receive timeouts, no linger, the reply size
+ * limit and a receive queue of SVAE_RECV_BUDGET bytes at most; with CURVE when `server_public`
+ * is not NULL (PROTOCOL.md section 1.2: the server's public key and this client's key pair, each a
+ * 40-character Z85 string, e.g. read by svae_read_curve_key). NULL on failure. */
+static inline void *svae_connect_curve(void *ctx, const char *endpoint, int timeout_ms, const char *server_public,
+                                       const char *client_public, const char *client_secret) {
     if (!svae_little_endian()) return NULL; /* the request struct is sent as raw bytes */
     void *s = zmq_socket(ctx, ZMQ_DEALER);
-    int zero = 0;
+    int zero = 0, sndhwm = 16;
+    int rcvhwm = SVAE_RECV_BUDGET / SVAE_MAX_REPLY_BYTES < 2 ? 2 : (int)(SVAE_RECV_BUDGET / SVAE_MAX_REPLY_BYTES);
     int64_t max_size = (int64_t)SVAE_MAX_REPLY_BYTES;
     if (!s) return NULL;
     if (zmq_setsockopt(s, ZMQ_LINGER, &zero, sizeof zero) || zmq_setsockopt(s, ZMQ_RCVTIMEO, &timeout_ms, sizeof timeout_ms) ||
         zmq_setsockopt(s, ZMQ_SNDTIMEO, &timeout_ms, sizeof timeout_ms) ||
-        zmq_setsockopt(s, ZMQ_MAXMSGSIZE, &max_size, sizeof max_size) || zmq_connect(s, endpoint)) {
-        zmq_close(s);
-        return NULL;
+        zmq_setsockopt(s, ZMQ_MAXMSGSIZE, &max_size, sizeof max_size) ||
+        zmq_setsockopt(s, ZMQ_RCVHWM, &rcvhwm, sizeof rcvhwm) || zmq_setsockopt(s, ZMQ_SNDHWM, &sndhwm, sizeof sndhwm))
+        goto fail;
+    if (server_public) {
+        if (!client_public || !client_secret || strlen(server_public) != 40 || strlen(client_public) != 40 ||
+            strlen(client_secret) != 40)
+            goto fail;
+        if (zmq_setsockopt(s, ZMQ_CURVE_SERVERKEY, server_public, 41) ||
+            zmq_setsockopt(s, ZMQ_CURVE_PUBLICKEY, client_public, 41) ||
+            zmq_setsockopt(s, ZMQ_CURVE_SECRETKEY, client_secret, 41))
+            goto fail;
     }
+    if (zmq_connect(s, endpoint)) goto fail;
     return s;
+fail:
+    zmq_close(s);
+    return NULL;
+}
+
+/* The same without CURVE. */
+static inline void *svae_connect(void *ctx, const char *endpoint, int timeout_ms) {
+    return svae_connect_curve(ctx, endpoint, timeout_ms, NULL, NULL, NULL);
+}
+
+/* Read a CURVE certificate file as `swapvae keygen curve` (or pyzmq's zmq.auth) writes it: the
+ * Z85 `public-key` into public_out and, if there is one, the `secret-key` into secret_out (else
+ * ""), each 41 bytes with the NUL. Either output may be NULL. 0, or -1 if the file cannot be read
+ * or has no 40-character public key. */
+static inline int svae_read_curve_key(const char *path, char public_out[41], char secret_out[41]) {
+    char line[512];
+    int found = 0;
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    if (public_out) public_out[0] = 0;
+    if (secret_out) secret_out[0] = 0;
+    while (fgets(line, sizeof line, f)) {
+        const char *names[2] = {"public-key", "secret-key"};
+        char *outs[2] = {public_out, secret_out};
+        for (int k = 0; k < 2; k++) {
+            const char *p = strstr(line, names[k]), *q;
+            if (!p || line[0] == '#') continue;
+            p = strchr(p, '"');
+            q = p ? strchr(p + 1, '"') : NULL;
+            if (!q || q - p - 1 != 40) continue;
+            if (outs[k]) { memcpy(outs[k], p + 1, 40); outs[k][40] = 0; }
+            if (k == 0) found = 1;
+        }
+    }
+    fclose(f);
+    return found ? 0 : -1;
 }
 
 static inline void svae_request_init(svae_request_header *h, uint8_t msg_type, uint64_t seq) {

@@ -1,7 +1,9 @@
 /* svae_demo: talk to a running `swapvae serve` from C.
  *
- *     svae_demo ENDPOINT [TIMEOUT_MS] < bins.txt
+ *     svae_demo ENDPOINT [TIMEOUT_MS [SERVER_KEY CLIENT_KEY_SECRET]] < bins.txt
  *
+ * With the two key files (`swapvae keygen curve`: the server's NAME.key and this client's
+ * NAME.key_secret) it talks CURVE (PROTOCOL.md section 1.2).
  * Asks INFO for the channel count, then decodes one bin per input line (whitespace-separated
  * counts), the lines being consecutive bins of one trial (RESET with the first), and prints one
  * line per reply:
@@ -19,12 +21,20 @@
 
 int main(int argc, char **argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s ENDPOINT [TIMEOUT_MS] < bins.txt\n", argv[0]);
+        fprintf(stderr, "usage: %s ENDPOINT [TIMEOUT_MS [SERVER_KEY CLIENT_KEY_SECRET]] < bins.txt\n", argv[0]);
         return 2;
     }
     int timeout = argc > 2 ? atoi(argv[2]) : 1000;
+    char server_key[41], client_public[41], client_secret[41];
+    int curve = argc > 4;
+    if (curve && (svae_read_curve_key(argv[3], server_key, NULL) ||
+                  svae_read_curve_key(argv[4], client_public, client_secret) || !client_secret[0])) {
+        fprintf(stderr, "cannot read the CURVE keys %s and %s\n", argv[3], argv[4]);
+        return 2;
+    }
     void *ctx = zmq_ctx_new();
-    void *sock = svae_connect(ctx, argv[1], timeout);
+    void *sock = curve ? svae_connect_curve(ctx, argv[1], timeout, server_key, client_public, client_secret)
+                       : svae_connect(ctx, argv[1], timeout);
     svae_reply r = {0};
     uint64_t seq = 1;
     int rc = 1;

@@ -69,7 +69,8 @@ enum { SVAE_DECODE = 1, SVAE_INFO = 2, SVAE_STATS = 3, SVAE_PING = 4,
 enum { SVAE_FLOAT32 = 1, SVAE_FLOAT64 = 2, SVAE_UINT8 = 3, SVAE_INT16 = 4, SVAE_UINT16 = 5, SVAE_INT32 = 6 };
 /* Status codes of ERROR replies (PROTOCOL.md section 6); svae_status_name() names them. */
 enum { SVAE_OK = 0, SVAE_BAD_HEADER = 1, SVAE_BAD_VERSION = 2, SVAE_UNKNOWN_TYPE = 3, SVAE_BAD_DTYPE = 4,
-       SVAE_BAD_SHAPE = 5, SVAE_BAD_LENGTH = 6, SVAE_BAD_VALUE = 7, SVAE_INTERNAL = 8, SVAE_BAD_ENVELOPE = 9 };
+       SVAE_BAD_SHAPE = 5, SVAE_BAD_LENGTH = 6, SVAE_BAD_VALUE = 7, SVAE_INTERNAL = 8, SVAE_BAD_ENVELOPE = 9,
+       SVAE_RATE_LIMITED = 10, SVAE_OVERLOADED = 11 };
 
 /* Return codes: SVAE_OK (0) or one of these; svae_strerror() describes each. */
 /* ... of the client calls in svae_client.h */
@@ -399,7 +400,8 @@ static inline const char *svae_strerror(int code) {
 /* The name of an ERROR reply's status (PROTOCOL.md section 6); never NULL. */
 static inline const char *svae_status_name(int status) {
     static const char *const names[] = {"OK", "BAD_HEADER", "BAD_VERSION", "UNKNOWN_TYPE", "BAD_DTYPE",
-                                        "BAD_SHAPE", "BAD_LENGTH", "BAD_VALUE", "INTERNAL", "BAD_ENVELOPE"};
+                                        "BAD_SHAPE", "BAD_LENGTH", "BAD_VALUE", "INTERNAL", "BAD_ENVELOPE",
+                                        "RATE_LIMITED", "OVERLOADED"};
     return status >= 0 && status < (int)(sizeof names / sizeof names[0]) ? names[status] : "UNKNOWN_STATUS";
 }
 

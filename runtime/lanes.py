@@ -1,0 +1,147 @@
+"""The multi-bin lane: bulk decodes served one slice (one engine call) at a time, between turns
+of the serving loop, so that a one-bin closed-loop request never waits behind more than one
+engine call of bulk work.
+
+A DECODE of more than one bin is not decoded where it is read: it becomes a ``Job`` in the
+queue of its stream, and so does every DECODE of that stream that arrives while the stream has
+a queue here (a stream's bins are decoded in the order they came). The serving loop calls
+``step`` once per turn, after serving whatever was ready on the sockets: one slice of the job
+at the head of the next stream's queue, streams taking turns. A slice is as many bins as take
+about ``slice_ns`` on this engine (measured as slices run). A finished job is answered at once.
+
+The stream's history advances slice by slice, as one call would have advanced it; if a slice
+fails (a NaN in its bins), the history is put back as it was before the job and the job gets
+the ERROR: a refused request leaves its stream as it was, as everywhere.
+
+What the lane holds is bounded: request bytes of all pending jobs at most ``bulk_bytes``, of one
+peer at most ``bulk_peer_bytes`` (runtime/limits.py); beyond that a DECODE is answered
+OVERLOADED at once. Times: ``server_ns`` runs from the read to the reply; ``queue_ns`` is all of
+it not spent in the job's own slices (waiting for its turn, before and between slices).
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from runtime import wire
+from schemas.protocol import Bulk, ErrorCode
+
+_clock = time.perf_counter_ns
+MIN_SLICE_BINS = 8
+SLICE_NS = 500_000  # default target time of one slice
+
+
+class Job:
+    """One DECODE request waiting in (or going through) the lane."""
+    __slots__ = ("key", "src", "frames", "req", "nbytes", "t_read", "work", "done", "model", "stream", "fresh",
+                 "frame", "views", "saved")
+
+    def __init__(self, key, src, frames, req, nbytes: int, t_read: int):
+        self.key, self.src, self.frames, self.req, self.nbytes, self.t_read = key, src, frames, req, nbytes, t_read
+        self.work = self.done = 0
+        self.model = None  # set when its first slice runs
+
+
+class BulkLane:
+    """Queues of jobs by stream, and the slices that serve them (see the module doc). ``server``
+    gives the engine in service (``model``), the stream table, the recorder and error replies."""
+
+    def __init__(self, server, slice_ns: int = SLICE_NS):
+        self.server, self.slice_ns = server, int(slice_ns)
+        self.queues: dict[bytes, deque] = {}  # stream key -> its jobs, in arrival order; dict order = turns
+        self.bytes = 0
+        self._bytes_of: dict[bytes, int] = {}
+        self.slices = 0
+        self.ns_per_bin = 0.0  # smoothed cost of a bin in a slice, from the slices run
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self.queues.values())
+
+    def slice_bins(self, max_bins: int) -> int:
+        per_bin = self.ns_per_bin or self.server.model.ns_per_bin
+        if not per_bin:  # nothing measured yet: a small first slice, which measures
+            return MIN_SLICE_BINS
+        return max(MIN_SLICE_BINS, min(max_bins, int(self.slice_ns / per_bin)))
+
+    def stats(self) -> Bulk:
+        return Bulk(pending=len(self), pending_bytes=self.bytes, slices=self.slices,
+                    slice_bins=self.slice_bins(self.server.model.limits.max_bins), slice_us=self.slice_ns / 1e3)
+
+    def submit(self, key: bytes, src, frames: list, req, nbytes: int, t_read: int):
+        """Queue a parsed DECODE; None, or the OVERLOADED reply when the lane is full."""
+        limits = self.server.model.limits
+        mine = self._bytes_of.get(key, 0)
+        if self.bytes + nbytes > limits.bulk_bytes or mine + nbytes > limits.bulk_peer_bytes:
+            return self.server.error_reply(
+                ErrorCode.OVERLOADED, f"the server holds {self.bytes} bytes of multi-bin decodes ({mine} from this "
+                f"peer; at most {limits.bulk_bytes}, {limits.bulk_peer_bytes} per peer): retry when answered",
+                req.seq, req.t_client_ns)
+        self.queues.setdefault(key, deque()).append(Job(key, src, frames, req, nbytes, t_read))
+        self.bytes += nbytes
+        self._bytes_of[key] = mine + nbytes
+        return None
+
+    def step(self) -> None:
+        """One slice of the job at the head of the next stream's queue; answer it if done."""
+        key = next(iter(self.queues))
+        queue = self.queues.pop(key)
+        job = queue[0]
+        try:
+            reply = self._slice(job)
+        except Exception as e:  # noqa: BLE001 - the lane outlives any engine failure
+            reply = self._failed(job, e)
+        if reply is not None:
+            queue.popleft()
+            self.bytes -= job.nbytes
+            left = self._bytes_of.pop(key) - job.nbytes
+            if left:
+                self._bytes_of[key] = left
+            job.src.answer(job.frames, reply)
+        if queue:
+            self.queues[key] = queue  # to the back: the other streams' turn first
+
+    def _start(self, job: Job) -> None:
+        server = self.server
+        job.model = m = server.model  # a reload mid-job: the job finishes on the engine it started on
+        job.stream = s = server.streams.get(job.key)
+        n = len(job.req.counts)
+        job.fresh = bool(job.req.flags & wire.RESET) or not s.n
+        job.saved = (s.row.copy(), s.n)
+        job.frame = m.writer.frame_for(n, job.req.seq, job.req.t_client_ns, job.fresh)
+        job.views = [(name, v) for name, v in m.layout.sections(job.frame, n).items() if v is not None]
+
+    def _slice(self, job: Job):
+        """Decode the job's next slice into its reply; the finished reply, or None."""
+        if job.model is None:
+            self._start(job)
+        counts = job.req.counts
+        n, a = len(counts), job.done
+        b = min(n, a + self.slice_bins(job.model.limits.max_bins))
+        t0 = _clock()
+        out = job.model.engine.decode_stream(job.stream, counts[a:b] if b - a > 1 else counts[a],
+                                             a == 0 and bool(job.req.flags & wire.RESET))
+        for name, view in job.views:
+            view[a:b] = getattr(out, name)
+        took = _clock() - t0
+        job.work += took
+        job.done = b
+        self.slices += 1
+        if b - a >= MIN_SLICE_BINS:
+            per_bin = took / (b - a)
+            self.ns_per_bin = per_bin if not self.ns_per_bin else 0.8 * self.ns_per_bin + 0.2 * per_bin
+        if b < n:
+            return None
+        server_ns = _clock() - job.t_read
+        queue_ns = max(0, server_ns - job.work)
+        rec = self.server.recorder
+        if n == 1:
+            rec.decoded(server_ns, queue_ns)
+        else:
+            rec.multi_bin(n)
+        return wire.finish(job.frame, server_ns, queue_ns)
+
+    def _failed(self, job: Job, e: Exception):
+        if job.model is not None:  # put the stream back as it was before the job
+            job.stream.row[:], job.stream.n = job.saved
+        where = f" (bins counted from bin {job.done} of the request)" if job.done else ""
+        return self.server.engine_error(e, job.req.seq, job.req.t_client_ns, where)

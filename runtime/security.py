@@ -1,0 +1,230 @@
+"""Who may talk to the service: ZeroMQ CURVE with an allow-list of client keys.
+
+CURVE (RFC 26) encrypts every frame and authenticates both ends by their long-term keys. The
+server's socket holds its secret key; each client knows the server's public key and holds a
+key pair of its own, whose public half must be on the server's allow-list. libzmq asks a ZAP
+handler (RFC 27) about every handshake; ``ZapHandler`` answers from the allow-list and runs
+inside the serving loop (a source like the others: no thread), so a client whose key is not
+listed never completes its handshake and gets nothing, not even an error.
+
+Keys are certificate files in pyzmq's format (``zmq.auth.load_certificate`` reads them):
+``swapvae keygen curve NAME`` writes ``NAME.key`` (public: give it to the other side) and
+``NAME.key_secret`` (both halves, mode 0600). Key files belong outside the repository and the
+bundle; the server refuses a secret key file that others can read.
+
+A bind that is not loopback (``is_local``) needs CURVE unless the operator says ``--insecure``;
+INFO carries the training details only to peers that are authenticated or local.
+"""
+from __future__ import annotations
+
+import ctypes
+import datetime
+import ipaddress
+import os
+import resource
+import stat
+from pathlib import Path
+from typing import NamedTuple
+
+import zmq
+from zmq.auth import load_certificate
+from zmq.utils import z85
+
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq sends ZAP requests (RFC 27)
+_BANNER = "#   ****  Generated on {now} by swapvae keygen  ****\n#   ZeroMQ CURVE {what} Certificate\n#   {note}\n\n"
+
+
+class CurveKeyError(ValueError):
+    """A key file that cannot be used (missing, malformed, or readable by others)."""
+
+
+class CurveServer(NamedTuple):
+    """The server's CURVE key pair (Z85) and the public keys of the clients it lets in."""
+    public: bytes
+    secret: bytes
+    allowed: frozenset
+
+    @classmethod
+    def from_files(cls, secret_file: str | Path, allow: str | Path) -> "CurveServer":
+        public, secret = load_secret(secret_file)
+        return cls(public, secret, frozenset(load_allow_list(allow)))
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+def _write_cert(path: Path, what: str, note: str, public: bytes, secret: bytes | None, mode: int) -> None:
+    text = _BANNER.format(now=datetime.datetime.now().isoformat(timespec="seconds"), what=what, note=note)
+    text += f'metadata\ncurve\n    public-key = "{public.decode()}"\n'
+    if secret is not None:
+        text += f'    secret-key = "{secret.decode()}"\n'
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)  # never overwrites a key
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def generate_curve_keys(stem: str | Path) -> tuple[Path, Path]:
+    """Write a new CURVE key pair: ``stem.key_secret`` (mode 0600) and ``stem.key`` (public)."""
+    public, secret = zmq.curve_keypair()
+    secret_path, public_path = Path(f"{stem}.key_secret"), Path(f"{stem}.key")
+    if public_path.exists():
+        raise FileExistsError(public_path)
+    _write_cert(secret_path, "**Secret**", "Keep it on this machine: never in a bundle, a repository or a message.",
+                public, secret, 0o600)
+    _write_cert(public_path, "Public", "Give it to the other side (a server's --allow, a client's server key).",
+                public, None, 0o644)
+    return secret_path, public_path
+
+
+def load_secret(path: str | Path) -> tuple[bytes, bytes]:
+    """(public, secret) Z85 keys of a ``.key_secret`` file that only its owner can read."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise CurveKeyError(f"{path}: cannot read the CURVE secret key ({e.strerror})") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise CurveKeyError(f"{path}: a secret key must be readable by its owner only (chmod 600 {path})")
+    public, secret = _load(path)
+    if not secret:
+        raise CurveKeyError(f"{path}: no secret-key in it (that is a public .key file)")
+    return public, secret
+
+
+def load_public(path: str | Path) -> bytes:
+    return _load(Path(path))[0]
+
+
+def _load(path: Path) -> tuple[bytes, bytes | None]:
+    try:
+        public, secret = load_certificate(path)
+    except (OSError, ValueError) as e:
+        raise CurveKeyError(f"{path}: not a CURVE certificate ({e})") from None
+    if not public or len(public) != 40:
+        raise CurveKeyError(f"{path}: no 40-character Z85 public-key in it")
+    return public, secret
+
+
+def load_allow_list(where: str | Path) -> set[bytes]:
+    """Client public keys: one ``.key`` file, or every ``*.key`` file of a directory."""
+    where = Path(where)
+    files = sorted(where.glob("*.key")) if where.is_dir() else [where] if where.exists() else []
+    if not files:
+        raise CurveKeyError(f"{where}: no client public keys (*.key) there")
+    return {load_public(f) for f in files}
+
+
+def key_or_file(value) -> bytes:
+    """A Z85 public key given as 40 characters, or the certificate file holding it."""
+    if isinstance(value, (bytes, str)) and len(value) == 40 and not os.path.exists(value):
+        return value.encode() if isinstance(value, str) else value
+    return load_public(value)
+
+
+def secure_socket(sock: zmq.Socket, public: bytes, secret: bytes) -> None:
+    """Make a socket a CURVE server (before it binds): every peer must complete a CURVE
+    handshake, which the ZAP handler accepts or refuses."""
+    sock.setsockopt(zmq.CURVE_SERVER, 1)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+    sock.setsockopt(zmq.ZAP_DOMAIN, b"swapvae")
+
+
+def client_socket(sock: zmq.Socket, server_public: bytes, public: bytes, secret: bytes) -> None:
+    """Make a socket a CURVE client of the server with ``server_public`` (before it connects)."""
+    sock.setsockopt(zmq.CURVE_SERVERKEY, server_public)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+
+
+class ZapHandler:
+    """Answers libzmq's ZAP requests from the allow-list; one REP socket, read by the serving
+    loop (``fd``, ``get`` and ``serve``, as a source). Counts refusals in ``denied``."""
+    keyed = None  # serves itself (``serve``): no requests, no stream
+
+    def __init__(self, context: zmq.Context, allowed: set[bytes], on_deny=None):
+        self.allowed = {z85.decode(k) for k in allowed}  # ZAP carries the raw 32-byte key
+        self.sock = context.socket(zmq.REP)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(ZAP_ENDPOINT)  # before any CURVE socket binds: without a handler libzmq lets everyone in
+        self.get, self.fd = self.sock.getsockopt, self.sock.getsockopt(zmq.FD)
+        self._on_deny = on_deny
+
+    def serve(self) -> None:
+        while True:
+            try:
+                msg = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.sock.send_multipart(self.answer(msg))
+
+    def answer(self, msg: list) -> list:
+        """A ZAP reply: 200 for a CURVE handshake with an allowed key, 400 for anything else."""
+        version, request_id = (msg + [b"", b""])[:2]
+        ok = len(msg) == 7 and version == b"1.0" and msg[5] == b"CURVE" and msg[6] in self.allowed
+        if not ok and self._on_deny is not None:
+            self._on_deny()
+        return [b"1.0", request_id, b"200" if ok else b"400", b"OK" if ok else b"not on the allow-list",
+                z85.encode(msg[6]) if ok else b"", b""]
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+# -- endpoints -------------------------------------------------------------------------------------
+
+def is_local(endpoint: str) -> bool:
+    """Whether an endpoint reaches this machine only: ipc:// and inproc://, or TCP on a loopback
+    address (127.0.0.0/8, ::1, localhost). Anything else (``*``, an interface or host name, another
+    address) counts as reachable from elsewhere."""
+    transport, _, rest = endpoint.partition("://")
+    if transport in ("ipc", "inproc"):
+        return True
+    if transport != "tcp":
+        return False
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# -- the process -----------------------------------------------------------------------------------
+
+def raise_open_files() -> int:
+    """Raise the soft limit on open descriptors to the hard one (idle connections cost one each,
+    and running out stalls new clients, not only the idle ones); the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def return_big_blocks_to_the_os(threshold: int = 256 << 10) -> bool:
+    """glibc: serve every allocation of ``threshold`` bytes or more by mmap, so that a large
+    frame is returned to the system when freed. By default glibc raises that threshold after
+    freeing a large block (up to 32 MiB), after which such memory stays with the process: RSS
+    then keeps the peak of an attack long after it. False where there is no glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, threshold)) and bool(libc.mallopt(m_trim_threshold, 2 * threshold))
+    except (OSError, AttributeError):
+        return False
+
+
+def pin_to_core(core: int) -> None:
+    """Pin every thread of this process (and the threads it starts later) to one CPU."""
+    if core not in os.sched_getaffinity(0):
+        raise ValueError(f"--core {core}: not one of this process's CPUs {sorted(os.sched_getaffinity(0))}")
+    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else [0]:
+        try:
+            os.sched_setaffinity(int(tid), {core})
+        except OSError:  # a thread that ended meanwhile
+            pass

@@ -1,0 +1,196 @@
+"""Where requests come from and where replies go: one class per way in, each knowing only its
+envelope. The serving loop (runtime/server.py) reads a message with ``recv``, finds the request
+frame with ``request``, and sends the reply with ``answer``; every drop is counted in the
+``Recorder``'s ``drops``.
+
+- ``RouterSource``: request/reply. [identity, (hops..., empty delimiter,) request] in, the same
+  envelope and the reply out. An envelope beyond ``MAX_ENVELOPE_FRAMES`` frames, or with a frame
+  over ``MAX_ENVELOPE_FRAME_BYTES`` before the request, is refused (BAD_ENVELOPE to the identity
+  alone: nothing of it is echoed) and the rest of the message is read and freed frame by frame.
+  The socket is ``ZMQ_ROUTER_MANDATORY``: a reply that finds the peer's queue full (a client not
+  reading) or the peer gone raises instead of vanishing, and is counted, then dropped.
+- ``StreamSource``: each frame on SUB is a request of the one stream ``STREAM_KEY``; its reply
+  is published on an XPUB socket with ``ZMQ_XPUB_NODROP``, so a subscriber whose queue has
+  just filled makes the send fail: that is counted (``pub_full``) and the reply sent again in
+  the default lossy way, which the other subscribers receive. libzmq then skips that
+  subscriber without a word until its queue drains, so ``pub_full`` counts the times a
+  subscriber fell behind, not the replies it lost (it sees those as gaps in ``seq``). Gaps in
+  the requests' ``seq`` count the bins the SUB side lost (its queue drops silently when full).
+- ``Subscriptions``: the XPUB in manual mode: only subscriptions to ``""`` and ``SVAE`` (the
+  protocol's) are applied, so no subscriber can grow the subscription table.
+"""
+from __future__ import annotations
+
+import struct
+
+import zmq
+
+from runtime.limits import MAX_ENVELOPE_FRAME_BYTES, MAX_ENVELOPE_FRAMES
+from runtime.recorder import Recorder
+
+STREAM_KEY = b""  # the SUB input's stream (a ROUTER identity is 1 to 255 bytes, never empty)
+TOPICS = (b"", b"SVAE")  # the subscriptions the protocol defines
+# Plain ints: arithmetic on zmq's IntFlag constants costs a microsecond or two per use
+_SNDMORE, _RCVMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.RCVMORE), int(zmq.NOBLOCK)
+_EHOSTUNREACH = zmq.EHOSTUNREACH
+_SEQ = struct.Struct("<Q")
+_MAGIC = b"SVAE"
+MAX_SEQ_GAP = 1 << 20  # a bigger jump in a stream's seq is a restart of its publisher, not a loss
+
+
+class Refused:
+    """Stands in a message's place of its request when the envelope broke the limits."""
+
+    def __init__(self, frames: int, reason: str):
+        self.frames, self.reason = frames, reason
+
+
+class RouterSource:
+    """Request/reply on a ROUTER. The identity (``frames[0]``) is the stream's key."""
+    keyed = True
+
+    def __init__(self, sock: zmq.Socket, recorder: Recorder, full_info: bool):
+        self.sock, self.get, self.fd = sock, sock.getsockopt, sock.getsockopt(zmq.FD)
+        self._recv, self._send, self._drops = sock.recv, sock.send, recorder.drops
+        self.full_info = full_info  # INFO with training details: the peers are authenticated or local
+
+    def recv(self, flags: int = 0) -> list:
+        # A ROUTER message always has an identity and a body, so RCVMORE is first asked after
+        # the body (recv_multipart asks after every frame, and each ask costs on the hot path).
+        recv = self._recv
+        frames = [recv(flags), recv(flags)]  # the parts of a message arrive together
+        if self.get(_RCVMORE):
+            self._more(frames)
+        return frames
+
+    def _more(self, frames: list) -> None:
+        """Read the rest of a longer message, keeping at most the envelope's limit of frames,
+        every one but the last (the request) no bigger than a routing id."""
+        recv, get, n, reason = self._recv, self.get, 2, None
+        while get(_RCVMORE):
+            n += 1
+            if reason is not None:  # past the limits: read and free, keep nothing
+                recv(copy=False)
+                continue
+            if len(frames[-1]) > MAX_ENVELOPE_FRAME_BYTES:
+                reason = f"a routing frame of {len(frames[-1])} bytes (at most {MAX_ENVELOPE_FRAME_BYTES})"
+            elif n > MAX_ENVELOPE_FRAMES + 1:
+                reason = f"more than {MAX_ENVELOPE_FRAMES} routing frames"
+            if reason is None:
+                frames.append(recv())
+            else:
+                recv(copy=False)
+                del frames[1:]
+        if reason is not None:
+            frames.append(Refused(n, reason))
+
+    @staticmethod
+    def _cut(frames: list) -> int:
+        return frames.index(b"", 1) + 1 if b"" in frames[1:] else 1
+
+    def request(self, frames: list):
+        """The request frame of a message, or None when its envelope is wrong."""
+        if len(frames) == 2:
+            body = frames[1]
+            return None if body.__class__ is Refused else body
+        body = frames[self._cut(frames):]
+        return body[0] if len(body) == 1 else None
+
+    def envelope_error(self, frames: list) -> str:
+        if frames[-1].__class__ is Refused:
+            return f"the routing envelope breaks the limits: {frames[-1].reason}; a message of {frames[-1].frames} frames"
+        return f"a request is one frame after the envelope; got {len(frames) - self._cut(frames)} frames"
+
+    def answer(self, frames: list, reply) -> None:
+        # Two plain sends for the usual [identity, reply]: send_multipart's per-call checks cost
+        # a measurable share of a decode. A refused envelope is answered to its identity alone.
+        try:
+            if len(frames) == 2:
+                self._send(frames[0], _SNDMORE)
+                self._send(reply)
+            else:
+                self.sock.send_multipart(frames[:self._cut(frames)] + [reply])
+        except zmq.Again:  # the peer's queue is full (it does not read): dropped, counted
+            self._drops.replies_full += 1
+        except zmq.ZMQError as e:
+            if e.errno != _EHOSTUNREACH:
+                raise
+            self._drops.replies_unroutable += 1  # the peer has gone
+
+
+class StreamSource:
+    """Streaming: each frame received on SUB is a request; its reply is published on the XPUB.
+    All of them are one stream (``STREAM_KEY``)."""
+    keyed = False
+
+    def __init__(self, sub: zmq.Socket, pub: zmq.Socket, recorder: Recorder, full_info: bool):
+        self.sock, self.get, self.fd = sub, sub.getsockopt, sub.getsockopt(zmq.FD)
+        self._recv, self.pub, self._publish, self._recorder = sub.recv, pub, pub.send, recorder
+        self._drops = recorder.drops
+        self.full_info = full_info  # INFO published to every subscriber: only if they are authenticated or local
+        self._last_seq = None
+
+    def recv(self, flags: int = 0) -> list:
+        frames = [self._recv(flags)]
+        if self.get(_RCVMORE):  # a multi-frame message: refused; read and free the rest
+            n = 1
+            while self.get(_RCVMORE):
+                self._recv(copy=False)
+                n += 1
+            frames.append(Refused(n, "multi-frame"))
+        else:
+            self._track(frames[0])
+        return frames
+
+    def _track(self, frame) -> None:
+        """Count the bins lost before this one: a DECODE whose seq skips values."""
+        if len(frame) < 32 or frame[5] != 1 or not frame.startswith(_MAGIC):
+            return
+        seq = _SEQ.unpack_from(frame, 8)[0]
+        last, self._last_seq = self._last_seq, seq
+        if last is not None and last < seq - 1 and seq - last <= MAX_SEQ_GAP:
+            self._drops.stream_gaps += seq - last - 1
+
+    @staticmethod
+    def request(frames: list):
+        return frames[0] if len(frames) == 1 else None
+
+    @staticmethod
+    def envelope_error(frames: list) -> str:
+        return f"a streamed bin is one frame; got {frames[-1].frames} frames"
+
+    def answer(self, frames: list, reply) -> None:
+        try:
+            self._publish(reply)
+        except zmq.Again:  # a subscriber's queue is full: count it, and publish to the others
+            self._drops.pub_full += 1
+            self.pub.setsockopt(zmq.XPUB_NODROP, 0)
+            try:
+                self._publish(reply)
+            finally:
+                self.pub.setsockopt(zmq.XPUB_NODROP, 1)
+        self._recorder.streamed += 1
+
+
+class Subscriptions:
+    """The XPUB's subscription messages (manual mode): apply those to the protocol's topics,
+    ignore others, count the subscribers. A source of the serving loop."""
+    keyed = None  # serves itself (``serve``): no requests, no stream
+
+    def __init__(self, pub: zmq.Socket, recorder: Recorder):
+        self.sock, self.get, self.fd = pub, pub.getsockopt, pub.getsockopt(zmq.FD)
+        self._recorder = recorder
+
+    def serve(self) -> None:
+        sock = self.sock
+        while True:
+            try:
+                msg = sock.recv(_NOBLOCK)
+            except zmq.Again:
+                return
+            while sock.getsockopt(_RCVMORE):  # not a subscription message: drop it
+                sock.recv(copy=False)
+            if msg[:1] in (b"\x00", b"\x01") and msg[1:] in TOPICS:
+                on = msg[0] == 1
+                sock.setsockopt(zmq.SUBSCRIBE if on else zmq.UNSUBSCRIBE, msg[1:])
+                self._recorder.subscribers += 1 if on else -1
