@@ -1,5 +1,6 @@
 """Serving a drained queue: the requests the loop found waiting behind the one it read, taken up
-to ``MAX_BATCH`` at once, their one-bin decodes sharing engine calls. A part of ``Server``
+to ``MAX_BATCH`` at once (fewer when they are big: reading them costs, and a one-bin request
+read first would wait for it), their one-bin decodes sharing engine calls. A part of ``Server``
 (runtime/server.py), kept apart because it is the one place that reorders requests.
 
 Each round takes the request at the head of every stream: the one-bin decodes among them in
@@ -20,12 +21,17 @@ import numpy as np
 import zmq
 
 from runtime import wire
-from runtime.sources import STREAM_KEY
+from runtime.sources import STREAM_KEY, Refused
 
 MAX_BATCH = 32  # queued requests taken at once; their one-bin decodes share engine calls
+DRAIN_BYTES = 256 << 10  # ... or fewer, once their frames add up to this (reading 1 MB costs ~0.3 ms)
 _NOBLOCK = int(zmq.NOBLOCK)
 _RESET = wire.RESET
 _clock = time.perf_counter_ns
+
+
+def _size(frames: list) -> int:
+    return 0 if frames[-1].__class__ is Refused else len(frames[-1])
 
 
 class Coalescing:
@@ -36,11 +42,14 @@ class Coalescing:
         """Serve ``first`` and the requests queued behind it, up to MAX_BATCH, in rounds (see
         the module doc)."""
         recv, queued = src.recv, [(first, t_first)]
-        while len(queued) < MAX_BATCH:
+        size = _size(first)
+        while len(queued) < MAX_BATCH and size < DRAIN_BYTES:  # big ones cost to read: take few
             try:
-                queued.append((recv(_NOBLOCK), _clock()))
+                frames = recv(_NOBLOCK)
             except zmq.Again:
                 break
+            queued.append((frames, _clock()))
+            size += _size(frames)
         match, keyed, lane = self.model.one_bin.match, src.keyed, self.lane.queues
         by_stream: dict[bytes, list] = {}  # key -> [(frames, t_read, frame, one-bin head or None)], in order
         for frames, t in queued:

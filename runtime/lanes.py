@@ -29,6 +29,7 @@ from schemas.protocol import Bulk, ErrorCode
 _clock = time.perf_counter_ns
 MIN_SLICE_BINS = 8
 SLICE_NS = 500_000  # default target time of one slice
+BIG_REPLY = 64 << 10  # replies this big are handed to libzmq without a copy
 
 
 class Job:
@@ -51,7 +52,7 @@ class BulkLane:
         self.queues: dict[bytes, deque] = {}  # stream key -> its jobs, in arrival order; dict order = turns
         self.bytes = 0
         self._bytes_of: dict[bytes, int] = {}
-        self.slices = 0
+        self.slices = self.slice_max = 0
         self.ns_per_bin = 0.0  # smoothed cost of a bin in a slice, from the slices run
 
     def __len__(self) -> int:
@@ -65,7 +66,8 @@ class BulkLane:
 
     def stats(self) -> Bulk:
         return Bulk(pending=len(self), pending_bytes=self.bytes, slices=self.slices,
-                    slice_bins=self.slice_bins(self.server.model.limits.max_bins), slice_us=self.slice_ns / 1e3)
+                    slice_bins=self.slice_bins(self.server.model.limits.max_bins), slice_us=self.slice_ns / 1e3,
+                    slice_max_us=self.slice_max / 1e3)
 
     def submit(self, key: bytes, src, frames: list, req, nbytes: int, t_read: int):
         """Queue a parsed DECODE; None, or the OVERLOADED reply when the lane is full."""
@@ -96,7 +98,7 @@ class BulkLane:
             left = self._bytes_of.pop(key) - job.nbytes
             if left:
                 self._bytes_of[key] = left
-            job.src.answer(job.frames, reply)
+            job.src.answer(job.frames, reply, copy=len(reply) < BIG_REPLY)
         if queue:
             self.queues[key] = queue  # to the back: the other streams' turn first
 
@@ -123,6 +125,8 @@ class BulkLane:
         for name, view in job.views:
             view[a:b] = getattr(out, name)
         took = _clock() - t0
+        if took > self.slice_max:
+            self.slice_max = took
         job.work += took
         job.done = b
         self.slices += 1

@@ -9,7 +9,7 @@ multipart message: it assembles every frame of a message before the server sees 
 limit on the number of frames (schemas/PROTOCOL.md, section 1, says what that leaves).
 
 ``ControlLimiter``: a token bucket per peer for INFO, STATS and PING; beyond it the server
-answers RATE_LIMITED (cheap, and every request still gets its one reply).
+answers RATE_LIMITED once a second and drops the rest (see the class).
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ PEER_OUT_BYTES = 32 * MiB  # replies queued to one ROUTER peer or one subscriber
 STREAM_IN_BYTES = 64 * MiB  # bins queued on the SUB input (SUB drops beyond: counted as stream_gaps)
 # Queues count messages: a budget / the largest message, but never fewer than a burst of small
 # ones needs (MIN_HWM; the SUB input, which drops beyond its queue, MIN_STREAM_HWM). With the
-# default 1 MiB request cap the budgets decide; a higher --max-request-bytes makes the floors do.
+# default 2 MiB request cap the budgets decide; a higher --max-request-bytes makes the floors do.
 BULK_BYTES = 64 * MiB  # multi-bin decode requests held by the server, all peers together
-BULK_PEER_BYTES = 16 * MiB  # ... from one peer
+BULK_PEER_BYTES = 32 * MiB  # ... from one peer
 CURVE_OVERHEAD = 33  # a CURVE MESSAGE command adds 33 bytes to the frame libzmq's size check sees
 MAX_ENVELOPE_FRAMES = 8  # routing frames before the request (identity, proxies' hops, delimiter)
 MAX_ENVELOPE_FRAME_BYTES = 255  # a ZeroMQ routing id is 1 to 255 bytes
@@ -76,28 +76,37 @@ class Limits:
 
 
 class ControlLimiter:
-    """Token buckets by peer key: ``rate`` requests per second, bursts of ``burst``. The table
-    holds at most ``max_peers`` buckets (the least recently used goes: a peer that comes back
-    starts with a full bucket, so the table bounds memory, not the rate of a peer that
-    reconnects; that is what CURVE's allow-list is for)."""
+    """Token buckets by peer key: ``rate`` requests per second, bursts of ``burst``. Beyond it,
+    ``check`` says NOTICE for the first request in ``notice_ns`` (answered RATE_LIMITED, so the
+    client learns why) and DROP for the others (no reply: a flooding client pays its own
+    timeouts, and the server pays a read per request, not a reply). The table holds at most
+    ``max_peers`` buckets (the least recently used goes: a peer that comes back starts with a
+    full bucket, so the table bounds memory, not the rate of a peer that reconnects; that is
+    what CURVE's allow-list is for)."""
+    ALLOW, NOTICE, DROP = 0, 1, 2
 
-    def __init__(self, rate: float = CONTROL_RATE, burst: int = CONTROL_BURST, max_peers: int = 4096):
+    def __init__(self, rate: float = CONTROL_RATE, burst: int = CONTROL_BURST, max_peers: int = 4096,
+                 notice_ns: int = 1_000_000_000):
         if rate <= 0 or burst < 1:
             raise ValueError(f"control rate must be > 0 and burst >= 1, got {rate}, {burst}")
         self.rate, self.burst, self.max_peers = rate / 1e9, float(burst), max_peers  # rate per ns
-        self._buckets: OrderedDict[bytes, list] = OrderedDict()  # key -> [tokens, last time]
+        self.notice_ns = notice_ns
+        self._buckets: OrderedDict[bytes, list] = OrderedDict()  # key -> [tokens, last time, last notice]
 
-    def allow(self, key: bytes, now_ns: int) -> bool:
+    def check(self, key: bytes, now_ns: int) -> int:
         b = self._buckets.get(key)
         if b is None:
             if len(self._buckets) >= self.max_peers:
                 self._buckets.popitem(last=False)
-            b = self._buckets[key] = [self.burst, now_ns]
+            b = self._buckets[key] = [self.burst, now_ns, now_ns - self.notice_ns]
         else:
             self._buckets.move_to_end(key)
             b[0] = min(self.burst, b[0] + (now_ns - b[1]) * self.rate)
             b[1] = now_ns
         if b[0] >= 1.0:
             b[0] -= 1.0
-            return True
-        return False
+            return self.ALLOW
+        if now_ns - b[2] >= self.notice_ns:
+            b[2] = now_ns
+            return self.NOTICE
+        return self.DROP

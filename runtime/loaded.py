@@ -43,9 +43,11 @@ class Loaded:
     name: str  # which bundle, for the log: its directory and decode graph's sha256
 
     def same_history(self, other: "Loaded") -> bool:
-        """Whether streams' histories carry over to ``other`` (the same window and latent sizes)."""
+        """Whether streams' histories carry over to ``other``: the same window and latent sizes
+        (the latents are the old model's; a retrained model of the same sizes reads them as its
+        own until they leave the window, ``history_bins - 1`` bins later)."""
         e, o = self.engine, other.engine
-        return (e.history_bins, e.latent_dim, self.n_channels) == (o.history_bins, o.latent_dim, other.n_channels)
+        return (e.history_bins, e.latent_dim) == (o.history_bins, o.latent_dim)
 
 
 def prepare(engine, max_batch: int, warmup: int = 200, prewarm: bool = True, streaming: bool = False,

@@ -43,8 +43,8 @@ the server read it is not visible here.
 Reload (SIGHUP, ``request_reload``): the loader (``BundleDecoder`` of the path given, re-resolved,
 with the same trusted keys) runs on a thread while the old bundle keeps serving; the loop
 switches between two requests, or keeps the old bundle if loading failed. Streams keep their
-histories when the new bundle's window and latent sizes (and channel count) are the same, else
-all start afresh (their next reply says RESET_APPLIED). Multi-bin work already begun finishes on
+histories when the new bundle's window and latent sizes are the same, else all start afresh
+(their next reply says RESET_APPLIED). Multi-bin work already begun finishes on
 the bundle it began on.
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ MAX_STREAMS = 1024  # streams whose history the server keeps (--max-streams)
 _RESET = wire.RESET
 _DECODE, _PING, _INFO, _STATS = int(MsgType.DECODE), int(MsgType.PING), int(MsgType.INFO), int(MsgType.STATS)
 _NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
-_U32 = struct.Struct("<I")
+_TYPE_BINS = struct.Struct("<5xB22xI")  # a request's msg_type and n_bins
 _clock = time.perf_counter_ns
 
 
@@ -180,10 +180,11 @@ class Server(Coalescing):
         self.recorder.auth_denied += 1
 
     # -- one frame in, one frame out ------------------------------------------------------------
-    def handle(self, frame, key: bytes = STREAM_KEY, t_read: int = 0, t_start: int = 0) -> bytes | bytearray:
+    def handle(self, frame, key: bytes = STREAM_KEY, t_read: int = 0, t_start: int = 0) -> bytes | bytearray | None:
         """The reply to one request frame of the stream ``key``, read off its socket at
         ``t_read`` and taken up at ``t_start`` (``perf_counter_ns``; 0: now, and not queued).
-        Decodes any request at once, multi-bin ones included. Never raises."""
+        Decodes any request at once, multi-bin ones included. Never raises. None: no reply (a
+        control request beyond its peer's rate, after the second's notice)."""
         if not t_read:
             t_read = _clock()
         self.recorder.requests += 1
@@ -211,7 +212,11 @@ class Server(Coalescing):
         except Exception as e:  # noqa: BLE001 - e.g. a frame object without a buffer
             return self.error_reply(ErrorCode.BAD_HEADER, f"unreadable frame: {e}")
         if req.msg_type != _DECODE:  # decodes are counted by the decode counters, see Recorder.stats
-            if not self.limiter.allow(key, t_read):
+            verdict = self.limiter.check(key, t_read)
+            if verdict:  # beyond the peer's rate: a notice once a second, else nothing
+                if verdict == ControlLimiter.DROP:
+                    self.recorder.drops.rate_limited += 1
+                    return None
                 self.recorder.error("RATE_LIMITED")
                 return wire.pack_reply(MsgType.ERROR, req.seq, req.t_client_ns, self._rate_limited,
                                        ErrorCode.RATE_LIMITED)
@@ -316,12 +321,16 @@ class Server(Coalescing):
                 self._to_lane(src, frames, frame, key, t_read)
                 return
             reply = self.handle(frame, key, t_read, t_start)
+            if reply is None:
+                return
         src.answer(frames, reply)
 
     def _bulk(self, frame) -> bool:
         """A DECODE of other than one bin (the lane's); the one-bin fast path's size says no at once."""
-        return (len(frame) != self._one_bin.size and len(frame) >= 32 and frame[5] == _DECODE
-                and _U32.unpack_from(frame, 28)[0] != 1)
+        if len(frame) == self._one_bin.size or len(frame) < 32:
+            return False
+        msg_type, n_bins = _TYPE_BINS.unpack_from(frame)
+        return msg_type == _DECODE and n_bins != 1
 
     def _to_lane(self, src, frames: list, frame, key: bytes, t_read: int) -> None:
         """A DECODE for the multi-bin lane (or of a stream with decodes waiting there): refused
@@ -331,7 +340,9 @@ class Server(Coalescing):
         except Exception:  # noqa: BLE001 - handle() names the problem
             req = None
         if req is None or req.msg_type != _DECODE:
-            src.answer(frames, self.handle(frame, key, t_read))
+            reply = self.handle(frame, key, t_read)
+            if reply is not None:
+                src.answer(frames, reply)
             return
         self.recorder.requests += 1
         reply = self.lane.submit(key, src, frames, req, len(frame), t_read)

@@ -43,6 +43,8 @@ def serve_command(args) -> int:
         options["max_body_bytes"] = args.max_request_bytes - 32
     if args.control_rate is not None:
         options["control_rate"] = args.control_rate
+    if args.slice_us is not None:
+        options["slice_ns"] = int(args.slice_us * 1000)
     server = Server(load(), bind=args.bind, sub=args.sub, pub=args.pub, busy_poll=args.busy_poll,
                     provider=args.provider, prewarm=not args.no_prewarm,
                     max_streams=MAX_STREAMS if args.max_streams is None else args.max_streams,

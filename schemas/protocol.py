@@ -90,7 +90,7 @@ DECODE_SECTIONS: tuple[Section, ...] = (
 )
 
 MAX_BINS = 4096  # rows per decode request at most; a server may allow fewer (INFO max_bins), else BAD_SHAPE
-MAX_BODY_BYTES = 1 << 20  # default cap on a request body: max_bins = min(MAX_BINS, MAX_BODY_BYTES // (8 * n_channels))
+MAX_BODY_BYTES = 2 << 20  # default cap on a request body: max_bins = min(MAX_BINS, MAX_BODY_BYTES // (8 * n_channels))
 
 
 class MsgType(IntEnum):
@@ -268,6 +268,8 @@ class Drops(_Body):
                                          "from then until it drains (libzmq does not count them)")
     replies_full: int = Field(0, description="ROUTER replies dropped: the peer's queue was full (not reading)")
     replies_unroutable: int = Field(0, description="ROUTER replies dropped: the peer had gone")
+    rate_limited: int = Field(0, description="control requests beyond their peer's rate left unanswered (the "
+                                             "first in each second is answered RATE_LIMITED)")
 
 
 class Bulk(_Body):
@@ -277,6 +279,7 @@ class Bulk(_Body):
     slices: int = Field(0, description="engine calls made for them since start")
     slice_bins: int = Field(0, description="bins per slice now (sized to about slice_us)")
     slice_us: float = Field(0.0, description="the target time of one slice, us")
+    slice_max_us: float = Field(0.0, description="the longest slice (engine call and copy into the reply) since start, us")
 
 
 class StatsReply(_Body):

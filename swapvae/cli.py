@@ -66,7 +66,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="CURVE: the --sub publisher's public key (a .key file or its Z85 text); with --curve-secret")
     s.add_argument("--core", type=int, metavar="N", help="pin the process to CPU N")
     s.add_argument("--max-request-bytes", type=int, metavar="BYTES",
-                   help="largest request frame read (default 4 MiB + 32; fewer bins per DECODE for wide arrays)")
+                   help="largest request frame read (default 2 MiB + 32; fewer bins per DECODE for wide arrays)")
+    s.add_argument("--slice-us", type=float, metavar="US",
+                   help="multi-bin DECODEs run in engine calls of about this long, one-bin ones between them "
+                        "(default 500)")
     s.add_argument("--control-rate", type=float, metavar="PER_S",
                    help="INFO, STATS and PING per second per peer (default 50); beyond: RATE_LIMITED")
     s.set_defaults(run="runtime.service:serve_command")

@@ -51,17 +51,18 @@ def _reply(frame):
 # -- sizes -------------------------------------------------------------------------------------------
 
 def test_limits_follow_from_byte_budgets():
-    assert max_bins_for(6) == MAX_BINS and max_bins_for(174) == (1 << 20) // (8 * 174) == 753
-    assert max_bins_for(1024) == 128 and max_bins_for(10**7) == 1
+    assert max_bins_for(6) == MAX_BINS and max_bins_for(174) == (2 << 20) // (8 * 174) == 1506
+    assert max_bins_for(1024) == 256 and max_bins_for(10**7) == 1
     lim = Limits.of(174, 1236)
-    assert lim.max_request_bytes == 32 + 753 * 8 * 174 == wire.max_request_bytes(174, 753) <= (1 << 20) + 32
-    assert lim.max_reply_bytes == 56 + 753 * 1236
-    # 32 MiB / ~1 MB per ROUTER peer either way; 64 MiB of bins on the SUB input (its floor)
-    assert (lim.router_rcvhwm, lim.router_sndhwm, lim.sub_rcvhwm, lim.pub_sndhwm) == (32, 36, 64, 36)
+    assert lim.max_request_bytes == 32 + 1506 * 8 * 174 == wire.max_request_bytes(174, 1506) <= (2 << 20) + 32
+    assert lim.max_reply_bytes == 56 + 1506 * 1236
+    # 32 MiB / ~2 MB per ROUTER peer either way; 64 MiB of bins on the SUB input (its floor)
+    assert (lim.router_rcvhwm, lim.router_sndhwm, lim.sub_rcvhwm, lim.pub_sndhwm) == (16, 18, 64, 18)
     assert lim.max_frame_bytes() == lim.max_request_bytes and lim.max_frame_bytes(curve=True) == lim.max_request_bytes + 33
     small = Limits.of(6, 68)
     assert small.router_rcvhwm == (32 << 20) // small.max_request_bytes and small.max_bins == MAX_BINS
     assert Limits.of(174, 1236, max_body_bytes=64 << 20).router_rcvhwm == 16  # the floor, for bursts
+    assert Limits.of(174, 1236, max_body_bytes=1 << 20).router_rcvhwm == 32
 
 
 def test_envelopes_over_the_limits_are_refused_and_never_echoed():
@@ -148,10 +149,13 @@ def test_the_stream_counts_what_sub_and_a_slow_subscriber_lose():
             got += 1
         assert got == 20 and rec.drops.pub_full >= 1 and rec.streamed == 20
         assert not sinks[2].poll(50)  # an ignored subscription receives nothing
+        decoded = wire.DecodeReplyWriter(wire.DecodeLayout(3, 2, 4, 2, 3, 5, True))
         for seq in (1, 2, 5, 6, 7, 20, 1, 2):  # 3 and 4 lost, then 8..19; a restart at 1 is no loss
-            src._track(wire.pack_request(MsgType.DECODE, seq, 0, np.ones(6, np.float32)))
-        src._track(wire.pack_request(MsgType.PING, 100, 0))  # not a bin
-        assert rec.drops.stream_gaps == 2 + 12
+            src.track(decoded.write_one(seq, 0, 0, 0, False, expected(np.ones(6))))
+        src.track(wire.pack_reply(MsgType.PONG, 100, 0))  # not a bin
+        src.track(wire.pack_error(ErrorCode.BAD_SHAPE, "x", 200, 0))  # a malformed request: not the stream's
+        src.track(wire.pack_error(ErrorCode.BAD_VALUE, "x", 4, 0))  # a bin refused for its values: 3 lost
+        assert rec.drops.stream_gaps == 2 + 12 + 1
     finally:
         for s in (*sinks, inp):
             s.close(linger=0)
@@ -162,22 +166,27 @@ def test_the_stream_counts_what_sub_and_a_slow_subscriber_lose():
 
 def test_control_requests_are_rate_limited_per_peer():
     lim = ControlLimiter(rate=10, burst=3, max_peers=2)
+    ok, notice, drop = ControlLimiter.ALLOW, ControlLimiter.NOTICE, ControlLimiter.DROP
     t = 1_000_000_000
-    assert [lim.allow(b"a", t) for _ in range(4)] == [True, True, True, False]
-    assert lim.allow(b"b", t) and not lim.allow(b"a", t + 50_000_000)  # half a token back
-    assert lim.allow(b"a", t + 100_000_000)  # one token per 100 ms
-    lim.allow(b"c", t)  # a third peer: the least recent (b) leaves the table
+    assert [lim.check(b"a", t) for _ in range(5)] == [ok, ok, ok, notice, drop]  # one notice, then silence
+    assert lim.check(b"b", t) == ok and lim.check(b"a", t + 50_000_000) == drop  # half a token back
+    assert lim.check(b"a", t + 100_000_000) == ok  # one token per 100 ms
+    assert lim.check(b"a", t + 100_000_000) == drop and lim.check(b"a", t + 1_000_000_001) == ok
+    later = [lim.check(b"a", t + 1_000_000_001) for _ in range(6)]
+    assert later == [ok, ok, notice, drop, drop, drop]  # a second after the last notice: another
+    lim.check(b"c", t)  # a third peer: the least recent (b) leaves the table
     assert set(lim._buckets) == {b"a", b"c"}
 
     s = Server(FakeEngine(), bind=None, sub="inproc://rl-sub", pub="inproc://rl-pub", warmup=0, control_rate=5)
     try:
-        heads = [_reply(s.handle(wire.pack_request(MsgType.PING, i, 0), b"a"))[0] for i in range(8)]
-        assert [h.status for h in heads] == [0] * 5 + [ErrorCode.RATE_LIMITED] * 3
-        assert heads[-1].seq == 7 and heads[-1].msg_type == MsgType.ERROR
+        replies = [s.handle(wire.pack_request(MsgType.PING, i, 0), b"a") for i in range(8)]
+        assert [_reply(r)[0].status for r in replies[:6]] == [0] * 5 + [ErrorCode.RATE_LIMITED]
+        assert _reply(replies[5])[0].seq == 5 and replies[6:] == [None, None]  # beyond the notice: no reply
         assert _reply(s.handle(wire.pack_request(MsgType.STATS, 9, 0), b"b"))[0].status == 0  # another peer
         head, _ = _reply(s.handle(wire.pack_request(MsgType.DECODE, 1, 0, np.ones(6, np.float32)), b"a"))
         assert head.status == 0  # decodes are never rate-limited
-        assert s.stats().errors == {"RATE_LIMITED": 3}
+        st = s.stats()
+        assert st.errors == {"RATE_LIMITED": 1} and st.dropped.rate_limited == 2
     finally:
         s.close()
 
