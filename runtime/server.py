@@ -61,7 +61,7 @@ from runtime import wire
 from runtime.batching import MAX_BATCH, Coalescing
 from runtime.history import StreamTable
 from runtime.lanes import SLICE_NS, BulkLane
-from runtime.limits import CONTROL_RATE, HANDSHAKE_MS, HEARTBEAT_MS, HEARTBEAT_TIMEOUT_MS, ControlLimiter
+from runtime.limits import CONTROL_COST, CONTROL_RATE, HANDSHAKE_MS, HEARTBEAT_MS, HEARTBEAT_TIMEOUT_MS, ControlLimiter
 from runtime.loaded import Loaded, prepare
 from runtime.recorder import Recorder
 from runtime.security import CurveServer, ZapHandler, client_socket, is_local, secure_socket
@@ -212,7 +212,7 @@ class Server(Coalescing):
         except Exception as e:  # noqa: BLE001 - e.g. a frame object without a buffer
             return self.error_reply(ErrorCode.BAD_HEADER, f"unreadable frame: {e}")
         if req.msg_type != _DECODE:  # decodes are counted by the decode counters, see Recorder.stats
-            verdict = self.limiter.check(key, t_read)
+            verdict = self.limiter.check(key, t_read, CONTROL_COST[req.msg_type])
             if verdict:  # beyond the peer's rate: a notice once a second, else nothing
                 if verdict == ControlLimiter.DROP:
                     self.recorder.drops.rate_limited += 1

@@ -15,8 +15,8 @@ frame with ``request``, and sends the reply with ``answer``; every drop is count
   the default lossy way, which the other subscribers receive. libzmq then skips that
   subscriber without a word until its queue drains, so ``pub_full`` counts the times a
   subscriber fell behind, not the replies it lost (it sees those as gaps in ``seq``). Gaps in
-  the ``seq`` of the bins decoded count the bins the SUB side lost (its queue drops silently
-  when full).
+  the ``seq`` of the DECODE frames that arrive count the bins the SUB side lost (its queue
+  drops silently when full).
 - ``Subscriptions``: the XPUB in manual mode: only subscriptions to ``""`` and ``SVAE`` (the
   protocol's) are applied, so no subscriber can grow the subscription table.
 """
@@ -24,19 +24,21 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
 import zmq
 
 from runtime.limits import MAX_ENVELOPE_FRAME_BYTES, MAX_ENVELOPE_FRAMES
 from runtime.recorder import Recorder
+from schemas.protocol import DTYPE_NUMPY, MAGIC, PROTOCOL_VERSION, REQUEST_FORMAT
 
 STREAM_KEY = b""  # the SUB input's stream (a ROUTER identity is 1 to 255 bytes, never empty)
 TOPICS = (b"", b"SVAE")  # the subscriptions the protocol defines
 # Plain ints: arithmetic on zmq's IntFlag constants costs a microsecond or two per use
 _SNDMORE, _RCVMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.RCVMORE), int(zmq.NOBLOCK)
 _EHOSTUNREACH = zmq.EHOSTUNREACH
-_SEQ = struct.Struct("<Q")
-_DECODE_REPLY, _ERROR = 0x81, 0xFF
-_DECODED_ERRORS = (7, 8, 11)  # BAD_VALUE, INTERNAL, OVERLOADED: a well-formed DECODE of the stream
+_REQ = struct.Struct(REQUEST_FORMAT)
+_MAGIC, _VERSION = MAGIC, PROTOCOL_VERSION
+_ITEMSIZE = {int(k): np.dtype(v).itemsize for k, v in DTYPE_NUMPY.items()}
 MAX_SEQ_GAP = 1 << 20  # a bigger jump in a stream's seq is a restart of its publisher, not a loss
 
 
@@ -148,15 +150,22 @@ class StreamSource:
                 self._recv(copy=False)
                 n += 1
             frames.append(Refused(n, "multi-frame"))
+        else:
+            self.track(frames[0])
         return frames
 
-    def track(self, reply) -> None:
-        """Count the bins lost before the one ``reply`` answers: a decoded bin (or one refused
-        for its values) whose seq skips values after the last. A lower seq is a restart of the
-        publisher, not a loss; a malformed request (other errors) says nothing about the stream."""
-        if reply[5] != _DECODE_REPLY and not (reply[5] == _ERROR and reply[6] in _DECODED_ERRORS):
+    def track(self, frame) -> None:
+        """Count the bins lost before this one: a DECODE frame (whole: its length agrees with its
+        header) whose seq skips values after the last one's. A lower seq is a restart of the
+        publisher, not a loss; other frames say nothing about the stream. At arrival, so a bin
+        refused later (OVERLOADED, BAD_VALUE) is not counted lost."""
+        if len(frame) < 32:
             return
-        seq = _SEQ.unpack_from(reply, 8)[0]
+        magic, version, msg_type, dtype, _, seq, _, n_ch, n_bins = _REQ.unpack_from(frame)
+        size = _ITEMSIZE.get(dtype)
+        if (msg_type != 1 or size is None or magic != _MAGIC or version != _VERSION or not n_bins
+                or len(frame) != 32 + n_bins * n_ch * size):
+            return
         last, self._last_seq = self._last_seq, seq
         if last is not None and last < seq - 1 and seq - last <= MAX_SEQ_GAP:
             self._drops.stream_gaps += seq - last - 1
@@ -170,7 +179,6 @@ class StreamSource:
         return f"a streamed bin is one frame; got {frames[-1].frames} frames"
 
     def answer(self, frames: list, reply, copy: bool = True) -> None:
-        self.track(reply)
         try:
             self._publish(reply, copy=copy)
         except zmq.Again:  # a subscriber's queue is full: count it, and publish to the others

@@ -149,12 +149,11 @@ def test_the_stream_counts_what_sub_and_a_slow_subscriber_lose():
             got += 1
         assert got == 20 and rec.drops.pub_full >= 1 and rec.streamed == 20
         assert not sinks[2].poll(50)  # an ignored subscription receives nothing
-        decoded = wire.DecodeReplyWriter(wire.DecodeLayout(3, 2, 4, 2, 3, 5, True))
         for seq in (1, 2, 5, 6, 7, 20, 1, 2):  # 3 and 4 lost, then 8..19; a restart at 1 is no loss
-            src.track(decoded.write_one(seq, 0, 0, 0, False, expected(np.ones(6))))
-        src.track(wire.pack_reply(MsgType.PONG, 100, 0))  # not a bin
-        src.track(wire.pack_error(ErrorCode.BAD_SHAPE, "x", 200, 0))  # a malformed request: not the stream's
-        src.track(wire.pack_error(ErrorCode.BAD_VALUE, "x", 4, 0))  # a bin refused for its values: 3 lost
+            src.track(wire.pack_request(MsgType.DECODE, seq, 0, np.ones(6, np.float32)))
+        src.track(wire.pack_request(MsgType.PING, 100, 0))  # not a bin
+        src.track(wire.pack_request(MsgType.DECODE, 200, 0, np.ones(6, np.float32))[:-1])  # not whole
+        src.track(wire.pack_request(MsgType.DECODE, 4, 0, np.ones((3, 6), np.int16)))  # 3 lost
         assert rec.drops.stream_gaps == 2 + 12 + 1
     finally:
         for s in (*sinks, inp):
@@ -182,11 +181,12 @@ def test_control_requests_are_rate_limited_per_peer():
         replies = [s.handle(wire.pack_request(MsgType.PING, i, 0), b"a") for i in range(8)]
         assert [_reply(r)[0].status for r in replies[:6]] == [0] * 5 + [ErrorCode.RATE_LIMITED]
         assert _reply(replies[5])[0].seq == 5 and replies[6:] == [None, None]  # beyond the notice: no reply
-        assert _reply(s.handle(wire.pack_request(MsgType.STATS, 9, 0), b"b"))[0].status == 0  # another peer
+        stats = [s.handle(wire.pack_request(MsgType.STATS, 9, 0), b"b") for _ in range(2)]  # another peer
+        assert _reply(stats[0])[0].status == 0 and _reply(stats[1])[0].status == ErrorCode.RATE_LIMITED  # 5 tokens
         head, _ = _reply(s.handle(wire.pack_request(MsgType.DECODE, 1, 0, np.ones(6, np.float32)), b"a"))
         assert head.status == 0  # decodes are never rate-limited
         st = s.stats()
-        assert st.errors == {"RATE_LIMITED": 1} and st.dropped.rate_limited == 2
+        assert st.errors == {"RATE_LIMITED": 2} and st.dropped.rate_limited == 2
     finally:
         s.close()
 
