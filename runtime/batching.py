@@ -1,6 +1,6 @@
 """Serving a drained queue: the requests the loop found waiting behind the one it read, taken up
-to ``MAX_BATCH`` at once (fewer when they are big: reading them costs, and a one-bin request
-read first would wait for it), their one-bin decodes sharing engine calls. A part of ``Server``
+to ``MAX_BATCH`` at once while they are one-bin decodes, their one-bin decodes sharing engine
+calls. A part of ``Server``
 (runtime/server.py), kept apart because it is the one place that reorders requests.
 
 Each round takes the request at the head of every stream: the one-bin decodes among them in
@@ -11,7 +11,8 @@ one-bin decodes up to float rounding, and a stream's requests keep their arrival
 
 Multi-bin decodes (and every later decode of their stream) go to the multi-bin lane
 (runtime/lanes.py) as they are read, in arrival order: the rounds here run before the lane's
-next slice, so the stream's earlier bins are decoded first.
+next slice, so the stream's earlier bins are decoded first. Requests that are not decodes go
+to the later lane, answered a few per turn after the decodes.
 """
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ from runtime import wire
 from runtime.sources import STREAM_KEY, Refused
 
 MAX_BATCH = 32  # queued requests taken at once; their one-bin decodes share engine calls
-DRAIN_BYTES = 256 << 10  # ... or fewer, once their frames add up to this (reading 1 MB costs ~0.3 ms)
 _NOBLOCK = int(zmq.NOBLOCK)
 _RESET = wire.RESET
 _clock = time.perf_counter_ns
@@ -35,29 +35,31 @@ def _size(frames: list) -> int:
 
 
 class Coalescing:
-    """The queue-draining half of ``Server``: needs its ``_answer``, ``_to_lane``, ``_bulk``,
-    ``model``, ``streams`` and ``recorder``."""
+    """The queue-draining half of ``Server``: needs its ``_answer``, ``_route``, ``model``,
+    ``lane``, ``streams`` and ``recorder``."""
 
     def _serve_queue(self, src, first: list, t_first: int) -> None:
         """Serve ``first`` and the requests queued behind it, up to MAX_BATCH, in rounds (see
         the module doc)."""
-        recv, queued = src.recv, [(first, t_first)]
-        size = _size(first)
-        while len(queued) < MAX_BATCH and size < DRAIN_BYTES:  # big ones cost to read: take few
+        recv, queued, fast = src.recv, [(first, t_first)], self.model.one_bin.size
+        # Drained only while they are one-bin decodes, which coalesce: a control request, an
+        # error or a bulk one ends the drain, so a one-bin request read before it is decoded
+        # without waiting for more reads (a flood of those is read a turn at a time).
+        more = _size(first) == fast
+        while more and len(queued) < MAX_BATCH:
             try:
                 frames = recv(_NOBLOCK)
             except zmq.Again:
                 break
             queued.append((frames, _clock()))
-            size += _size(frames)
+            more = _size(frames) == fast
         match, keyed, lane = self.model.one_bin.match, src.keyed, self.lane.queues
         by_stream: dict[bytes, list] = {}  # key -> [(frames, t_read, frame, one-bin head or None)], in order
         for frames, t in queued:
             frame = src.request(frames)
             key = frames[0] if keyed else STREAM_KEY
-            if frame is not None and (key in lane or self._bulk(frame)):  # the lane's, from here on
-                self._to_lane(src, frames, frame, key, t)
-                continue
+            if (frame is None or key in lane or len(frame) != fast) and self._route(src, frames, frame, key, t):
+                continue  # to a lane (a stream with multi-bin work there stays the lane's from here on)
             head = match(frame) if frame is not None else None
             by_stream.setdefault(key, []).append((frames, t, frame, head))
         pending = [(key, q, 0) for key, q in by_stream.items()]  # (key, queue, index of its head)

@@ -1,6 +1,7 @@
-"""The multi-bin lane: bulk decodes served one slice (one engine call) at a time, between turns
-of the serving loop, so that a one-bin closed-loop request never waits behind more than one
-engine call of bulk work.
+"""The lanes behind the closed loop: bulk decodes served one slice (one engine call) at a time,
+and requests that are not decodes served a few at a time, between turns of the serving loop,
+so that a one-bin closed-loop request never waits behind more than one engine call of bulk
+work or a few control replies (``LaterLane``, at the end).
 
 A DECODE of more than one bin is not decoded where it is read: it becomes a ``Job`` in the
 queue of its stream, and so does every DECODE of that stream that arrives while the stream has
@@ -149,3 +150,37 @@ class BulkLane:
             job.stream.row[:], job.stream.n = job.saved
         where = f" (bins counted from bin {job.done} of the request)" if job.done else ""
         return self.server.engine_error(e, job.req.seq, job.req.t_client_ns, where)
+
+
+class LaterLane:
+    """Requests that are not decodes (INFO, STATS, PING, and frames refused with an ERROR):
+    answered ``PER_TURN`` per turn of the loop, after what the turn read, so that a flood of
+    them (or of garbage) costs a one-bin request at most that many replies' time. Bounded:
+    beyond ``MAX_ITEMS`` or ``MAX_BYTES`` held, a request is dropped unanswered (counted,
+    ``dropped.backlog``). Their ``queue_ns`` is the time they waited here."""
+    PER_TURN, MAX_ITEMS, MAX_BYTES = 8, 4096, 16 << 20
+
+    def __init__(self, server):
+        self.server, self.items, self.bytes = server, deque(), 0
+
+    def add(self, src, frames: list, frame, key: bytes, t_read: int) -> None:
+        size = 0 if frame is None else len(frame)
+        if len(self.items) >= self.MAX_ITEMS or self.bytes + size > self.MAX_BYTES:
+            self.server.recorder.requests += 1
+            self.server.recorder.drops.backlog += 1
+            return
+        self.items.append((src, frames, frame, key, t_read, size))
+        self.bytes += size
+
+    def step(self) -> None:
+        server, items = self.server, self.items
+        for _ in range(min(self.PER_TURN, len(items))):
+            src, frames, frame, key, t_read, size = items.popleft()
+            self.bytes -= size
+            if frame is None:
+                server.recorder.requests += 1
+                reply = server.error_reply(ErrorCode.BAD_ENVELOPE, src.envelope_error(frames))
+            else:
+                reply = server.handle(frame, key, t_read, _clock())
+            if reply is not None:
+                src.answer(frames, reply)

@@ -24,8 +24,9 @@ PEER_IN_BYTES = 32 * MiB  # requests queued from one ROUTER peer (libzmq's pipe)
 PEER_OUT_BYTES = 32 * MiB  # replies queued to one ROUTER peer or one subscriber
 STREAM_IN_BYTES = 64 * MiB  # bins queued on the SUB input (SUB drops beyond: counted as stream_gaps)
 # Queues count messages: a budget / the largest message, but never fewer than a burst of small
-# ones needs (MIN_HWM; the SUB input, which drops beyond its queue, MIN_STREAM_HWM). With the
-# default 2 MiB request cap the budgets decide; a higher --max-request-bytes makes the floors do.
+# ones needs (MIN_HWM; the stream, which drops beyond its queues, MIN_STREAM_HWM: its bins come
+# from the rig, one-bin ones in practice, so its queues hold kilobytes). With the default 2 MiB
+# request cap the budgets decide for the ROUTER; a higher --max-request-bytes makes floors do.
 BULK_BYTES = 64 * MiB  # multi-bin decode requests held by the server, all peers together
 BULK_PEER_BYTES = 32 * MiB  # ... from one peer
 CURVE_OVERHEAD = 33  # a CURVE MESSAGE command adds 33 bytes to the frame libzmq's size check sees
@@ -66,7 +67,7 @@ class Limits:
         request = REQUEST_HEADER_SIZE + bins * 8 * n_channels
         reply = REPLY_HEADER_SIZE + bins * reply_bytes_per_bin
         return cls(bins, request, reply, _hwm(PEER_IN_BYTES, request), _hwm(PEER_OUT_BYTES, reply),
-                   _hwm(STREAM_IN_BYTES, request, MIN_STREAM_HWM), _hwm(PEER_OUT_BYTES, reply))
+                   _hwm(STREAM_IN_BYTES, request, MIN_STREAM_HWM), _hwm(PEER_OUT_BYTES, reply, MIN_STREAM_HWM))
 
     def max_frame_bytes(self, curve: bool = False) -> int:
         """``ZMQ_MAXMSGSIZE``: the largest request, and with CURVE room for its framing (libzmq
@@ -94,6 +95,13 @@ class ControlLimiter:
         self.rate, self.burst, self.max_peers = rate / 1e9, float(burst), max_peers  # rate per ns
         self.notice_ns = notice_ns
         self._buckets: OrderedDict[bytes, list] = OrderedDict()  # key -> [tokens, last time, last notice]
+
+    def silenced(self, key: bytes, now_ns: int, cost: float = 1.0) -> bool:
+        """Whether ``check`` would say DROP now (nothing changes): lets a flood be dropped as it
+        is read, before any other work."""
+        b = self._buckets.get(key)
+        return (b is not None and min(self.burst, b[0] + (now_ns - b[1]) * self.rate) < cost
+                and now_ns - b[2] < self.notice_ns)
 
     def check(self, key: bytes, now_ns: int, cost: float = 1.0) -> int:
         b = self._buckets.get(key)

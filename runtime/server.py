@@ -60,7 +60,7 @@ import zmq
 from runtime import wire
 from runtime.batching import MAX_BATCH, Coalescing
 from runtime.history import StreamTable
-from runtime.lanes import SLICE_NS, BulkLane
+from runtime.lanes import SLICE_NS, BulkLane, LaterLane
 from runtime.limits import CONTROL_COST, CONTROL_RATE, HANDSHAKE_MS, HEARTBEAT_MS, HEARTBEAT_TIMEOUT_MS, ControlLimiter
 from runtime.loaded import Loaded, prepare
 from runtime.recorder import Recorder
@@ -70,6 +70,7 @@ from runtime.waits import BlockingWait, SpinWait
 from schemas.protocol import MAX_BODY_BYTES, ErrorBody, ErrorCode, MsgType, StatsReply
 
 MAX_STREAMS = 1024  # streams whose history the server keeps (--max-streams)
+STATS_MAX_AGE_NS = 100_000_000  # a STATS reuses latency summaries computed this recently (counters are current)
 _RESET = wire.RESET
 _DECODE, _PING, _INFO, _STATS = int(MsgType.DECODE), int(MsgType.PING), int(MsgType.INFO), int(MsgType.STATS)
 _NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
@@ -108,7 +109,7 @@ class Server(Coalescing):
             f"more than {control_rate:g} control requests per second from this peer")).model_dump_json().encode()
         self._install(prepare(engine, MAX_BATCH, warmup, prewarm, self.streaming, max_body_bytes))
         self.streams = StreamTable(engine.history_bins, engine.latent_dim, max_streams)
-        self.lane = BulkLane(self, slice_ns)
+        self.lane, self.later = BulkLane(self, slice_ns), LaterLane(self)
         self._stop = self._reloading = self._reload_asked = False
         self._reload_thread, self._reload_result, self._warms_before = None, None, 0
         self._switch = sys.getswitchinterval()
@@ -226,7 +227,7 @@ class Server(Coalescing):
         elif req.msg_type == _INFO:
             reply = wire.pack_reply(MsgType.INFO_REPLY, req.seq, req.t_client_ns, self._info_for(key))
         elif req.msg_type == _STATS:
-            reply = wire.pack_json_reply(MsgType.STATS_REPLY, req.seq, req.t_client_ns, self.stats())
+            reply = wire.pack_json_reply(MsgType.STATS_REPLY, req.seq, req.t_client_ns, self.stats(STATS_MAX_AGE_NS))
         else:
             counts = req.counts
             stream = self.streams.get(key)
@@ -262,12 +263,14 @@ class Server(Coalescing):
         self.recorder.error(ErrorCode(code).name)
         return wire.pack_error(code, message, seq, t_client)
 
-    def stats(self) -> StatsReply:
+    def stats(self, max_age_ns: int = 0) -> StatsReply:
+        """Counters now; latency summaries at most ``max_age_ns`` old (STATS requests: 100 ms)."""
         t = self.streams
         limits = {**self.model.limits.as_dict(), "control_rate": int(self.limiter.rate * 1e9),
                   "max_streams": t.max_streams}
         return self.recorder.stats(self._warms_before + self.planner.warms, self.busy_poll, self.provider,
-                                   streams=(len(t), t.evicted, t.max_streams), bulk=self.lane.stats(), limits=limits)
+                                   streams=(len(t), t.evicted, t.max_streams), bulk=self.lane.stats(), limits=limits,
+                                   max_age_ns=max_age_ns)
 
     # -- the loop ------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -277,18 +280,20 @@ class Server(Coalescing):
     def run(self) -> None:
         gc.collect()
         gc.freeze()  # objects from start-up never need scanning again: collections stay short
-        wait, serve, lane = self._wait, self._serve, self.lane
+        wait, serve, lane, later = self._wait, self._serve, self.lane, self.later
         while not self._stop:
             if self._reloading:
                 self._reload_turn()
             planner = self.planner
-            ready = wait(planner.due, bool(lane.queues))
+            ready = wait(planner.due, bool(lane.queues or later.items))
             for src in ready:
                 if src.keyed is None:  # ZAP requests, subscriptions: served by the source itself
                     src.serve()
                 else:
                     serve(src)
-            if lane.queues:  # one slice of multi-bin work per turn, after what was ready
+            if later.items:  # a few control replies and errors per turn, after the decodes read
+                later.step()
+            if lane.queues:  # one slice of multi-bin work per turn
                 lane.step()
             elif not ready and planner.due and _clock() >= planner.due:  # nothing came before the planned warm-up
                 planner.warm()
@@ -312,25 +317,37 @@ class Server(Coalescing):
 
     def _answer(self, src, frames: list, t_read: int, t_start: int = 0, route: bool = True) -> None:
         frame = src.request(frames)
+        key = frames[0] if src.keyed else STREAM_KEY
+        if route and (frame is None or len(frame) != self._one_bin.size or self.lane.queues and key in self.lane.queues) \
+                and self._route(src, frames, frame, key, t_read):
+            return
         if frame is None:
             self.recorder.requests += 1
             reply = self.error_reply(ErrorCode.BAD_ENVELOPE, src.envelope_error(frames))
         else:
-            key = frames[0] if src.keyed else STREAM_KEY
-            if route and (self.lane.queues and key in self.lane.queues or self._bulk(frame)):
-                self._to_lane(src, frames, frame, key, t_read)
-                return
             reply = self.handle(frame, key, t_read, t_start)
             if reply is None:
                 return
         src.answer(frames, reply)
 
-    def _bulk(self, frame) -> bool:
-        """A DECODE of other than one bin (the lane's); the one-bin fast path's size says no at once."""
-        if len(frame) == self._one_bin.size or len(frame) < 32:
-            return False
+    def _route(self, src, frames: list, frame, key: bytes, t_read: int) -> bool:
+        """Send a request to a lane (True), or leave it to be answered now: the one-bin fast
+        path's size says so at once; a multi-bin DECODE (or any of a stream with decodes in the
+        multi-bin lane) goes there; anything but a DECODE waits its turn in the later lane."""
+        if frame is None or len(frame) < 32:
+            self.later.add(src, frames, frame, key, t_read)
+            return True
         msg_type, n_bins = _TYPE_BINS.unpack_from(frame)
-        return msg_type == _DECODE and n_bins != 1
+        if msg_type == _DECODE:
+            if n_bins == 1 and not (self.lane.queues and key in self.lane.queues):
+                return False
+            self._to_lane(src, frames, frame, key, t_read)
+        elif msg_type in CONTROL_COST and self.limiter.silenced(key, t_read, CONTROL_COST[msg_type]):
+            self.recorder.requests += 1  # a flood beyond its notice: dropped as it is read
+            self.recorder.drops.rate_limited += 1
+        else:
+            self.later.add(src, frames, frame, key, t_read)
+        return True
 
     def _to_lane(self, src, frames: list, frame, key: bytes, t_read: int) -> None:
         """A DECODE for the multi-bin lane (or of a stream with decodes waiting there): refused
@@ -339,7 +356,7 @@ class Server(Coalescing):
             req = wire.parse_request(frame, self.n_channels, self.model.limits.max_bins)
         except Exception:  # noqa: BLE001 - handle() names the problem
             req = None
-        if req is None or req.msg_type != _DECODE:
+        if req is None:  # handle() names the problem
             reply = self.handle(frame, key, t_read)
             if reply is not None:
                 src.answer(frames, reply)

@@ -270,6 +270,8 @@ class Drops(_Body):
     replies_unroutable: int = Field(0, description="ROUTER replies dropped: the peer had gone")
     rate_limited: int = Field(0, description="control requests beyond their peer's rate left unanswered (the "
                                              "first in each second is answered RATE_LIMITED)")
+    backlog: int = Field(0, description="requests other than decodes dropped unanswered: 4096 (or 16 MiB) of "
+                                        "them were already waiting for their turn")
 
 
 class Bulk(_Body):

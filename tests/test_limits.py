@@ -57,7 +57,7 @@ def test_limits_follow_from_byte_budgets():
     assert lim.max_request_bytes == 32 + 1506 * 8 * 174 == wire.max_request_bytes(174, 1506) <= (2 << 20) + 32
     assert lim.max_reply_bytes == 56 + 1506 * 1236
     # 32 MiB / ~2 MB per ROUTER peer either way; 64 MiB of bins on the SUB input (its floor)
-    assert (lim.router_rcvhwm, lim.router_sndhwm, lim.sub_rcvhwm, lim.pub_sndhwm) == (16, 18, 64, 18)
+    assert (lim.router_rcvhwm, lim.router_sndhwm, lim.sub_rcvhwm, lim.pub_sndhwm) == (16, 18, 64, 64)
     assert lim.max_frame_bytes() == lim.max_request_bytes and lim.max_frame_bytes(curve=True) == lim.max_request_bytes + 33
     small = Limits.of(6, 68)
     assert small.router_rcvhwm == (32 << 20) // small.max_request_bytes and small.max_bins == MAX_BINS
