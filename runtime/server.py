@@ -7,8 +7,10 @@ One thread, one engine, two ways in:
 - streaming (``--sub`` and ``--pub``): bins arriving on a SUB socket are decoded and the reply
   frames published on an XPUB socket.
 
-Every frame gets exactly one reply (a refused envelope too, to its identity alone); a bad
-request gets an ERROR reply naming the problem and nothing a client sends can stop the loop.
+Every frame gets exactly one reply (a refused envelope too, to its identity alone), except
+control requests beyond their peer's rate after that second's RATE_LIMITED notice, and those
+dropped when 4096 non-decodes already wait; a bad request gets an ERROR reply naming the
+problem and nothing a client sends can stop the loop.
 The hot path (one float32 bin of the bundle's width, recognised by ``wire.OneBinRequests``) is
 one look-up of the sender's stream, one engine call (which copies the stream's history in), one
 join into the reply frame and one write into the ``Recorder``'s rings of times; everything else
@@ -17,8 +19,9 @@ join into the reply frame and one write into the ``Recorder``'s rings of times; 
 The loop (``Server.run``) asks its wait strategy (runtime/waits.py) for the sources that may
 have input (runtime/sources.py: the ROUTER, the SUB input, the XPUB's subscriptions, the CURVE
 handshakes' ZAP requests) and serves each; ``_serve`` reads one message and, when more are
-queued behind it, drains up to ``MAX_BATCH`` (runtime/batching.py: one-bin decodes share engine
-calls, each stream's bins in order). Then, once per turn, one slice of pending multi-bin work
+queued behind it, drains up to ``MAX_BATCH`` one-bin decodes (runtime/batching.py: they share
+engine calls, each stream's bins in order). Then, once per turn, a few requests that are not
+decodes (controls, errors: the later lane) and one slice of pending multi-bin work
 (runtime/lanes.py): a multi-bin DECODE is never decoded where it is read but in slices of about
 0.5 ms between turns, so a one-bin request waits behind at most one slice of bulk work. The
 closed loop comes first. Pre-warming is runtime/prewarm.py's planner; framing is in
@@ -44,8 +47,8 @@ Reload (SIGHUP, ``request_reload``): the loader (``BundleDecoder`` of the path g
 with the same trusted keys) runs on a thread while the old bundle keeps serving; the loop
 switches between two requests, or keeps the old bundle if loading failed. Streams keep their
 histories when the new bundle's window and latent sizes are the same, else all start afresh
-(their next reply says RESET_APPLIED). Multi-bin work already begun finishes on
-the bundle it began on.
+(their next reply says RESET_APPLIED). Multi-bin work already begun finishes on the bundle it
+began on.
 """
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from pathlib import Path
 
 
 def serve_command(args) -> int:
@@ -32,6 +33,8 @@ def serve_command(args) -> int:
 
     if bool(args.curve_secret) != bool(args.allow):
         raise ValueError("CURVE needs both --curve-secret (this server's key pair) and --allow (clients' public keys)")
+    if args.curve_secret and Path(args.bundle).resolve() in Path(args.curve_secret).resolve().parents:
+        raise ValueError(f"{args.curve_secret} lies inside the bundle {args.bundle}: keep keys out of bundles")
     curve = CurveServer.from_files(args.curve_secret, args.allow) if args.curve_secret else None
     trusted = [load_public_key(p) for p in args.trust] if args.trust else None
 
