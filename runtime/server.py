@@ -98,10 +98,13 @@ class Server(Coalescing):
             raise ValueError("streaming needs both --sub (where bins come from) and --pub (where decodes go)")
         if bind is None and sub is None:
             raise ValueError("nothing to serve: give a ROUTER endpoint, or --sub and --pub")
-        exposed = [ep for ep in (bind, pub, sub) if ep is not None and not is_local(ep)]
+        exposed = [ep for ep in (bind, pub) if ep is not None and not is_local(ep)]
         if exposed and curve is None and not insecure:
             raise ValueError(f"{', '.join(exposed)} can be reached from other machines: serve with CURVE "
                              f"(--curve-secret and --allow; swapvae keygen curve NAME), or say --insecure")
+        if sub is not None and not is_local(sub) and sub_server_key is None and not insecure:
+            raise ValueError(f"--sub {sub} is on another machine: give its publisher's CURVE key (--sub-server-key, "
+                             f"with --curve-secret), or say --insecure")
         if sub_server_key is not None and curve is None:
             raise ValueError("a CURVE key for the --sub publisher needs this server's own keys (--curve-secret)")
         self.busy_poll, self.provider, self.streaming = busy_poll, provider, sub is not None

@@ -194,6 +194,8 @@ def test_control_requests_are_rate_limited_per_peer():
 def test_info_has_the_training_details_only_for_local_or_authenticated_peers():
     with pytest.raises(ValueError, match="can be reached from other machines"):
         Server(FakeEngine(), bind="tcp://0.0.0.0:*", warmup=0)
+    with pytest.raises(ValueError, match="is on another machine"):
+        Server(FakeEngine(), bind=None, sub="tcp://10.0.0.1:6000", pub="tcp://127.0.0.1:*", warmup=0)
     for bind, full in (("tcp://127.0.0.1:*", True), ("tcp://0.0.0.0:*", False)):
         s = Server(FakeEngine(), bind=bind, warmup=0, insecure=not full)
         c = _dealer(s.endpoints["router"].replace("0.0.0.0", "127.0.0.1"))
