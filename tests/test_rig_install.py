@@ -31,9 +31,7 @@ import pytest
 
 from deploy_files import DEPLOY, Served, unit_command
 
-CHEWIE = next((p / "shared/data/reaching/chewie-2013-10-03.npz" for p in Path(__file__).resolve().parents
-               if (p / "shared/data/reaching/chewie-2013-10-03.npz").exists()),
-              Path(__file__).resolve().parents[2] / "shared/data/reaching/chewie-2013-10-03.npz")
+from conftest import CHEWIE  # noqa: E402  (tests/ is on sys.path)
 # A small model, a few seconds on two cores: the bar is that the rig reproduces the offline
 # scores of whatever bundle it gets, not the model's accuracy.
 CHEWIE_CONFIG = {
