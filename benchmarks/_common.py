@@ -13,7 +13,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks run as scripts from anywhere
-CHEWIE = (ROOT / "../shared/data/reaching/chewie-2013-10-03.npz").resolve()
+# The shared data lie beside the checkout (or a level further up, for a worktree): the nearest one up.
+CHEWIE = next((p / "shared/data/reaching/chewie-2013-10-03.npz" for p in ROOT.parents
+               if (p / "shared/data/reaching/chewie-2013-10-03.npz").exists()),
+              ROOT.parent / "shared/data/reaching/chewie-2013-10-03.npz")
 
 
 def cpu_name() -> str:

@@ -11,7 +11,7 @@ vector of one bin to the same outputs:
     engine ORT call   its bound ORT call alone: what decode() adds on top is the rest
     engine after warm()  decode() right after an untimed warm() (differs only with gaps)
     ORT defaults      decode.onnx, default SessionOptions, session.run(None, feed)
-    ORT 3 graphs      encoder.onnx -> decoder.onnx + readout.onnx, defaults: unfused
+    ORT 3 graphs      encoder.onnx -> decoder.onnx + readout.onnx (on the window), defaults: unfused
     torch eager       the torch model (BatchNorm unfolded) + the numpy readout (_common.TorchEngine)
 
 Each is timed in a tight loop and with a gap between calls (a server waiting for the next
@@ -44,15 +44,20 @@ def variants(bundle: Path, run: Path | None, x: np.ndarray) -> dict:
     out = {"engine": lambda: dec.decode(x), "engine ORT call": lambda: dec._run(dec._bound, None),
            "engine after warm()": (lambda: dec.decode(x), dec.warm)}
     x2 = x[None]
+    k, d = dec.history_bins, dec.latent_dim
+    feed = {"counts": x2}
+    if k > 1:  # the stream's history, as the engine passes it
+        feed.update(history=np.zeros((1, (k - 1) * d), np.float32), first=np.zeros((1, 1), bool))
     default = ort.InferenceSession(str(bundle / "decode.onnx"), providers=["CPUExecutionProvider"])
-    out["ORT defaults"] = lambda: default.run(None, {"counts": x2})
+    out["ORT defaults"] = lambda: default.run(None, feed)
     enc, de, ro = (ort.InferenceSession(str(bundle / f"{n}.onnx"), providers=["CPUExecutionProvider"])
                    for n in ("encoder", "decoder", "readout"))
+    past = np.zeros((1, (k - 1) * d), np.float32)
 
     def three():
         c, mu, _ = enc.run(None, {"counts": x2})
         z = np.concatenate([c, mu], axis=1)
-        return de.run(None, {"latent": z}), ro.run(None, {"latent": z})
+        return de.run(None, {"latent": z}), ro.run(None, {"window": np.concatenate([z, past], axis=1)})
     out["ORT 3 graphs"] = three
     if run is not None:
         out["torch eager"] = partial(TorchEngine(run).decode, x2)

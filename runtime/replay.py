@@ -102,10 +102,11 @@ def percentiles_us(ns: np.ndarray) -> dict[str, float]:
 
 
 def replay(bundle: str | Path, session: Session, endpoint: str, rate: float = 0.0, timeout_ms: int = 1000,
-           wait_s: float = 30.0) -> dict:
+           wait_s: float = 30.0, keep_times: bool = False) -> dict:
     """Stream the test bins of ``session`` through the service at ``endpoint``; scores and latencies.
 
-    Waits up to ``wait_s`` for the service to answer, so a script can start both at once."""
+    Waits up to ``wait_s`` for the service to answer, so a script can start both at once.
+    ``keep_times``: also return every request's times, ns (``times_ns``: round_trip, server, queue)."""
     manifest = read_manifest(bundle)
     bins = replay_bins(manifest, session)
     with Client(endpoint, timeout_ms=timeout_ms) as client:
@@ -143,19 +144,35 @@ def replay(bundle: str | Path, session: Session, endpoint: str, rate: float = 0.
             angle[i], velocity[i] = out.angle[0], out.velocity[0]
             rtt[i], server[i], queue[i] = out.rtt_ns, out.server_ns, out.queue_ns
         elapsed = time.perf_counter() - start
-    return {**scores(angle, velocity, bins), "latency_us": percentiles_us(rtt), "server_us": percentiles_us(server),
-            "queue_us": percentiles_us(queue), "bins_per_s": n / elapsed, "rate_hz": rate, "endpoint": endpoint,
-            "session": bins.session}
+    r = {**scores(angle, velocity, bins), "latency_us": percentiles_us(rtt), "server_us": percentiles_us(server),
+         "queue_us": percentiles_us(queue), "bins_per_s": n / elapsed, "rate_hz": rate, "endpoint": endpoint,
+         "session": bins.session}
+    if keep_times:
+        r["times_ns"] = {"round_trip": rtt, "server": server, "queue": queue}
+    return r
 
 
 def replay_command(args, load_session) -> int:
     """``load_session(data, min_trials)``: how the command reads ``--data`` (swapvae.cli)."""
+    plot = getattr(args, "plot", None)
+    if plot:
+        from runtime.latency_plot import require_matplotlib
+
+        require_matplotlib()  # before streaming anything
     manifest = read_manifest(args.bundle)
     require_readout(manifest)  # before loading any data
     data = args.data or manifest.training.data
     if data is None:
         raise ValueError(f"{args.bundle}: the manifest does not say which data it was trained on; pass --data")
-    r = replay(args.bundle, load_session(data), args.endpoint, args.rate)
+    r = replay(args.bundle, load_session(data), args.endpoint, args.rate, keep_times=bool(plot))
+    if plot:
+        from runtime.latency_plot import latency_histogram
+
+        t = r.pop("times_ns")
+        pace = f"{r['rate_hz']:g} Hz" if r["rate_hz"] else "back to back"
+        latency_histogram({"round trip": t["round_trip"], "in server": t["server"]}, plot,
+                          f"replay of {r['session']} ({r['n_bins']} bins, {pace}) via {r['endpoint']}")
+        r["plot"] = str(plot)
     if args.json:
         print(json.dumps(r))
         return 0
@@ -167,4 +184,6 @@ def replay_command(args, load_session) -> int:
           f"velocity R^2 {r['velocity_r2']:.3f} (vx {r['velocity_r2_vx']:.3f}, vy {r['velocity_r2_vy']:.3f}) on all")
     print(f"round trip  p50 {lat['p50']:7.1f}  p99 {lat['p99']:7.1f}  p99.9 {lat['p999']:7.1f}  max {lat['max']:7.1f} us")
     print(f"server      p50 {srv['p50']:7.1f}  p99 {srv['p99']:7.1f}  p99.9 {srv['p999']:7.1f}  max {srv['max']:7.1f} us")
+    if plot:
+        print(f"latency histogram: {plot}")
     return 0

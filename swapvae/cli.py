@@ -80,8 +80,27 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--endpoint", default="tcp://127.0.0.1:5555")
     r.add_argument("--rate", type=float, default=0.0, help="bins per second (0: back to back)")
     r.add_argument("--json", action="store_true")
+    r.add_argument("--plot", metavar="PNG", help="write a histogram of the round trips and in-server times "
+                                                 "(needs matplotlib)")
     _nwb_options(r)
     r.set_defaults(run="swapvae.cli:replay_command")
+
+    v = sub.add_parser("verify", help="load a bundle as the server would and print what it holds")
+    v.add_argument("bundle")
+    v.add_argument("--trust", action="append", metavar="PUBKEY",
+                   help="require a signature by this Ed25519 public key, as serve --trust (repeatable)")
+    v.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    v.add_argument("--endpoint", help="also wait until the service at this endpoint serves this bundle")
+    v.add_argument("--wait", type=float, default=10.0, metavar="SECONDS", help="how long --endpoint waits (10)")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(run="runtime.admin:verify_command")
+
+    st = sub.add_parser("stats", help="print a running service's STATS reply")
+    st.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5555",
+                    help="the service's ROUTER endpoint (default tcp://127.0.0.1:5555)")
+    st.add_argument("--json", action="store_true", help="the reply as one JSON object")
+    st.add_argument("--timeout-ms", type=int, default=1000, help="give up after this long (1000)")
+    st.set_defaults(run="runtime.admin:stats_command")
 
     k = sub.add_parser("keygen", help="write a key pair (sign: NAME.key private and NAME.pub; curve: NAME.key_secret "
                                       "private and NAME.key public); private files mode 0600, never overwritten")

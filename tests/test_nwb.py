@@ -12,10 +12,7 @@ from swapvae.cli import main as cli
 from training.data import load_session
 from training.nwb import bin_spikes
 
-# shared/ lies beside the checkout (a worktree may sit a level deeper): the nearest one up
-CHEWIE = next((p / "shared/data/reaching/chewie-2013-10-03.npz" for p in Path(__file__).resolve().parents
-               if (p / "shared/data/reaching/chewie-2013-10-03.npz").exists()),
-              Path(__file__).resolve().parents[2] / "shared/data/reaching/chewie-2013-10-03.npz")
+from conftest import CHEWIE  # noqa: E402  (tests/ is on sys.path)
 LABELS = {"target_column": "target", "velocity_series": "hand_velocity"}
 FAST = {"device": "cpu", "model": {"content_dim": 4, "style_dim": 4, "hidden": ["d", 16]},
         "optim": {"epochs": 2, "batch_size": 64, "cpu_threads": 1},

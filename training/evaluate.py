@@ -228,10 +228,6 @@ def readout_scores(z_train, z_test, split: Split, cfg: ReadoutConfig) -> tuple[R
     return readout, acc, dacc
 
 
-def raw_rates(session: Session, neurons: np.ndarray) -> np.ndarray:
-    return session.counts[:, neurons] / session.bin_size_s
-
-
 def representation_metrics(represent, split: Split, neurons: np.ndarray, cfg: ReadoutConfig,
                            seed: int = 0) -> tuple[dict, ReadoutFit]:
     """The product readout and the per-bin protocol on one representation ``represent(counts)``

