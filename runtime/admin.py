@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.bundle import SIGNATURE, key_id, load_public_key
-from runtime.client import Client, ServiceError, ServiceTimeout
+from runtime.client import Client, ServiceError, ServiceTimeout, curve_options
 from schemas.manifest import BundleManifest
 from schemas.protocol import LatencySummary, StatsReply
 
@@ -71,14 +71,14 @@ def bundle_summary(bundle: str | Path, provider: str = "cpu", trust: list[str] |
     }, m
 
 
-def served_by(endpoint: str, manifest: BundleManifest, wait_s: float, timeout_ms: int = 1000) -> None:
+def served_by(endpoint: str, manifest: BundleManifest, wait_s: float, timeout_ms: int = 1000, **curve) -> None:
     """Return once the service at ``endpoint`` serves the bundle of ``manifest`` (INFO's
     manifest equals it: the same files, and the same export, since two exports of one run
     differ in ``created_utc``); RuntimeError after ``wait_s`` (saying what it serves instead)."""
     want = json.loads(manifest.model_dump_json())
     deadline = time.monotonic() + wait_s
     last = "no reply"
-    with Client(endpoint, timeout_ms=timeout_ms) as client:
+    with Client(endpoint, timeout_ms=timeout_ms, **curve) as client:
         while True:
             try:
                 info = client.info()
@@ -95,7 +95,7 @@ def served_by(endpoint: str, manifest: BundleManifest, wait_s: float, timeout_ms
 def verify_command(args) -> int:
     s, manifest = bundle_summary(args.bundle, args.provider, args.trust)
     if args.endpoint:
-        served_by(args.endpoint, manifest, args.wait)
+        served_by(args.endpoint, manifest, args.wait, **curve_options(args))
     if args.json:
         print(json.dumps(s))
         return 0
@@ -117,10 +117,10 @@ def verify_command(args) -> int:
 
 
 # -- stats ---------------------------------------------------------------------------------------
-def stats(endpoint: str, timeout_ms: int = 1000) -> StatsReply:
+def stats(endpoint: str, timeout_ms: int = 1000, **curve) -> StatsReply:
     """The STATS reply of the service at ``endpoint``; RuntimeError, in one line, without one."""
     try:
-        with Client(endpoint, timeout_ms=timeout_ms) as c:
+        with Client(endpoint, timeout_ms=timeout_ms, **curve) as c:
             return c.stats()
     except ServiceTimeout:
         raise RuntimeError(f"no reply from {endpoint} within {timeout_ms} ms (is the service running there?)") from None
@@ -160,6 +160,6 @@ def format_stats(s: StatsReply, endpoint: str) -> str:
 
 
 def stats_command(args) -> int:
-    s = stats(args.endpoint, args.timeout_ms)
+    s = stats(args.endpoint, args.timeout_ms, **curve_options(args))
     print(s.model_dump_json() if args.json else format_stats(s, args.endpoint))
     return 0

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.client import Client, ServiceTimeout
+from runtime.client import Client, ServiceTimeout, curve_options
 from runtime.reach import r2_scores, reach_scores
 from schemas.manifest import MANIFEST, BundleManifest
 from schemas.session import Session, split_session
@@ -102,14 +102,15 @@ def percentiles_us(ns: np.ndarray) -> dict[str, float]:
 
 
 def replay(bundle: str | Path, session: Session, endpoint: str, rate: float = 0.0, timeout_ms: int = 1000,
-           wait_s: float = 30.0, keep_times: bool = False) -> dict:
+           wait_s: float = 30.0, keep_times: bool = False, **curve) -> dict:
     """Stream the test bins of ``session`` through the service at ``endpoint``; scores and latencies.
 
     Waits up to ``wait_s`` for the service to answer, so a script can start both at once.
-    ``keep_times``: also return every request's times, ns (``times_ns``: round_trip, server, queue)."""
+    ``keep_times``: also return every request's times, ns (``times_ns``: round_trip, server, queue);
+    ``curve``: the Client's CURVE keywords (server_key, client_secret)."""
     manifest = read_manifest(bundle)
     bins = replay_bins(manifest, session)
-    with Client(endpoint, timeout_ms=timeout_ms) as client:
+    with Client(endpoint, timeout_ms=timeout_ms, **curve) as client:
         deadline = time.monotonic() + wait_s
         while True:
             try:
@@ -164,7 +165,8 @@ def replay_command(args, load_session) -> int:
     data = args.data or manifest.training.data
     if data is None:
         raise ValueError(f"{args.bundle}: the manifest does not say which data it was trained on; pass --data")
-    r = replay(args.bundle, load_session(data), args.endpoint, args.rate, keep_times=bool(plot))
+    r = replay(args.bundle, load_session(data), args.endpoint, args.rate, keep_times=bool(plot),
+               **curve_options(args))
     if plot:
         from runtime.latency_plot import latency_histogram
 

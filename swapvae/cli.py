@@ -9,6 +9,14 @@ import importlib
 import sys
 
 
+def _curve_client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server-key", metavar="KEY",
+                   help="CURVE: the service's public key (its NAME.key file or the Z85 text); with --client-secret")
+    p.add_argument("--client-secret", metavar="FILE",
+                   help="CURVE: this client's key pair (NAME.key_secret from 'swapvae keygen curve NAME'), "
+                        "on the service's --allow list")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="swapvae", description="Swap-VAE training and real-time decoding")
     sub = p.add_subparsers(dest="command", required=True)
@@ -82,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true")
     r.add_argument("--plot", metavar="PNG", help="write a histogram of the round trips and in-server times "
                                                  "(needs matplotlib)")
+    _curve_client_options(r)
     _nwb_options(r)
     r.set_defaults(run="swapvae.cli:replay_command")
 
@@ -93,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--endpoint", help="also wait until the service at this endpoint serves this bundle")
     v.add_argument("--wait", type=float, default=10.0, metavar="SECONDS", help="how long --endpoint waits (10)")
     v.add_argument("--json", action="store_true")
+    _curve_client_options(v)
     v.set_defaults(run="runtime.admin:verify_command")
 
     st = sub.add_parser("stats", help="print a running service's STATS reply")
@@ -100,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="the service's ROUTER endpoint (default tcp://127.0.0.1:5555)")
     st.add_argument("--json", action="store_true", help="the reply as one JSON object")
     st.add_argument("--timeout-ms", type=int, default=1000, help="give up after this long (1000)")
+    _curve_client_options(st)
     st.set_defaults(run="runtime.admin:stats_command")
 
     k = sub.add_parser("keygen", help="write a key pair (sign: NAME.key private and NAME.pub; curve: NAME.key_secret "

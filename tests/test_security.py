@@ -113,3 +113,13 @@ def test_a_bind_other_machines_reach_needs_curve_or_insecure(tiny_bundle):
             assert c.decode(np.ones(120, np.float32)).angle.shape == (1,)
     finally:
         svc.stop()
+
+
+def test_operator_commands_take_the_clients_curve_keys(secure, keys, capsys):
+    alice = ["--server-key", str(keys / "server.key"), "--client-secret", str(keys / "allow" / "alice.key_secret")]
+    assert main(["stats", secure.endpoint, "--json", *alice]) == 0
+    assert '"requests"' in capsys.readouterr().out
+    assert main(["stats", secure.endpoint, "--timeout-ms", "300"]) == 2  # no keys: no reply at all
+    assert "no reply" in capsys.readouterr().err
+    assert main(["stats", secure.endpoint, "--server-key", str(keys / "server.key")]) == 2  # half a pair
+    assert "CURVE needs both" in capsys.readouterr().err
