@@ -20,7 +20,8 @@
 # SWAPVAE_ENV (/etc/swapvae/serve.env), SWAPVAE_BIN (/opt/swapvae/venv/bin/swapvae),
 # SWAPVAE_SYSTEMCTL (systemctl; empty: no reload), SWAPVAE_SERVICE (swapvae-serve),
 # SWAPVAE_CHECK_ENDPOINT (where to see the switch; default: SWAPVAE_BIND on loopback; empty:
-# no check), SWAPVAE_CHECK_WAIT (seconds, 30).
+# no check), SWAPVAE_CHECK_WAIT (seconds, 30). From serve.env: SWAPVAE_CHECK_KEYS (for a
+# service with CURVE: "SERVER_PUBLIC_KEY CLIENT_KEY_SECRET", a key pair on its --allow list).
 set -euo pipefail
 
 ROOT=${SWAPVAE_ROOT:-}
@@ -65,6 +66,14 @@ if [ -z "${SWAPVAE_CHECK_ENDPOINT+set}" ]; then  # where a client reaches the se
   SWAPVAE_CHECK_ENDPOINT=${SWAPVAE_CHECK_ENDPOINT/\/\/0.0.0.0:/\/\/127.0.0.1:}
 fi
 
+check_args=()  # the check is a client of the service: with CURVE, one it lets in
+if [ -n "${SWAPVAE_CHECK_KEYS:-}" ]; then
+  read -r server_key client_secret extra <<< "$SWAPVAE_CHECK_KEYS"
+  [ -n "${client_secret:-}" ] && [ -z "${extra:-}" ] ||
+    die "SWAPVAE_CHECK_KEYS is \"SERVER_PUBLIC_KEY CLIENT_KEY_SECRET\", two paths: got '$SWAPVAE_CHECK_KEYS'"
+  check_args=(--server-key "$ROOT$server_key" --client-secret "$ROOT$client_secret")
+fi
+
 served() { [ -L "$LINK" ] && readlink "$LINK" || echo "(none)"; }
 
 # Point LINK at bundles/$1 in one rename.
@@ -85,7 +94,8 @@ reload() {  # $1: the bundle now linked, $2: the one before (may be empty)
   fi
   "$SYSTEMCTL" reload "$SERVICE"
   [ -n "$SWAPVAE_CHECK_ENDPOINT" ] || { say "reloaded $SERVICE (not checked: SWAPVAE_CHECK_ENDPOINT is empty)"; return 0; }
-  if "$SWAPVAE" verify "$LINK" "${verify_args[@]}" --endpoint "$SWAPVAE_CHECK_ENDPOINT" --wait "$WAIT" >/dev/null; then
+  if "$SWAPVAE" verify "$LINK" "${verify_args[@]}" --endpoint "$SWAPVAE_CHECK_ENDPOINT" --wait "$WAIT" \
+       "${check_args[@]}" >/dev/null; then
     say "$SERVICE serves $1"
     return 0
   fi

@@ -11,7 +11,7 @@
 #   /opt/swapvae/bundles      root-owned; bundles are installed by install-bundle.sh
 #   /opt/swapvae/bin/install-bundle.sh
 #   /etc/swapvae/serve.env    the service's settings (copied once from deploy/serve.env)
-#   /etc/swapvae/keys         root:swapvae 0750: trusted public keys (and, later, CURVE keys)
+#   /etc/swapvae/keys         root:swapvae 0750: trusted public keys and CURVE keys
 #   /etc/systemd/system/swapvae-serve.service, then systemctl daemon-reload
 # Network: pip's index only (or SWAPVAE_PIP_ARGS="--no-index --find-links /path/to/wheels").
 #

@@ -217,6 +217,36 @@ def test_install_bundle_reloads_and_points_back_when_the_service_keeps_the_old_b
     assert log.read_text().split("\n").count("reload swapvae-serve") == 2
 
 
+def test_install_bundle_checks_a_curve_service_with_the_check_keys(tiny_bundle, tmp_path):
+    """With CURVE on, the upgrade check is a client like any other: without a listed key pair
+    it sees no reply (and fails), with SWAPVAE_CHECK_KEYS it sees the switch."""
+    from swapvae.cli import main
+
+    root = _rig_root(tmp_path / "root")
+    keys = root / "etc/swapvae/keys"
+    (keys / "clients").mkdir()
+    for name in ("server", "clients/admin"):
+        assert main(["keygen", "curve", str(keys / name)]) == 0
+    fake = tmp_path / "systemctl"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    argv = [SWAPVAE, "serve", str(tiny_bundle), "--bind", "tcp://127.0.0.1:*",
+            "--curve-secret", str(keys / "server.key_secret"), "--allow", str(keys / "clients")]
+    with Served(argv) as served:
+        env = {"SWAPVAE_SYSTEMCTL": str(fake), "SWAPVAE_CHECK_ENDPOINT": served.endpoint, "SWAPVAE_CHECK_WAIT": "1"}
+        unkeyed = _run_script(INSTALL_BUNDLE, str(tiny_bundle), root=root, **env)
+        assert unkeyed.returncode == 1 and "did not switch" in unkeyed.stderr
+        settings = root / "etc/swapvae/serve.env"  # where the rig keeps them
+        text = settings.read_text()
+        settings.write_text(text.replace('SWAPVAE_CHECK_KEYS=""', 'SWAPVAE_CHECK_KEYS="/etc/swapvae/keys/server.key '
+                                                                  '/etc/swapvae/keys/clients/admin.key_secret"'))
+        keyed = _run_script(INSTALL_BUNDLE, str(tiny_bundle), root=root, **env)
+        assert keyed.returncode == 0 and "swapvae-serve serves" in keyed.stdout, keyed.stderr
+        settings.write_text(text.replace('SWAPVAE_CHECK_KEYS=""', 'SWAPVAE_CHECK_KEYS="/etc/server.key"'))
+        half = _run_script(INSTALL_BUNDLE, str(tiny_bundle), root=root, **env)
+        assert half.returncode == 1 and "two paths" in half.stderr
+
+
 # -- operator commands ---------------------------------------------------------------------------
 def _swapvae(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([SWAPVAE, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
