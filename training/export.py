@@ -173,8 +173,12 @@ def _versions() -> dict[str, str]:
 
 def export_command(args) -> int:
     m = export_bundle(args.run_dir, args.out, opset=args.opset, weights=args.weights, sign=args.sign)
+    r = m.readout
+    readout = ("no readout (no reach labels): latents and rates" if r is None else
+               f"{len(r.direction.classes)} directions{' and velocity' if r.velocity else ''} from the last "
+               f"{r.history_bins} bins")
     print(f"bundle written to {args.out}: {m.n_channels} channels in ({m.n_neurons} kept), "
-          f"latent {m.content_dim}+{m.style_dim}, {m.n_classes} directions, opset {m.opset}, {m.weights} weights")
+          f"latent {m.content_dim}+{m.style_dim}, {readout}, opset {m.opset}, {m.weights} weights")
     q = m.quantization
     if q is None:
         print(f"verified against the torch model within {TOL:g}")
