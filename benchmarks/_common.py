@@ -1,5 +1,5 @@
-"""What the benchmarks share: the Chewie-1 path, the machine they ran on, a default-size
-model exported to a bundle, and that model decoded by torch eagerly (the naive alternative
+"""What the benchmarks share: the Chewie-1 path, the machine they ran on, where results go, a
+default-size model exported to a bundle, and that model decoded by torch eagerly (the naive alternative
 the runtime is measured against)."""
 from __future__ import annotations
 
@@ -27,6 +27,15 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def write_result(path: str | Path, result: dict) -> Path:
+    """Write a benchmark's JSON result (its folder made as needed) and say where."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"written to {out}")
+    return out
 
 
 def build_bundle(workdir: Path, d: int = 174, weights: str = "fp32") -> tuple[Path, Path]:

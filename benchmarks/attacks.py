@@ -37,6 +37,8 @@ import os
 import shutil
 import signal
 import socket
+import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -44,22 +46,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+import zmq
 
-from _common import ROOT, build_bundle, cpu_name  # benchmarks/ is on sys.path when run as a script
+from _common import ROOT, build_bundle, cpu_name, write_result  # benchmarks/ is on sys.path when run as a script
+from runtime import wire  # noqa: E402
+from runtime.client import Client  # noqa: E402
+from runtime.wire import SERVER_NS_OFFSET, RequestBuffer  # noqa: E402
+from schemas.protocol import MsgType  # noqa: E402
 from soak import RssSampler, ServiceProc  # noqa: E402
 
 SCENARIOS = ("hol", "bulk_load", "stats_flood", "multipart", "envelope", "slow_reader", "slow_subscriber",
              "idle_conns")
 
 
-def _zmq():
-    import zmq
-
-    return zmq
-
-
 def _dealer(endpoint: str, **opts):
-    zmq = _zmq()
     s = zmq.Context.instance().socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.RCVTIMEO, 10_000)
@@ -80,8 +80,6 @@ class ClosedLoop(threading.Thread):
 
     def __init__(self, endpoint: str, n_channels: int, rate: float = 1000.0):
         super().__init__(daemon=True)
-        from runtime.wire import RequestBuffer
-
         self.sock, self.buf, self.rate = _dealer(endpoint), RequestBuffer(n_channels), rate
         self.buf.counts[:] = np.random.default_rng(0).poisson(2.0, n_channels)
         self.phase, self.samples, self.stop_at, self.lost = "warmup", [], None, 0
@@ -89,10 +87,6 @@ class ClosedLoop(threading.Thread):
     rt = False  # run the loop SCHED_FIFO (as a rig's real-time loop would)
 
     def run(self) -> None:
-        import struct
-
-        from runtime.wire import SERVER_NS_OFFSET
-
         if self.rt:
             os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))  # this thread only
 
@@ -134,8 +128,6 @@ def _phases(loop: ClosedLoop, attack_on, attack_off, seconds: float, rounds: int
 
 
 def _stats(endpoint: str) -> dict:
-    from runtime.client import Client
-
     with Client(endpoint, timeout_ms=5000) as c:
         return json.loads(c.stats().model_dump_json())
 
@@ -143,10 +135,6 @@ def _stats(endpoint: str) -> dict:
 # -- scenarios -------------------------------------------------------------------------------------
 
 def hol(svc: ServiceProc, info, args) -> dict:
-    from runtime import wire
-    from schemas.protocol import MsgType
-
-    zmq = _zmq()
     rng = np.random.default_rng(0)
     big = wire.pack_request(MsgType.DECODE, 0, 0, rng.poisson(2.0, (1024, info["n_channels"])).astype(np.float32))
     one = wire.pack_request(MsgType.DECODE, 99, 0, np.ones(info["n_channels"], np.float32))
@@ -189,8 +177,6 @@ class Load:
     server's cores; and no GIL shared with the closed loop), switched on and off by signals."""
 
     def __init__(self, kind: str, endpoint: str, info: dict):
-        import subprocess
-
         self.p = subprocess.Popen(["nice", "-n", "10", sys.executable, __file__, "--_load", kind, "--_endpoint",
                                    endpoint, "--_info", json.dumps(info)], stdout=subprocess.PIPE, text=True,
                                   cwd=ROOT)
@@ -210,10 +196,6 @@ class Load:
 
 
 def _run_load(kind: str, endpoint: str, info: dict) -> None:
-    from runtime import wire
-    from schemas.protocol import MsgType
-
-    zmq = _zmq()
     state = {"on": False, "quit": False}
     signal.signal(signal.SIGUSR1, lambda *_: state.update(on=True))
     signal.signal(signal.SIGUSR2, lambda *_: state.update(on=False))
@@ -290,9 +272,6 @@ def stats_flood(svc: ServiceProc, info, args) -> dict:
 
 
 def _memory_attack(svc: ServiceProc, info, frames: list) -> dict:
-    from runtime import wire
-    from schemas.protocol import MsgType
-
     idle = svc.memory()["VmRSS"]
     sampler = RssSampler(svc, 0.005)
     sampler.start()
@@ -326,18 +305,11 @@ def multipart(svc, info, args) -> dict:
 
 
 def envelope(svc, info, args) -> dict:
-    from runtime import wire
-    from schemas.protocol import MsgType
-
     good = wire.pack_request(MsgType.DECODE, 1, 0, np.ones(info["n_channels"], np.float32))
     return _memory_attack(svc, info, [bytes(1_000_000)] * 999 + [b"", good])
 
 
 def slow_reader(svc, info, args) -> dict:
-    from runtime import wire
-    from schemas.protocol import MsgType
-
-    zmq = _zmq()
     idle = svc.memory()["VmRSS"]
     sampler = RssSampler(svc)
     sampler.start()
@@ -361,10 +333,6 @@ def slow_reader(svc, info, args) -> dict:
 
 
 def slow_subscriber(svc, info, args) -> dict:
-    from runtime import wire
-    from schemas.protocol import MsgType
-
-    zmq = _zmq()
     ctx = zmq.Context.instance()
     idle = svc.memory()["VmRSS"]
     sub = ctx.socket(zmq.SUB)
@@ -393,8 +361,6 @@ def slow_subscriber(svc, info, args) -> dict:
 
 
 def idle_conns(svc, info, args) -> dict:
-    from runtime.client import Client
-
     host, port = svc.endpoint.rsplit("//", 1)[1].rsplit(":", 1)
     conns = []
     for _ in range(300):
@@ -420,7 +386,6 @@ def idle_conns(svc, info, args) -> dict:
 # -- running them ------------------------------------------------------------------------------------
 
 def run_scenario(name: str, bundle: Path, tree: Path, args) -> dict:
-    zmq = _zmq()
     extra, rig = [], None
     if name == "slow_subscriber":
         rig = zmq.Context.instance().socket(zmq.PUB)
@@ -434,8 +399,6 @@ def run_scenario(name: str, bundle: Path, tree: Path, args) -> dict:
     svc = ServiceProc(bundle, *extra, tree=tree, prefix=prefix)
     svc.rig = rig
     try:
-        from runtime.client import Client
-
         with Client(svc.endpoint, timeout_ms=10_000) as c:
             raw = c._control(2)[1]  # INFO without validating: an older server's reply lacks new keys
             info = json.loads(bytes(raw))
@@ -482,12 +445,8 @@ def main(argv=None) -> int:
         for name in args.scenarios or SCENARIOS:
             results[name] = run_scenario(name, bundle, tree, args)
             print(f"{name}: {json.dumps(results[name])}", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"tree": str(tree), "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
-                                                                "load_avg": os.getloadavg()},
-                               "results": results}, indent=2))
-    print(f"written to {out}")
+    write_result(args.out, {"tree": str(tree), "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
+                                                           "load_avg": os.getloadavg()}, "results": results})
     return 0
 
 

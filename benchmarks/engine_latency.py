@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import TorchEngine, build_bundle, cpu_name  # benchmarks/ is on sys.path when run as a script
+from _common import TorchEngine, build_bundle, cpu_name, write_result  # benchmarks/ is on sys.path when run as a script
 
 
 def variants(bundle: Path, run: Path | None, x: np.ndarray) -> dict:
@@ -129,10 +129,7 @@ def main(argv=None) -> int:
                     "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
         "results": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"written to {out}")
+    write_result(args.out, result)
     return 0
 
 

@@ -35,7 +35,6 @@ and the targets (as ratios to the echo floor of the same run) and writes JSON to
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import select
@@ -49,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import ROOT, TorchEngine, build_bundle, cpu_name  # benchmarks/ is on sys.path when run as a script
+from _common import ROOT, TorchEngine, build_bundle, cpu_name, write_result  # benchmarks/ is on sys.path when run as a script
 from runtime.wire import SERVER_NS_OFFSET  # noqa: E402
 
 _SERVER_NS = struct.Struct("<I")
@@ -375,11 +374,8 @@ def main(argv=None) -> int:
                     "onnxruntime": onnxruntime.__version__, "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version()},
         "results": runs,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"\nload average before/after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; "
-          f"written to {out}")
+    print(f"\nload average before/after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    write_result(args.out, result)
     return 0
 
 

@@ -25,7 +25,6 @@ back-to-back p50 round trip and the in-server p50 within 10% of before.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import struct
 import sys
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import ROOT, build_bundle, cpu_name  # benchmarks/ is on sys.path when run as a script
+from _common import ROOT, build_bundle, cpu_name, write_result  # benchmarks/ is on sys.path when run as a script
 from latency import Proc  # noqa: E402
 
 _REQ = struct.Struct("<4sBBBBQQII")
@@ -234,10 +233,7 @@ def main(argv=None) -> int:
             print(f"  its echo against before's echo (the noise of a floor): x{ab['echo_p50']:.3f} pooled, "
                   f"x{ab['echo_p50_median_of_rounds']:.3f} median of rounds")
     result["machine"] = {"cpu": cpu_name(), "cores": os.cpu_count(), "load_avg": os.getloadavg(), "pin": args.pin}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"written to {out}")
+    write_result(args.out, result)
     return 0
 
 

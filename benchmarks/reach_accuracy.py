@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import CHEWIE, cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _common import CHEWIE, cpu_name, write_result  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from schemas import SwapVAEConfig
 from schemas.session import split_session
 from training.data import load_session
@@ -168,16 +168,13 @@ def main(argv=None) -> int:
     print_tables(summary, scored_on, args.seeds)
     print(f"\nSwap-VAE training {timing['swap_vae_train_s'] / args.seeds:.1f} s per seed; load average "
           f"{os.getloadavg()[0]:.2f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    write_result(args.out, {
         "data": args.data, "scored_on": scored_on, "config": config.model_dump(mode="json"), "variants": VARIANTS,
         "cebra": {**CEBRA_SETTINGS, "max_iterations": steps} if args.cebra else None,
         "lost_fractions": FRACTIONS, "draws": args.draws, "seeds": runs, "summary": summary,
         "timing": {k: v / args.seeds for k, v in timing.items()},
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__}, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
-    print(f"wrote {out}")
+                    "torch": torch.__version__}, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return 0
 
 

@@ -44,8 +44,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import zmq
 
-from _common import ROOT, build_bundle, cpu_name  # benchmarks/ is on sys.path when run as a script
+from _common import ROOT, build_bundle, cpu_name, write_result  # benchmarks/ is on sys.path when run as a script
+from runtime import wire  # noqa: E402
+from runtime.client import Client, ServiceError, ServiceTimeout  # noqa: E402
+from schemas.protocol import MsgType  # noqa: E402
 
 TRIAL = 50  # bins per trial of the closed loop and the stream (RESET at the first)
 TOL = dict(rtol=1e-4, atol=1e-4)  # several bins in one engine call: equal up to float rounding
@@ -130,8 +134,6 @@ def _close(got, ref) -> bool:
 
 
 def role_closed(args) -> dict:
-    from runtime.client import Client, ServiceError, ServiceTimeout
-
     eng = _engine(args.bundle)
     trials = _trials(eng.n_channels, 8, 1)
     refs = _references(eng, trials)
@@ -165,8 +167,6 @@ def role_closed(args) -> dict:
 
 
 def role_bulk(args) -> dict:
-    from runtime.client import Client, ServiceError, ServiceTimeout
-
     eng = _engine(args.bundle)
     rng = np.random.default_rng(2)
     sent = lost = wrong = overloaded = 0
@@ -191,11 +191,6 @@ def role_bulk(args) -> dict:
 
 
 def role_stream(args) -> dict:
-    import zmq
-
-    from runtime import wire
-    from schemas.protocol import MsgType
-
     eng = _engine(args.bundle)
     trials = _trials(eng.n_channels, 4, 3)
     refs = _references(eng, trials)
@@ -265,11 +260,6 @@ def role_stream(args) -> dict:
 
 
 def role_attack(args) -> dict:
-    import zmq
-
-    from runtime import wire
-    from schemas.protocol import MsgType
-
     os.nice(10)
     n_ch = args.channels
     info = json.loads(args.info)
@@ -357,11 +347,6 @@ def role_attack(args) -> dict:
 
 
 def role_flood(args) -> dict:
-    import zmq
-
-    from runtime import wire
-    from schemas.protocol import MsgType
-
     os.nice(10)
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
@@ -390,11 +375,6 @@ def role_flood(args) -> dict:
 
 
 def role_slow(args) -> dict:
-    import zmq
-
-    from runtime import wire
-    from schemas.protocol import MsgType
-
     os.nice(10)
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
@@ -440,10 +420,6 @@ def _result(p: subprocess.Popen, role: str, timeout: float) -> dict:
 
 
 def soak(bundle: Path, seconds: float, roles=tuple(ROLES)) -> dict:
-    import zmq
-
-    from runtime.client import Client
-
     probe = zmq.Context.instance().socket(zmq.PUB)  # a free port for the rig's publisher
     rig_port = probe.bind_to_random_port("tcp://127.0.0.1")
     probe.close(linger=0)
@@ -530,10 +506,7 @@ def main(argv=None) -> int:
               f"{st['streams_evicted']}; bulk slices {st['bulk']['slices']}")
     for role, r in res["roles"].items():
         print(f"  {role}: {r}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    print(f"written to {out}")
+    write_result(args.out, res)
     return 0
 
 

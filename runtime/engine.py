@@ -39,7 +39,7 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.bundle import BundleError, load_bundle
-from runtime.history import StreamHistory
+from runtime.history import StreamHistory, causal_windows
 from runtime.output import DecodeOutput
 from schemas.manifest import CORE_KEY, graph_io
 
@@ -266,7 +266,7 @@ class BundleDecoder:
             fresh = reset or stream.fresh
             past = np.repeat(latent[:1], k - 1, axis=0) if fresh else stream.row.reshape(k - 1, d)[::-1]
             seq = np.concatenate([past, latent])  # oldest first: bin t of x is row t + k - 1
-            history = np.concatenate([seq[k - 1 - lag:k - 1 - lag + n] for lag in range(1, k)], axis=1)
+            history = causal_windows(seq, np.zeros(len(seq)), k)[k - 1:, d:]  # lags 1..k-1 of each bin
             first = np.zeros((n, 1), bool)
             out = self._run_checked({"counts": x, "history": history, "first": first})
         if reset:

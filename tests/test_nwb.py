@@ -1,7 +1,6 @@
 """NWB input: exact binning, labels, errors that name the problem, the CLI and run directory,
 and the bar: Chewie-1 as NWB trains to the .npz run's metrics."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -20,6 +20,7 @@ from runtime import wire
 from runtime.client import Client
 from runtime.server import Server
 from schemas.protocol import InfoReply, MsgType, ReplyFlag
+from test_server import Running
 from test_service import Service
 
 
@@ -55,8 +56,7 @@ def test_a_failed_load_keeps_the_old_engine_and_a_good_one_switches_between_requ
         return e
 
     s = Server(FakeEngine(), bind=None, sub="inproc://rl3", pub="inproc://rl4", warmup=0, loader=loader)
-    t = threading.Thread(target=s.run, daemon=True)
-    t.start()
+    loop = Running(s)
     try:
         for want_readout, failures in ((True, 1), (False, 0)):
             s.request_reload()
@@ -66,8 +66,7 @@ def test_a_failed_load_keeps_the_old_engine_and_a_good_one_switches_between_requ
             assert s.recorder.reload_failures == 1 and s.recorder.reloads == int(not want_readout)
             assert s.model.layout.has_readout is want_readout
     finally:
-        s.stop()
-        t.join(5)
+        loop.stop()
         s.close()
 
 

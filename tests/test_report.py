@@ -1,5 +1,4 @@
 """``swapvae report``: every figure is written as a real PNG, for Swap-VAE and for a VAE run."""
-import json
 
 import numpy as np
 import pytest

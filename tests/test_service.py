@@ -6,8 +6,6 @@ every subprocess is stopped at teardown.
 from __future__ import annotations
 
 import json
-import select
-import signal
 import subprocess
 import sys
 import threading
@@ -18,6 +16,7 @@ import numpy as np
 import pytest
 import zmq
 
+from deploy_files import Served
 from runtime import wire
 from runtime.client import Client, ServiceError, ServiceTimeout
 from runtime.output import FIELDS
@@ -28,38 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 60.0
 
 
-class Service:
-    """``swapvae serve`` in a subprocess; ``endpoints`` from its ready line."""
+class Service(Served):
+    """``swapvae serve BUNDLE`` from this checkout on a free loopback port (``extra``: more options)."""
 
     def __init__(self, bundle, *extra: str):
-        cmd = [sys.executable, "-m", "swapvae", "serve", str(bundle), "--bind", "tcp://127.0.0.1:*", *extra]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.endpoints = self._ready()
-        self.endpoint = self.endpoints.get("router")
-
-    def _ready(self) -> dict[str, str]:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if select.select([self.proc.stdout], [], [], 0.2)[0]:
-                line = self.proc.stdout.readline()
-                if line.startswith("ready "):
-                    return dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
-            if self.proc.poll() is not None:
-                break
-        self.stop()
-        pytest.fail(f"service did not start: {self.proc.stderr.read()[-3000:]}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        for f in (self.proc.stdout, self.proc.stderr):
-            f.close()
-        return self.proc.returncode
+        super().__init__([sys.executable, "-m", "swapvae", "serve", str(bundle), "--bind", "tcp://127.0.0.1:*", *extra],
+                         cwd=ROOT, timeout_s=START_TIMEOUT)
 
 
 @pytest.fixture(scope="module")
