@@ -27,6 +27,8 @@ STREAM_IN_BYTES = 64 * MiB  # bins queued on the SUB input (SUB drops beyond: co
 # ones needs (MIN_HWM; the stream, which drops beyond its queues, MIN_STREAM_HWM: its bins come
 # from the rig, one-bin ones in practice, so its queues hold kilobytes). With the default 2 MiB
 # request cap the budgets decide for the ROUTER; a higher --max-request-bytes makes floors do.
+HELD_PEER_BYTES = 32 * MiB  # replies held for one ROUTER peer whose libzmq queue is full, sent as it reads
+HELD_BYTES = 64 * MiB  # ... for all peers together
 BULK_BYTES = 64 * MiB  # multi-bin decode requests held by the server, all peers together
 BULK_PEER_BYTES = 32 * MiB  # ... from one peer
 CURVE_OVERHEAD = 33  # a CURVE MESSAGE command adds 33 bytes to the frame libzmq's size check sees

@@ -3,7 +3,8 @@
 One thread, one engine, two ways in:
 - request/reply on a ROUTER socket (``--bind``): any number of DEALER or REQ clients. A ROUTER
   never waits for a client, so a client that vanishes or stops reading cannot wedge the server
-  or anyone else (its replies are dropped, and counted, once its queue is full);
+  or anyone else (once its queue is full its replies are held, within a byte budget, then
+  dropped and counted: runtime/sources.py);
 - streaming (``--sub`` and ``--pub``): bins arriving on a SUB socket are decoded and the reply
   frames published on an XPUB socket.
 
@@ -74,6 +75,7 @@ from schemas.protocol import MAX_BODY_BYTES, ErrorBody, ErrorCode, MsgType, Stat
 
 MAX_STREAMS = 1024  # streams whose history the server keeps (--max-streams)
 STATS_MAX_AGE_NS = 100_000_000  # a STATS reuses latency summaries computed this recently (counters are current)
+HELD_RETRY_NS = 1_000_000  # how often held replies are offered again while no input wakes the loop
 _RESET = wire.RESET
 _DECODE, _PING, _INFO, _STATS = int(MsgType.DECODE), int(MsgType.PING), int(MsgType.INFO), int(MsgType.STATS)
 _NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
@@ -129,7 +131,7 @@ class Server(Coalescing):
     def _open(self, bind, sub, pub, context, sub_server_key) -> None:
         self._own_context = context is None
         self.context = context or zmq.Context()
-        self.router = self.sub = self.pub = self.zap = None
+        self.router = self.sub = self.pub = self.zap = self.replies = None
         self.endpoints: dict[str, str] = {}
         self.sources: list = []
         curve, lim = self.curve, self.model.limits
@@ -139,11 +141,12 @@ class Server(Coalescing):
                 self.sources.append(self.zap)
             if bind is not None:
                 self.router = self._socket(zmq.ROUTER, rcvhwm=lim.router_rcvhwm, sndhwm=lim.router_sndhwm)
-                # A reply to a peer whose queue is full, or gone, raises (and is counted) instead of vanishing.
+                # A reply to a peer whose queue is full, or gone, raises (held or counted) instead of vanishing.
                 self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
                 self.router.bind(bind)
                 self.endpoints["router"] = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
-                self.sources.append(RouterSource(self.router, self.recorder, curve is not None or is_local(bind)))
+                self.replies = RouterSource(self.router, self.recorder, curve is not None or is_local(bind))
+                self.sources.append(self.replies)
             if sub is not None:
                 self.pub = self._socket(zmq.XPUB, sndhwm=lim.pub_sndhwm)
                 self.pub.setsockopt(zmq.XPUB_MANUAL, 1)  # subscriptions applied by Subscriptions only
@@ -287,11 +290,17 @@ class Server(Coalescing):
         gc.collect()
         gc.freeze()  # objects from start-up never need scanning again: collections stay short
         wait, serve, lane, later = self._wait, self._serve, self.lane, self.later
+        held = self.replies.held if self.replies is not None else {}
         while not self._stop:
             if self._reloading:
                 self._reload_turn()
             planner = self.planner
-            ready = wait(planner.due, bool(lane.queues or later.items))
+            due = planner.due
+            if held:  # replies wait for room in their peers' queues: look again soon
+                self.replies.flush()
+                if held:
+                    due = min(due, _clock() + HELD_RETRY_NS) if due else _clock() + HELD_RETRY_NS
+            ready = wait(due, bool(lane.queues or later.items))
             for src in ready:
                 if src.keyed is None:  # ZAP requests, subscriptions: served by the source itself
                     src.serve()
@@ -361,14 +370,10 @@ class Server(Coalescing):
         try:
             req = wire.parse_request(frame, self.n_channels, self.model.limits.max_bins)
         except Exception:  # noqa: BLE001 - handle() names the problem
-            req = None
-        if req is None:  # handle() names the problem
             reply = self.handle(frame, key, t_read)
-            if reply is not None:
-                src.answer(frames, reply)
-            return
-        self.recorder.requests += 1
-        reply = self.lane.submit(key, src, frames, req, len(frame), t_read)
+        else:
+            self.recorder.requests += 1
+            reply = self.lane.submit(key, src, frames, req, len(frame), t_read)
         if reply is not None:
             src.answer(frames, reply)
 

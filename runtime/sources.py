@@ -7,8 +7,13 @@ frame with ``request``, and sends the reply with ``answer``; every drop is count
   envelope and the reply out. An envelope beyond ``MAX_ENVELOPE_FRAMES`` frames, or with a frame
   over ``MAX_ENVELOPE_FRAME_BYTES`` before the request, is refused (BAD_ENVELOPE to the identity
   alone: nothing of it is echoed) and the rest of the message is read and freed frame by frame.
-  The socket is ``ZMQ_ROUTER_MANDATORY``: a reply that finds the peer's queue full (a client not
-  reading) or the peer gone raises instead of vanishing, and is counted, then dropped.
+  The socket is ``ZMQ_ROUTER_MANDATORY``: a reply that finds the peer's queue full or the peer
+  gone raises instead of vanishing. libzmq counts that queue in messages, sized for the largest
+  reply, so a client with more small requests in flight than it holds can fill it while it
+  reads: such replies are held here (``held``, at most ``HELD_PEER_BYTES`` a peer and
+  ``HELD_BYTES`` in all), the peer's later replies queue behind them, and ``flush`` sends them
+  in order as the peer reads. Beyond the budget (a client that does not read) a reply is
+  dropped and counted; one to a peer that has gone, too.
 - ``StreamSource``: each frame on SUB is a request of the one stream ``STREAM_KEY``; its reply
   is published on an XPUB socket with ``ZMQ_XPUB_NODROP``, so a subscriber whose queue has
   just filled makes the send fail: that is counted (``pub_full``) and the reply sent again in
@@ -23,11 +28,12 @@ frame with ``request``, and sends the reply with ``answer``; every drop is count
 from __future__ import annotations
 
 import struct
+from collections import deque
 
 import numpy as np
 import zmq
 
-from runtime.limits import MAX_ENVELOPE_FRAME_BYTES, MAX_ENVELOPE_FRAMES
+from runtime.limits import HELD_BYTES, HELD_PEER_BYTES, MAX_ENVELOPE_FRAME_BYTES, MAX_ENVELOPE_FRAMES
 from runtime.recorder import Recorder
 from schemas.protocol import DTYPE_NUMPY, MAGIC, PROTOCOL_VERSION, REQUEST_FORMAT
 
@@ -53,10 +59,14 @@ class RouterSource:
     """Request/reply on a ROUTER. The identity (``frames[0]``) is the stream's key."""
     keyed = True
 
-    def __init__(self, sock: zmq.Socket, recorder: Recorder, full_info: bool):
+    def __init__(self, sock: zmq.Socket, recorder: Recorder, full_info: bool,
+                 held_peer_bytes: int = HELD_PEER_BYTES, held_bytes: int = HELD_BYTES):
         self.sock, self.get, self.fd = sock, sock.getsockopt, sock.getsockopt(zmq.FD)
         self._recv, self._send, self._drops = sock.recv, sock.send, recorder.drops
         self.full_info = full_info  # INFO with training details: the peers are authenticated or local
+        # identity -> [replies its full queue could not take yet, as (frames, reply), their bytes]
+        self.held: dict[bytes, list] = {}
+        self._held_total, self._held_peer_bytes, self._held_bytes = 0, held_peer_bytes, held_bytes
 
     def recv(self, flags: int = 0) -> list:
         # A ROUTER message always has an identity and a body, so RCVMORE is first asked after
@@ -109,25 +119,70 @@ class RouterSource:
         return f"a request is one frame after the envelope; got {len(frames) - self._cut(frames)} frames"
 
     def answer(self, frames: list, reply, copy: bool = True) -> None:
-        # Two plain sends for the usual [identity, reply]: send_multipart's per-call checks cost
-        # a measurable share of a decode. A refused envelope is answered to its identity alone.
-        # A big reply (copy=False) is handed to libzmq as it is: copying megabytes here would
-        # hold up the loop.
+        if self.held and frames[0] in self.held:  # behind the peer's held replies: keep its order
+            self._hold(frames, reply, copy)
+            return
         try:
-            if len(frames) == 2:
-                self._send(frames[0], _SNDMORE)
-                if copy:
-                    self._send(reply)
-                else:
-                    self._send(reply, copy=False)
-            else:
-                self.sock.send_multipart(frames[:self._cut(frames)] + [reply], copy=copy)
-        except zmq.Again:  # the peer's queue is full (it does not read): dropped, counted
-            self._drops.replies_full += 1
+            self._deliver(frames, reply, copy)
+        except zmq.Again:  # the peer's queue is full
+            self._hold(frames, reply, copy)
         except zmq.ZMQError as e:
             if e.errno != _EHOSTUNREACH:
                 raise
             self._drops.replies_unroutable += 1  # the peer has gone
+
+    def _deliver(self, frames: list, reply, copy: bool) -> None:
+        # Two plain sends for the usual [identity, reply]: send_multipart's per-call checks cost
+        # a measurable share of a decode. A refused envelope is answered to its identity alone.
+        # A big reply (copy=False) is handed to libzmq as it is: copying megabytes here would
+        # hold up the loop. With ROUTER_MANDATORY a full queue raises at the identity frame,
+        # before anything is sent.
+        if len(frames) == 2:
+            self._send(frames[0], _SNDMORE)
+            if copy:
+                self._send(reply)
+            else:
+                self._send(reply, copy=False)
+        else:
+            self.sock.send_multipart(frames[:self._cut(frames)] + [reply], copy=copy)
+
+    def _hold(self, frames: list, reply, copy: bool) -> None:
+        peer = self.held.get(frames[0])
+        size = len(reply)
+        if (peer[1] if peer else 0) + size > self._held_peer_bytes or self._held_total + size > self._held_bytes:
+            self._drops.replies_full += 1  # a client that does not read: dropped, counted
+            return
+        if copy:  # the caller reuses its buffer (batched replies)
+            reply = bytes(reply)
+        if peer is None:
+            peer = self.held[frames[0]] = [deque(), 0]
+        peer[0].append((frames[:-1] + [None], reply))  # the envelope only: the request is not kept
+        peer[1] += size
+        self._held_total += size
+
+    def flush(self) -> None:
+        """Send held replies, each peer's in order, while their queues take them."""
+        for key in list(self.held):
+            queue, size = self.held[key]
+            try:
+                while queue:
+                    frames, reply = queue[0]
+                    self._deliver(frames, reply, False)
+                    queue.popleft()
+                    size -= len(reply)
+                    self._held_total -= len(reply)
+            except zmq.Again:  # still full: the peer has not read yet
+                pass
+            except zmq.ZMQError as e:
+                if e.errno != _EHOSTUNREACH:
+                    raise
+                self._drops.replies_unroutable += len(queue)  # the peer has gone
+                self._held_total -= size
+                queue.clear()
+            if queue:
+                self.held[key][1] = size
+            else:
+                del self.held[key]
 
 
 class StreamSource:

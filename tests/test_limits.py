@@ -5,7 +5,6 @@ bins in order, OVERLOADED), INFO's training details, and the recorder's incremen
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 
 import numpy as np
@@ -19,19 +18,7 @@ from runtime.recorder import Recorder
 from runtime.server import Server
 from runtime.sources import RouterSource, StreamSource, Subscriptions
 from schemas.protocol import MAX_BINS, ErrorCode, InfoReply, MsgType
-
-
-class Running:
-    def __init__(self, server: Server):
-        self.server = server
-        server._stop = False
-        self.thread = threading.Thread(target=server.run, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.stop()
-        self.thread.join(5)
-        assert not self.thread.is_alive()
+from test_server import Running
 
 
 def _dealer(endpoint: str, **opts) -> zmq.Socket:
@@ -100,7 +87,7 @@ def test_replies_to_a_full_or_vanished_peer_are_dropped_and_counted():
     router.setsockopt(zmq.ROUTER_MANDATORY, 1)
     router.bind("inproc://full-peer")
     peer = _dealer("inproc://full-peer", RCVHWM=1, ROUTING_ID=b"peer")
-    src = RouterSource(router, rec, True)
+    src = RouterSource(router, rec, True, held_peer_bytes=0)  # nothing held beyond libzmq's queue
     try:
         peer.send(b"hello")
         frames = src.recv()
@@ -109,6 +96,55 @@ def test_replies_to_a_full_or_vanished_peer_are_dropped_and_counted():
         assert rec.drops.replies_full >= 7
         src.answer([b"nobody", b"x"], b"reply")
         assert rec.drops.replies_unroutable == 1
+    finally:
+        peer.close()
+        router.close(linger=0)
+
+
+def _read_flushing(peer: zmq.Socket, src: RouterSource, n: int) -> list[bytes]:
+    """``n`` messages read by ``peer`` while ``src`` offers its held replies again, as the
+    server's loop does every millisecond."""
+    got, deadline = [], time.monotonic() + 5
+    while len(got) < n and time.monotonic() < deadline:
+        src.flush()
+        if peer.poll(10):
+            got.append(peer.recv())
+    return got
+
+
+def test_replies_beyond_a_full_queue_are_held_and_sent_in_order_as_the_peer_reads():
+    """libzmq counts the peer's queue in messages: a client with more requests in flight than it
+    holds loses nothing while it reads; held replies are bounded by bytes, beyond that dropped."""
+    ctx = zmq.Context.instance()
+    rec = Recorder(8)
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.SNDHWM, 1)
+    router.setsockopt(zmq.SNDTIMEO, 0)
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    router.bind("inproc://held-peer")
+    peer = _dealer("inproc://held-peer", RCVHWM=1, ROUTING_ID=b"peer")
+    src = RouterSource(router, rec, True, held_peer_bytes=8 * 6)
+    try:
+        peer.send(b"hello")
+        frames = src.recv()
+        buf = bytearray(b"reply00")
+        for i in range(12):
+            buf[5:] = b"%02d" % i  # the caller's buffer is reused: held replies are copies
+            src.answer(frames, buf)
+        assert rec.drops.replies_full == 12 - 2 - 6 and len(src.held[b"peer"][0]) == 6  # queue 2, held 6 x 7 bytes
+        assert all(envelope == [b"peer", None] for envelope, _ in src.held[b"peer"][0])  # the request is not kept
+        got = _read_flushing(peer, src, 8)
+        assert got == [b"reply%02d" % i for i in range(8)] and not src.held and rec.drops.replies_full == 4
+        src.answer(frames, b"later")
+        assert _read_flushing(peer, src, 1) == [b"later"] and not src.held
+        for _ in range(4):
+            src.answer(frames, b"x")
+        peer.close()  # the peer goes with replies held for it: they are dropped, counted
+        deadline = time.monotonic() + 5
+        while src.held and time.monotonic() < deadline:
+            src.flush()
+            time.sleep(0.01)
+        assert not src.held and rec.drops.replies_unroutable >= 1
     finally:
         peer.close()
         router.close(linger=0)
