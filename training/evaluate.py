@@ -175,17 +175,17 @@ def fit_readout(represent, train: Session, neurons: np.ndarray, cfg: ReadoutConf
     dir_folds, vel_folds = _folds(rows_groups, cfg), _folds(train.trial, cfg)
     windows = {k: causal_windows(z, train.trial, k) for k in sorted({1, *grid})}
 
-    def rows(k: int) -> np.ndarray:
-        return np.concatenate([windows[k][moving], *(causal_windows(c, train.trial, k)[moving] for c in copies)])
+    rows = {k: np.concatenate([windows[k][moving], *(causal_windows(c, train.trial, k)[moving] for c in copies)])
+            for k in grid}  # the direction head's training rows: clean bins, then each silenced copy
 
     # ties: the shorter window, then the stronger penalty
-    cv = {(k, C): v for k in grid for C, v in _cv_direction(rows(k), rows_target, dir_folds, cfg, clean).items()}
+    cv = {(k, C): v for k in grid for C, v in _cv_direction(rows[k], rows_target, dir_folds, cfg, clean).items()}
     k_dir, C = max(cv, key=lambda kc: (cv[kc], -kc[0], -kc[1]))
     vcv = {(k, a): v for k in grid for a, v in _cv_velocity(windows[k], train.velocity, vel_folds, cfg).items()}
     k_vel, alpha = max(vcv, key=lambda ka: (vcv[ka], -ka[0], ka[1]))
     k = max(k_dir, k_vel)
     width = windows[1].shape[1] * k
-    coef, b, angles = _fit_direction(rows(k_dir), rows_target, C, cfg)
+    coef, b, angles = _fit_direction(rows[k_dir], rows_target, C, cfg)
     ((vcoef, vb),) = _ridge_path(windows[k_vel], train.velocity, (alpha,), cfg.scaling)
     readout = Readout(k, _pad_lags(coef, k_dir, width), b, angles, _pad_lags(vcoef, k_vel, width), vb, C, alpha)
 
