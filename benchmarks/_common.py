@@ -44,11 +44,11 @@ def build_bundle(workdir: Path, d: int = 174, weights: str = "fp32") -> tuple[Pa
     ``workdir``: a later run reuses the run directory, and the bundle if it still loads."""
     import torch
 
-    from runtime.engine import BundleDecoder
-    from schemas.config import SwapVAEConfig
-    from schemas.session import write_npz
-    from training.export import export_bundle
-    from training.run import train_run
+    from swapvae.runtime.engine import BundleDecoder
+    from swapvae.schemas.config import SwapVAEConfig
+    from swapvae.schemas.session import write_npz
+    from swapvae.training.export import export_bundle
+    from swapvae.training.run import train_run
 
     run, bundle = workdir / f"run{d}", workdir / (f"bundle{d}" if weights == "fp32" else f"bundle{d}_{weights}")
     if (bundle / "manifest.json").exists():
@@ -62,7 +62,7 @@ def build_bundle(workdir: Path, d: int = 174, weights: str = "fp32") -> tuple[Pa
         if d == 174 and CHEWIE.exists():
             data = str(CHEWIE)
         else:
-            from training.simulate import simulate_reaching
+            from swapvae.training.simulate import simulate_reaching
 
             data = str(write_npz(simulate_reaching(n_neurons=d, seed=0), workdir / f"simulated{d}.npz"))
         cfg = SwapVAEConfig.model_validate({"device": "cpu", "optim": {"epochs": 2},
@@ -80,7 +80,7 @@ class TorchEngine:
     def __init__(self, run_dir: str | Path):
         import torch
 
-        from training.rundir import RunDir
+        from swapvae.training.rundir import RunDir
 
         torch.set_num_threads(1)  # one core like the runtime; also faster than a pool at batch 1
         self.torch = torch
@@ -93,7 +93,7 @@ class TorchEngine:
         self.stream = self.new_stream()
 
     def new_stream(self):
-        from runtime.history import StreamHistory
+        from swapvae.runtime.history import StreamHistory
 
         return StreamHistory(self.history_bins, self.latent_dim)
 
@@ -118,7 +118,7 @@ class TorchEngine:
         return np.r_[z, past]
 
     def _output(self, z: np.ndarray, windows: np.ndarray, rates: np.ndarray):
-        from runtime.output import DecodeOutput
+        from swapvae.runtime.output import DecodeOutput
 
         proba = self.readout.proba(windows)
         f32 = lambda a: np.ascontiguousarray(a, np.float32)  # noqa: E731

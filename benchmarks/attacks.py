@@ -49,10 +49,10 @@ import numpy as np
 import zmq
 
 from _common import ROOT, build_bundle, cpu_name, write_result  # benchmarks/ is on sys.path when run as a script
-from runtime import wire  # noqa: E402
-from runtime.client import Client  # noqa: E402
-from runtime.wire import SERVER_NS_OFFSET, RequestBuffer  # noqa: E402
-from schemas.protocol import MsgType  # noqa: E402
+from swapvae.runtime import wire  # noqa: E402
+from swapvae.runtime.client import Client  # noqa: E402
+from swapvae.runtime.wire import SERVER_NS_OFFSET, RequestBuffer  # noqa: E402
+from swapvae.schemas.protocol import MsgType  # noqa: E402
 from soak import RssSampler, ServiceProc  # noqa: E402
 
 SCENARIOS = ("hol", "bulk_load", "stats_flood", "multipart", "envelope", "slow_reader", "slow_subscriber",

@@ -38,7 +38,7 @@ from _common import TorchEngine, build_bundle, cpu_name, write_result  # benchma
 def variants(bundle: Path, run: Path | None, x: np.ndarray) -> dict:
     import onnxruntime as ort
 
-    from runtime.engine import BundleDecoder
+    from swapvae.runtime.engine import BundleDecoder
 
     dec = BundleDecoder(bundle)
     out = {"engine": lambda: dec.decode(x), "engine ORT call": lambda: dec._run(dec._bound, None),

@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from _common import ROOT, TorchEngine, build_bundle, cpu_name, write_result  # benchmarks/ is on sys.path when run as a script
-from runtime.wire import SERVER_NS_OFFSET  # noqa: E402
+from swapvae.runtime.wire import SERVER_NS_OFFSET  # noqa: E402
 
 _SERVER_NS = struct.Struct("<I")
 MODES = ("b2b", "100Hz", "1kHz")
@@ -77,7 +77,7 @@ def serve_echo(bind: str, reply_bytes: int) -> None:
 
 
 def serve_engine(bind: str, engine, prewarm: bool = True) -> None:
-    from runtime.server import Server
+    from swapvae.runtime.server import Server
 
     server = Server(engine, bind=bind, prewarm=prewarm)
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
@@ -127,7 +127,7 @@ class Probe:
     def __init__(self, endpoint: str, x: np.ndarray):
         import zmq
 
-        from runtime.wire import RequestBuffer
+        from swapvae.runtime.wire import RequestBuffer
 
         self.zmq = zmq
         self.ctx = zmq.Context.instance()
@@ -345,7 +345,7 @@ def main(argv=None) -> int:
         serve_engine(args._bind, TorchEngine(args._run))
         return 0
     if args._serve == "no-prewarm":
-        from runtime.engine import BundleDecoder
+        from swapvae.runtime.engine import BundleDecoder
 
         serve_engine(args._bind, BundleDecoder(args._bundle), prewarm=False)
         return 0

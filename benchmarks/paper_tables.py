@@ -37,16 +37,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from _common import CHEWIE  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-from schemas import ModelConfig, SwapVAEConfig  # noqa: E402
-from schemas.session import Split, split_session  # noqa: E402
-from training.data import load_session  # noqa: E402
-from training.estimator import SwapVAE  # noqa: E402
-from training.evaluate import readout_scores  # noqa: E402
-from training.generate import generated_training_set  # noqa: E402
-from training.metrics import (TEMPORAL_BINS, bits_per_spike, disentanglement_per_latent,  # noqa: E402
+from swapvae.schemas import ModelConfig, SwapVAEConfig  # noqa: E402
+from swapvae.schemas.session import Split, split_session  # noqa: E402
+from swapvae.training.data import load_session  # noqa: E402
+from swapvae.training.estimator import SwapVAE  # noqa: E402
+from swapvae.training.evaluate import readout_scores  # noqa: E402
+from swapvae.training.generate import generated_training_set  # noqa: E402
+from swapvae.training.metrics import (TEMPORAL_BINS, bits_per_spike, disentanglement_per_latent,  # noqa: E402
                               disentanglement_score, mean_std, reconstruction_rmse, temporal_scores)
-from training.supervised import SupervisedDecoder  # noqa: E402
-from training.synthetic import SEQ_LEN, make_synthetic, synthetic_config  # noqa: E402
+from swapvae.training.supervised import SupervisedDecoder  # noqa: E402
+from swapvae.training.synthetic import SEQ_LEN, make_synthetic, synthetic_config  # noqa: E402
 
 
 # Config overrides of each Chewie-1 model, relative to the project's default recipe

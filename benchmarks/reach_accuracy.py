@@ -38,12 +38,12 @@ import numpy as np
 import torch
 
 from _common import CHEWIE, cpu_name, write_result  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-from schemas import SwapVAEConfig
-from schemas.session import split_session
-from training.data import load_session
-from training.estimator import SwapVAE
-from training.evaluate import representation_metrics
-from training.robustness import FRACTIONS, lost_channel_scores
+from swapvae.schemas import SwapVAEConfig
+from swapvae.schemas.session import split_session
+from swapvae.training.data import load_session
+from swapvae.training.estimator import SwapVAE
+from swapvae.training.evaluate import representation_metrics
+from swapvae.training.robustness import FRACTIONS, lost_channel_scores
 
 KEYS = ("reach_acc", "reach_delta_acc", "velocity_r2", "reach_acc_per_bin", "reach_delta_acc_per_bin",
         "velocity_r2_per_bin", "history_bins")

@@ -47,9 +47,9 @@ import numpy as np
 import zmq
 
 from _common import ROOT, build_bundle, cpu_name, write_result  # benchmarks/ is on sys.path when run as a script
-from runtime import wire  # noqa: E402
-from runtime.client import Client, ServiceError, ServiceTimeout  # noqa: E402
-from schemas.protocol import MsgType  # noqa: E402
+from swapvae.runtime import wire  # noqa: E402
+from swapvae.runtime.client import Client, ServiceError, ServiceTimeout  # noqa: E402
+from swapvae.schemas.protocol import MsgType  # noqa: E402
 
 TRIAL = 50  # bins per trial of the closed loop and the stream (RESET at the first)
 TOL = dict(rtol=1e-4, atol=1e-4)  # several bins in one engine call: equal up to float rounding
@@ -111,7 +111,7 @@ class RssSampler(threading.Thread):
 # -- roles (each a process: python soak.py --_role NAME ...) --------------------------------------------
 
 def _engine(bundle: str):
-    from runtime.engine import BundleDecoder
+    from swapvae.runtime.engine import BundleDecoder
 
     return BundleDecoder(bundle)
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.bundle import SIGNATURE, key_id, load_public_key
-from runtime.client import Client, ServiceError, ServiceTimeout, curve_options
-from schemas.manifest import BundleManifest
-from schemas.protocol import LatencySummary, StatsReply
+from swapvae.runtime.bundle import SIGNATURE, key_id, load_public_key
+from swapvae.runtime.client import Client, ServiceError, ServiceTimeout, curve_options
+from swapvae.schemas.manifest import BundleManifest
+from swapvae.schemas.protocol import LatencySummary, StatsReply
 
 
 # -- verify --------------------------------------------------------------------------------------
@@ -33,7 +33,7 @@ def bundle_summary(bundle: str | Path, provider: str = "cpu", trust: list[str] |
                    ) -> tuple[dict, BundleManifest]:
     """Load ``bundle`` as the server would; a description of it, and its manifest. Raises
     (BundleError, ValueError) with the server's own reason for a bundle it would refuse."""
-    from runtime.engine import BundleDecoder
+    from swapvae.runtime.engine import BundleDecoder
 
     trusted = [load_public_key(p) for p in trust] if trust else None
     t0 = time.perf_counter()

@@ -21,8 +21,8 @@ import time
 import numpy as np
 import zmq
 
-from runtime import wire
-from runtime.sources import STREAM_KEY, Refused
+from swapvae.runtime import wire
+from swapvae.runtime.sources import STREAM_KEY, Refused
 
 MAX_BATCH = 32  # queued requests taken at once; their one-bin decodes share engine calls
 _NOBLOCK = int(zmq.NOBLOCK)

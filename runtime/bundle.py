@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from schemas.manifest import MANIFEST, BundleManifest
+from swapvae.schemas.manifest import MANIFEST, BundleManifest
 
 SIGNATURE = "manifest.sig"
 

@@ -38,9 +38,9 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 
-from runtime import wire
-from runtime.output import DecodeOutput
-from schemas.protocol import DTYPE_NUMPY, ErrorBody, ErrorCode, InfoReply, MsgType, ReplyFlag, StatsReply
+from swapvae.runtime import wire
+from swapvae.runtime.output import DecodeOutput
+from swapvae.schemas.protocol import DTYPE_NUMPY, ErrorBody, ErrorCode, InfoReply, MsgType, ReplyFlag, StatsReply
 
 
 _WIRE_DTYPES = {np.dtype(v).str.lstrip("<=|") for v in DTYPE_NUMPY.values()}
@@ -101,7 +101,7 @@ class Client:
         self.endpoint, self.timeout_ms, self.max_reply_bytes = endpoint, int(timeout_ms), int(max_reply_bytes)
         self._curve = None
         if server_key is not None:
-            from runtime.security import key_or_file, load_secret
+            from swapvae.runtime.security import key_or_file, load_secret
 
             public, secret = client_secret if isinstance(client_secret, tuple) else load_secret(client_secret)
             self._curve = (key_or_file(server_key), public, secret)
@@ -120,7 +120,7 @@ class Client:
         s.setsockopt(zmq.RCVHWM, max(2, min(1000, RECEIVE_BUDGET // self.max_reply_bytes)))
         s.setsockopt(zmq.SNDHWM, 16)  # one request in flight: a deeper queue only holds stale ones
         if self._curve is not None:
-            from runtime.security import client_socket
+            from swapvae.runtime.security import client_socket
 
             client_socket(s, *self._curve)
         s.connect(self.endpoint)

@@ -38,10 +38,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from runtime.bundle import BundleError, load_bundle
-from runtime.history import StreamHistory, causal_windows
-from runtime.output import DecodeOutput
-from schemas.manifest import CORE_KEY, graph_io
+from swapvae.runtime.bundle import BundleError, load_bundle
+from swapvae.runtime.history import StreamHistory, causal_windows
+from swapvae.runtime.output import DecodeOutput
+from swapvae.schemas.manifest import CORE_KEY, graph_io
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 _INF = float("inf")

@@ -24,8 +24,8 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from runtime import wire
-from schemas.protocol import Bulk, ErrorCode
+from swapvae.runtime import wire
+from swapvae.schemas.protocol import Bulk, ErrorCode
 
 _clock = time.perf_counter_ns
 MIN_SLICE_BINS = 8

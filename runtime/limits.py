@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
-from schemas.protocol import MAX_BINS, MAX_BODY_BYTES, REPLY_HEADER_SIZE, REQUEST_HEADER_SIZE
+from swapvae.schemas.protocol import MAX_BINS, MAX_BODY_BYTES, REPLY_HEADER_SIZE, REQUEST_HEADER_SIZE
 
 MiB = 1 << 20
 PEER_IN_BYTES = 32 * MiB  # requests queued from one ROUTER peer (libzmq's pipe), bytes at most

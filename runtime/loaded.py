@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime import wire
-from runtime.limits import Limits
-from runtime.prewarm import WarmPlanner
-from schemas.protocol import MAX_BODY_BYTES, DType, InfoReply
+from swapvae.runtime import wire
+from swapvae.runtime.limits import Limits
+from swapvae.runtime.prewarm import WarmPlanner
+from swapvae.schemas.protocol import MAX_BODY_BYTES, DType, InfoReply
 
 SERVER_NAME = "swapvae-runtime/2"
 PRIVATE_MANIFEST_KEYS = ("training", "versions", "quantization")  # left out of INFO for unknown peers

@@ -20,7 +20,7 @@ import dataclasses
 
 import numpy as np
 
-from schemas.protocol import DECODE_SECTIONS
+from swapvae.schemas.protocol import DECODE_SECTIONS
 
 FIELDS: tuple[str, ...] = tuple(s.name for s in DECODE_SECTIONS)
 READOUT_FIELDS: tuple[str, ...] = tuple(s.name for s in DECODE_SECTIONS if s.readout)

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from schemas.protocol import Bulk, Drops, LatencySummary, StatsReply
+from swapvae.schemas.protocol import Bulk, Drops, LatencySummary, StatsReply
 
 SUB = 32  # histogram buckets per octave: a bucket's midpoint is within 1/64 of any value in it
 _OCTAVES = 40  # values up to 2**40 ns (18 minutes); longer ones land in the last bucket

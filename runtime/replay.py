@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.client import Client, ServiceTimeout, curve_options
-from runtime.reach import r2_scores, reach_scores
-from schemas.manifest import MANIFEST, BundleManifest
-from schemas.session import Session, split_session
+from swapvae.runtime.client import Client, ServiceTimeout, curve_options
+from swapvae.runtime.reach import r2_scores, reach_scores
+from swapvae.schemas.manifest import MANIFEST, BundleManifest
+from swapvae.schemas.session import Session, split_session
 
 
 @dataclass
@@ -83,7 +83,7 @@ def scores(angle: np.ndarray, velocity: np.ndarray, bins: ReplayBins) -> dict:
 def offline_reach(bundle: str | Path, session: Session) -> dict:
     """The same scores from the engine in-process, one bin per call with the same resets, as
     the service decodes them."""
-    from runtime.engine import BundleDecoder
+    from swapvae.runtime.engine import BundleDecoder
 
     dec = BundleDecoder(bundle)
     bins = replay_bins(dec.manifest, session)
@@ -157,7 +157,7 @@ def replay_command(args, load_session) -> int:
     """``load_session(data, min_trials)``: how the command reads ``--data`` (swapvae.cli)."""
     plot = getattr(args, "plot", None)
     if plot:
-        from runtime.latency_plot import require_matplotlib
+        from swapvae.runtime.latency_plot import require_matplotlib
 
         require_matplotlib()  # before streaming anything
     manifest = read_manifest(args.bundle)
@@ -168,7 +168,7 @@ def replay_command(args, load_session) -> int:
     r = replay(args.bundle, load_session(data), args.endpoint, args.rate, keep_times=bool(plot),
                **curve_options(args))
     if plot:
-        from runtime.latency_plot import latency_histogram
+        from swapvae.runtime.latency_plot import latency_histogram
 
         t = r.pop("times_ns")
         pace = f"{r['rate_hz']:g} Hz" if r["rate_hz"] else "back to back"

@@ -61,17 +61,17 @@ import time
 
 import zmq
 
-from runtime import wire
-from runtime.batching import MAX_BATCH, Coalescing
-from runtime.history import StreamTable
-from runtime.lanes import SLICE_NS, BulkLane, LaterLane
-from runtime.limits import CONTROL_COST, CONTROL_RATE, HANDSHAKE_MS, HEARTBEAT_MS, HEARTBEAT_TIMEOUT_MS, ControlLimiter
-from runtime.loaded import Loaded, prepare
-from runtime.recorder import Recorder
-from runtime.security import CurveServer, ZapHandler, client_socket, is_local, secure_socket
-from runtime.sources import STREAM_KEY, RouterSource, StreamSource, Subscriptions
-from runtime.waits import BlockingWait, SpinWait
-from schemas.protocol import MAX_BODY_BYTES, ErrorBody, ErrorCode, MsgType, StatsReply
+from swapvae.runtime import wire
+from swapvae.runtime.batching import MAX_BATCH, Coalescing
+from swapvae.runtime.history import StreamTable
+from swapvae.runtime.lanes import SLICE_NS, BulkLane, LaterLane
+from swapvae.runtime.limits import CONTROL_COST, CONTROL_RATE, HANDSHAKE_MS, HEARTBEAT_MS, HEARTBEAT_TIMEOUT_MS, ControlLimiter
+from swapvae.runtime.loaded import Loaded, prepare
+from swapvae.runtime.recorder import Recorder
+from swapvae.runtime.security import CurveServer, ZapHandler, client_socket, is_local, secure_socket
+from swapvae.runtime.sources import STREAM_KEY, RouterSource, StreamSource, Subscriptions
+from swapvae.runtime.waits import BlockingWait, SpinWait
+from swapvae.schemas.protocol import MAX_BODY_BYTES, ErrorBody, ErrorCode, MsgType, StatsReply
 
 MAX_STREAMS = 1024  # streams whose history the server keeps (--max-streams)
 STATS_MAX_AGE_NS = 100_000_000  # a STATS reuses latency summaries computed this recently (counters are current)

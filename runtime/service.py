@@ -20,16 +20,16 @@ from pathlib import Path
 
 
 def serve_command(args) -> int:
-    from runtime.security import CurveServer, key_or_file, pin_to_core, raise_open_files, return_big_blocks_to_the_os
+    from swapvae.runtime.security import CurveServer, key_or_file, pin_to_core, raise_open_files, return_big_blocks_to_the_os
 
     if args.core is not None:
         pin_to_core(args.core)
     raise_open_files()
     return_big_blocks_to_the_os()
 
-    from runtime.bundle import load_public_key
-    from runtime.engine import BundleDecoder
-    from runtime.server import MAX_STREAMS, Server
+    from swapvae.runtime.bundle import load_public_key
+    from swapvae.runtime.engine import BundleDecoder
+    from swapvae.runtime.server import MAX_STREAMS, Server
 
     if bool(args.curve_secret) != bool(args.allow):
         raise ValueError("CURVE needs both --curve-secret (this server's key pair) and --allow (clients' public keys)")

@@ -33,9 +33,9 @@ from collections import deque
 import numpy as np
 import zmq
 
-from runtime.limits import HELD_BYTES, HELD_PEER_BYTES, MAX_ENVELOPE_FRAME_BYTES, MAX_ENVELOPE_FRAMES
-from runtime.recorder import Recorder
-from schemas.protocol import DTYPE_NUMPY, MAGIC, PROTOCOL_VERSION, REQUEST_FORMAT
+from swapvae.runtime.limits import HELD_BYTES, HELD_PEER_BYTES, MAX_ENVELOPE_FRAME_BYTES, MAX_ENVELOPE_FRAMES
+from swapvae.runtime.recorder import Recorder
+from swapvae.schemas.protocol import DTYPE_NUMPY, MAGIC, PROTOCOL_VERSION, REQUEST_FORMAT
 
 STREAM_KEY = b""  # the SUB input's stream (a ROUTER identity is 1 to 255 bytes, never empty)
 TOPICS = (b"", b"SVAE")  # the subscriptions the protocol defines

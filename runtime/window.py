@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.engine import BundleDecoder, _check_values
-from runtime.output import FIELDS, DecodeOutput
+from swapvae.runtime.engine import BundleDecoder, _check_values
+from swapvae.runtime.output import FIELDS, DecodeOutput
 
 
 class SlidingWindowDecoder:

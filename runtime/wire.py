@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from schemas.protocol import (
+from swapvae.schemas.protocol import (
     DECODE_SECTIONS,
     DTYPE_NUMPY,
     MAGIC,

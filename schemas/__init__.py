@@ -2,7 +2,7 @@
 
 Depends on nothing else in this project, so both sides read the same definitions.
 """
-from schemas.config import (
+from swapvae.schemas.config import (
     DataConfig,
     LossConfig,
     ModelConfig,

@@ -1,7 +1,7 @@
 """The bundle manifest: everything the runtime needs to serve an exported model.
 
 A bundle is a directory holding ONNX graphs and this ``manifest.json``. It is the only thing
-that crosses from training to a rig PC, so the manifest says what a client must send (the raw
+that crosses from swapvae.training to a rig PC, so the manifest says what a client must send (the raw
 count vector of all ``n_channels`` recorded channels, one bin of ``bin_size_s``), what comes
 back, and the sha256 of every file, which the runtime checks before it loads anything.
 

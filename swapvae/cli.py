@@ -32,14 +32,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, help="overrides optim.epochs")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     _nwb_options(t)
-    t.set_defaults(run="training.run:train_command")
+    t.set_defaults(run="swapvae.training.run:train_command")
 
     e = sub.add_parser("evaluate", help="print the metrics table of a run")
     e.add_argument("run_dir")
     e.add_argument("--data", help="re-evaluate on this session (default: the run's own data)")
     e.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     _nwb_options(e, rerun=True)
-    e.set_defaults(run="training.run:evaluate_command")
+    e.set_defaults(run="swapvae.training.run:evaluate_command")
 
     x = sub.add_parser("export", help="export a run to an ONNX bundle directory")
     x.add_argument("run_dir")
@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--sign", metavar="KEY", help="sign the manifest with this Ed25519 private key (swapvae keygen sign)")
     x.add_argument("--weights", choices=["fp32", "int8"], default="fp32",
                    help="int8: quantize the served graph (for large d; checked against fp32 on the test bins)")
-    x.set_defaults(run="training.export:export_command")
+    x.set_defaults(run="swapvae.training.export:export_command")
 
     s = sub.add_parser("serve", help="serve a bundle over ZeroMQ")
     s.add_argument("bundle")
@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(default 500)")
     s.add_argument("--control-rate", type=float, metavar="PER_S",
                    help="INFO, STATS and PING per second per peer (default 50); beyond: RATE_LIMITED")
-    s.set_defaults(run="runtime.service:serve_command")
+    s.set_defaults(run="swapvae.runtime.service:serve_command")
 
     r = sub.add_parser("replay", help="stream a recording's test bins through a running service")
     r.add_argument("bundle")
@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--wait", type=float, default=10.0, metavar="SECONDS", help="how long --endpoint waits (10)")
     v.add_argument("--json", action="store_true")
     _curve_client_options(v)
-    v.set_defaults(run="runtime.admin:verify_command")
+    v.set_defaults(run="swapvae.runtime.admin:verify_command")
 
     st = sub.add_parser("stats", help="print a running service's STATS reply")
     st.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5555",
@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="the reply as one JSON object")
     st.add_argument("--timeout-ms", type=int, default=1000, help="give up after this long (1000)")
     _curve_client_options(st)
-    st.set_defaults(run="runtime.admin:stats_command")
+    st.set_defaults(run="swapvae.runtime.admin:stats_command")
 
     k = sub.add_parser("keygen", help="write a key pair (sign: NAME.key private and NAME.pub; curve: NAME.key_secret "
                                       "private and NAME.key public); private files mode 0600, never overwritten")
@@ -126,13 +126,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--data", help="session to plot (default: the run's own data)")
     g.add_argument("--out", help="figure directory (default: RUN_DIR/figures)")
     _nwb_options(g, rerun=True)
-    g.set_defaults(run="training.report:report_command")
+    g.set_defaults(run="swapvae.training.report:report_command")
 
     c = sub.add_parser("convert", help="write a session (e.g. an NWB file, binned) as a .npz (docs/DATA.md)")
     c.add_argument("data", help=".nwb or .npz recording, 'simulated' or 'synthetic[:SEED[:SEQUENCES]]'")
     c.add_argument("--out", required=True, help=".npz file to write")
     _nwb_options(c)
-    c.set_defaults(run="training.data:convert_command")
+    c.set_defaults(run="swapvae.training.data:convert_command")
     return p
 
 
@@ -157,21 +157,21 @@ NWB_OPTIONS = ("bin_size_s", "target_column", "velocity_series")  # training.dat
 def load_session_any(data: str, min_trials: int = 4, **options):
     """A session for the runtime's replay: a .npz with numpy alone (a rig install), anything
     else (an NWB file read with ``options``, simulated, synthetic) through ``training.data``."""
-    from schemas.session import read_npz
+    from swapvae.schemas.session import read_npz
 
     if str(data).endswith(".npz") and not options:
         return read_npz(data, min_trials)
-    from training.data import load_session
+    from swapvae.training.data import load_session
 
     return load_session(data, min_trials, **options)
 
 
 def keygen_command(args) -> int:
     if args.kind == "curve":
-        from runtime.security import generate_curve_keys as generate
+        from swapvae.runtime.security import generate_curve_keys as generate
         where = "keep it on the machine that uses it, off bundles and repositories"
     else:
-        from runtime.bundle import generate_signing_key as generate
+        from swapvae.runtime.bundle import generate_signing_key as generate
         where = "keep it off rigs, bundles and repositories"
     try:
         private, public = generate(args.name)
@@ -182,7 +182,7 @@ def keygen_command(args) -> int:
 
 
 def replay_command(args) -> int:
-    from runtime.replay import replay_command as run
+    from swapvae.runtime.replay import replay_command as run
 
     options = {k: getattr(args, k) for k in NWB_OPTIONS if getattr(args, k) is not None}
     return run(args, lambda data, min_trials=4: load_session_any(data, min_trials, **options))

@@ -27,8 +27,8 @@ TINY_CONFIG = {
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A run directory trained on the simulated session (checkpoint, readout, metrics)."""
-    from schemas.config import SwapVAEConfig
-    from training.run import train_run
+    from swapvae.schemas.config import SwapVAEConfig
+    from swapvae.training.run import train_run
 
     out = tmp_path_factory.mktemp("tiny_run")
     train_run("simulated", out, SwapVAEConfig.model_validate(TINY_CONFIG), progress=False)
@@ -38,7 +38,7 @@ def tiny_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_run, tmp_path_factory):
     """``tiny_run`` exported to an ONNX bundle directory (verified by the export itself)."""
-    from training.export import export_bundle
+    from swapvae.training.export import export_bundle
 
     out = tmp_path_factory.mktemp("tiny_bundle")
     export_bundle(tiny_run, out)

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 
-from runtime.history import StreamHistory
-from runtime.output import FIELDS, DecodeOutput
+from swapvae.runtime.history import StreamHistory
+from swapvae.runtime.output import FIELDS, DecodeOutput
 
 
 class FakeManifest:

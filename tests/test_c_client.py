@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import zmq
 
-from runtime import wire
-from runtime.output import DecodeOutput
-from schemas.protocol import MAGIC, PROTOCOL_VERSION, ErrorCode, MsgType, ReplyFlag
+from swapvae.runtime import wire
+from swapvae.runtime.output import DecodeOutput
+from swapvae.schemas.protocol import MAGIC, PROTOCOL_VERSION, ErrorCode, MsgType, ReplyFlag
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "runtime" / "clients" / "c"

@@ -3,7 +3,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from schemas import SwapVAEConfig
+from swapvae.schemas import SwapVAEConfig
 
 
 def test_defaults_are_the_paper_recipe_where_validation_did_not_move_them():

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from schemas.session import DataError, split_session, validate
-from training.data import jitter_pairs, load_session
-from training.simulate import simulate_reaching
+from swapvae.schemas.session import DataError, split_session, validate
+from swapvae.training.data import jitter_pairs, load_session
+from swapvae.training.simulate import simulate_reaching
 
 
 def _arrays(n_trials=6, length=5, n_neurons=4):

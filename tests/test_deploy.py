@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from deploy_files import DEPLOY, ENV, ROOT, UNIT, Served, expand, read_env_file, read_unit, unit_command
-from runtime.client import Client
-from schemas.protocol import StatsReply
+from swapvae.runtime.client import Client
+from swapvae.schemas.protocol import StatsReply
 
 BIN = Path(sys.executable).parent
 SWAPVAE = str(BIN / "swapvae")
@@ -166,8 +166,8 @@ def test_install_bundle_refuses_a_corrupt_bundle_and_keeps_serving_the_old(tiny_
 
 def test_install_bundle_verifies_with_the_services_trusted_keys(tiny_run, tiny_bundle, tmp_path):
     """serve.env's --trust goes to swapvae verify: an unsigned bundle is refused, a signed one installed."""
-    from runtime.bundle import generate_signing_key
-    from training.export import export_bundle
+    from swapvae.runtime.bundle import generate_signing_key
+    from swapvae.training.export import export_bundle
 
     root = _rig_root(tmp_path / "root", flags="--busy-poll --trust /etc/swapvae/keys/lab.pub")
     key, pub = generate_signing_key(tmp_path / "lab")
@@ -195,7 +195,7 @@ def test_install_bundle_reloads_and_points_back_when_the_service_keeps_the_old_b
         served_root, tiny_run, tmp_path):
     """After `systemctl reload` the script waits for the service to serve the new bundle; a
     service still serving the old one gets ``current`` pointed back at the old one."""
-    from training.export import export_bundle
+    from swapvae.training.export import export_bundle
 
     _, served = served_root
     root = _rig_root(tmp_path / "root")

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from runtime.engine import BundleDecoder, BundleError, DecodeOutput
-from runtime.window import SlidingWindowDecoder
+from swapvae.runtime.engine import BundleDecoder, BundleError, DecodeOutput
+from swapvae.runtime.window import SlidingWindowDecoder
 
 
 @pytest.fixture(scope="module")
@@ -18,16 +18,16 @@ def dec(tiny_bundle):
 
 @pytest.fixture(scope="module")
 def bins():
-    from schemas.session import split_session
-    from training.data import load_session
+    from swapvae.schemas.session import split_session
+    from swapvae.training.data import load_session
 
     return split_session(load_session("simulated")).test.counts[:40]
 
 
 def test_runtime_never_imports_torch_or_training(tiny_bundle):
-    code = ("import sys, numpy as np; import runtime.engine, runtime.window; "
-            f"d = runtime.engine.BundleDecoder({str(tiny_bundle)!r}); d.decode(np.ones(d.n_channels, np.float32)); "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'training', 'sklearn')]; "
+    code = ("import sys, numpy as np; import swapvae.runtime.engine, swapvae.runtime.window; "
+            f"d = swapvae.runtime.engine.BundleDecoder({str(tiny_bundle)!r}); d.decode(np.ones(d.n_channels, np.float32)); "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'sklearn')] + [m for m in sys.modules if m.startswith('swapvae.training')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -9,17 +9,17 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from runtime.history import causal_windows
-from schemas.config import SwapVAEConfig
-from schemas.manifest import BundleManifest, graph_io
-from schemas.session import split_session
+from swapvae.runtime.history import causal_windows
+from swapvae.schemas.config import SwapVAEConfig
+from swapvae.schemas.manifest import BundleManifest, graph_io
+from swapvae.schemas.session import split_session
 from swapvae.cli import main as cli
-from training.data import load_session
-from training.estimator import SwapVAE
-from training.evaluate import Readout
-from training.export import ExportError, export_bundle
-from training.model import SwapVAE as SwapVAENet
-from training.rundir import RunDir
+from swapvae.training.data import load_session
+from swapvae.training.estimator import SwapVAE
+from swapvae.training.evaluate import Readout
+from swapvae.training.export import ExportError, export_bundle
+from swapvae.training.model import SwapVAE as SwapVAENet
+from swapvae.training.rundir import RunDir
 
 TOL = 1e-4
 
@@ -139,7 +139,7 @@ def _synthetic_run(path, *, input_unit="counts", content_dim=8, classes=(0, 1, 2
 
 @pytest.mark.parametrize("kind", ["hz_input_and_missing_classes", "no_content", "sqrt_input"])
 def test_export_folds_preprocessing_and_batchnorm(tmp_path, kind):
-    from runtime.engine import BundleDecoder
+    from swapvae.runtime.engine import BundleDecoder
 
     opts = {"hz_input_and_missing_classes": {"input_unit": "hz", "classes": (0, 2, 3, 5, 7), "history": 4},
             "no_content": {"content_dim": 0, "history": 1},
@@ -171,7 +171,7 @@ def test_export_folds_preprocessing_and_batchnorm(tmp_path, kind):
 
 
 def test_export_that_does_not_reproduce_torch_fails_and_leaves_nothing(tiny_run, tmp_path, monkeypatch):
-    import training.export as export
+    import swapvae.training.export as export
 
     real = export.readout_heads
 
@@ -186,7 +186,7 @@ def test_export_that_does_not_reproduce_torch_fails_and_leaves_nothing(tiny_run,
 
 
 def test_export_refuses_unknown_layers_and_bad_opset(tiny_run, tmp_path):
-    from training.export import fold_sequential
+    from swapvae.training.export import fold_sequential
 
     with pytest.raises(ExportError, match="does not know how to write layer"):
         fold_sequential(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh()))
@@ -228,7 +228,7 @@ def test_manifest_rejects_inconsistent_fields(tiny_bundle):
 
 
 def test_int8_export_quantizes_the_served_graph_and_records_its_error(tiny_run, tmp_path):
-    from runtime.engine import BundleDecoder
+    from swapvae.runtime.engine import BundleDecoder
 
     m = export_bundle(tiny_run, tmp_path / "b8", weights="int8")
     assert m.weights == "int8" and m.quantization is not None
@@ -246,7 +246,7 @@ def test_int8_export_quantizes_the_served_graph_and_records_its_error(tiny_run, 
 
 
 def test_int8_export_beyond_its_limits_fails_and_leaves_nothing(tiny_run, tmp_path, monkeypatch):
-    import training.verify as verify
+    import swapvae.training.verify as verify
 
     monkeypatch.setitem(verify.INT8_LIMITS, "latent_err", 0.0)
     with pytest.raises(ExportError, match="too far.*latent_err"):
@@ -259,10 +259,10 @@ def test_int8_export_beyond_its_limits_fails_and_leaves_nothing(tiny_run, tmp_pa
 def test_label_free_run_exports_latents_and_rates_only(tmp_path, capsys):
     """Counts and trials are enough: no readout is fitted, the bundle says so, the engine
     serves latents and rates and gives None for the readout's outputs."""
-    from runtime.engine import BundleDecoder
-    from schemas.session import write_npz
-    from training.run import train_run
-    from training.simulate import simulate_reaching
+    from swapvae.runtime.engine import BundleDecoder
+    from swapvae.schemas.session import write_npz
+    from swapvae.training.run import train_run
+    from swapvae.training.simulate import simulate_reaching
 
     s = simulate_reaching(n_neurons=30, n_trials=40, seed=2)
     data = write_npz(type(s)(s.counts, s.trial, s.bin_in_trial, bin_size_s=s.bin_size_s, name="unlabelled"),
@@ -279,9 +279,9 @@ def test_label_free_run_exports_latents_and_rates_only(tmp_path, capsys):
     assert out.rates.shape == (1, m.n_neurons) and out.content.shape == (1, 4)
 
     # served: the reply has no readout sections and says so; a replay refuses, saying why
-    from runtime import wire
-    from runtime.server import Server
-    from schemas.protocol import InfoReply, MsgType
+    from swapvae.runtime import wire
+    from swapvae.runtime.server import Server
+    from swapvae.schemas.protocol import InfoReply, MsgType
     from swapvae.cli import main
 
     server = Server(dec, bind=None, sub="inproc://label-free-sub", pub="inproc://label-free-pub", warmup=0)

@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from schemas import SwapVAEConfig
-from schemas.session import split_session
-from training.estimator import SwapVAE
-from training.generate import decode_counts, encode, generate, generated_training_set
-from training.simulate import simulate_reaching
+from swapvae.schemas import SwapVAEConfig
+from swapvae.schemas.session import split_session
+from swapvae.training.estimator import SwapVAE
+from swapvae.training.generate import decode_counts, encode, generate, generated_training_set
+from swapvae.training.simulate import simulate_reaching
 
 # Pinned rather than the project defaults, which move as the recipe is tuned: with counts as
 # input and the KL at 10, the style block stays near the prior and direction lives in content.

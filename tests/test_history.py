@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from runtime.history import StreamHistory, StreamTable, causal_windows
+from swapvae.runtime.history import StreamHistory, StreamTable, causal_windows
 
 
 def _session(rng, lengths=(4, 1, 6, 3), d=3):

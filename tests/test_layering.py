@@ -1,6 +1,10 @@
 """The direction of imports: schemas at the bottom, runtime above it, training above both, the
 ``swapvae`` command on top. A rig PC installs the runtime alone, so nothing under runtime/ may
-import training, torch or scikit-learn, even lazily inside a function."""
+import training, torch or scikit-learn, even lazily inside a function.
+
+The folders are installed under one name (``swapvae.schemas``, ``swapvae.runtime``,
+``swapvae.training``; pyproject.toml), so a module imports them by that name only: a bare
+``import training`` would find a lab's own ``training/`` folder first."""
 import ast
 import subprocess
 import sys
@@ -9,47 +13,72 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = {"schemas", "runtime", "training", "swapvae"}
+LAYERS = ("schemas", "runtime", "training")
+COMMAND = "swapvae"  # swapvae/: the command and its adapters (swapvae.cli, swapvae.commands)
 # what each layer may import of ours, and third-party roots it must never import
 ALLOWED = {"schemas": {"schemas"}, "runtime": {"schemas", "runtime"},
-           "training": {"schemas", "runtime", "training"}}
-FORBIDDEN = {"schemas": {"torch", "sklearn", "onnx", "onnxruntime", "zmq"}, "runtime": {"torch", "sklearn", "onnx"},
-             "training": set()}
+           "training": {"schemas", "runtime", "training"}, COMMAND: {"schemas", "runtime", "training", COMMAND}}
+FORBIDDEN = {"schemas": {"torch", "sklearn", "onnx", "onnxruntime", "zmq", "argparse"},
+             "runtime": {"torch", "sklearn", "onnx", "argparse", "ray"},
+             "training": {"argparse", "ray"}, COMMAND: set()}
 
 
-def imported_roots(path: Path) -> set[str]:
-    """Top-level package of every absolute import in the file, wherever it sits (lazy ones too)."""
-    roots = set()
+def imported(path: Path) -> tuple[set[str], set[str]]:
+    """(our layers, third-party roots) of every absolute import in the file, wherever it sits
+    (lazy ones too). ``swapvae.runtime.engine`` is the layer runtime; ``swapvae.cli`` the command."""
+    ours, others = set(), set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            roots |= {a.name.split(".")[0] for a in node.names}
+            names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            roots.add(node.module.split(".")[0])
-    return roots
+            names = [node.module] + ([f"{node.module}.{a.name}" for a in node.names] if node.module == COMMAND else [])
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == COMMAND:
+                ours.add(parts[1] if len(parts) > 1 and parts[1] in LAYERS else COMMAND)
+            else:
+                others.add(parts[0])
+    return ours, others
+
+
+def layer_of(path: Path) -> str:
+    return path.relative_to(ROOT).parts[0]
 
 
 MODULES = sorted(p for layer in ALLOWED for p in (ROOT / layer).rglob("*.py"))
 
 
 def test_every_layer_has_modules():
-    assert {p.relative_to(ROOT).parts[0] for p in MODULES} == set(ALLOWED)
+    assert {layer_of(p) for p in MODULES} == set(ALLOWED)
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_imports_go_one_way(path):
-    layer = path.relative_to(ROOT).parts[0]
-    roots = imported_roots(path)
-    upward = (roots & OURS) - ALLOWED[layer]
+    layer = layer_of(path)
+    ours, others = imported(path)
+    bare = others & set(LAYERS)
+    assert not bare, f"{path.relative_to(ROOT)} imports {sorted(bare)} by the bare name: use swapvae.{sorted(bare)[0]}"
+    upward = ours - ALLOWED[layer]
     assert not upward, f"{path.relative_to(ROOT)} ({layer}) imports {sorted(upward)}"
-    banned = roots & FORBIDDEN[layer]
+    banned = others & FORBIDDEN[layer]
     assert not banned, f"{path.relative_to(ROOT)} ({layer}) imports {sorted(banned)}"
+
+
+def test_the_checker_sees_each_kind_of_import(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("import argparse\nfrom swapvae.training.data import x\nimport swapvae.runtime.engine as e\n"
+                 "from swapvae import cli\ndef f():\n    import training\n")
+    assert imported(f) == ({"training", "runtime", COMMAND}, {"argparse", "training"})
 
 
 def test_runtime_loads_with_the_training_side_missing():
     """Every runtime module imports in a process where torch, scikit-learn and onnx cannot be
     imported at all (as on a runtime-only install), and pulls in nothing of training; a
     training command there says in one line what to install."""
-    runtime = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts) for p in (ROOT / "runtime").rglob("*.py"))
+    runtime = sorted("swapvae." + ".".join(p.relative_to(ROOT).with_suffix("").parts)
+                     for p in (ROOT / "runtime").rglob("*.py"))
     code = f"""
 import importlib, sys
 class Block:
@@ -59,10 +88,25 @@ class Block:
 sys.meta_path.insert(0, Block())
 for m in {runtime!r}:
     importlib.import_module(m.removesuffix(".__init__"))
-assert not [m for m in sys.modules if m.split(".")[0] == "training"]
+assert not [m for m in sys.modules if m.startswith("swapvae.training")]
 from swapvae.cli import main
 assert main(["train", "--out", "/nonexistent/run"]) == 2  # one line naming the [train] extra, no traceback
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "pip install 'swapvae-bci[train]'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_labs_own_training_folder_does_not_shadow_ours(tmp_path):
+    """A lab's analysis folder with a training/ (and schemas/, runtime/) package of its own: the
+    README's import still finds ours."""
+    for name in LAYERS:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("MINE = True\n")
+    code = ("import numpy as np, training\nassert training.MINE\n"
+            "from swapvae.training import SwapVAE\nfrom swapvae.schemas.session import split_session\n"
+            "from swapvae.runtime.engine import BundleDecoder\n"
+            "print(SwapVAE(epochs=1).get_config().optim.epochs)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"

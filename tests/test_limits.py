@@ -12,12 +12,12 @@ import pytest
 import zmq
 
 from fakes import FakeEngine, expected
-from runtime import wire
-from runtime.limits import ControlLimiter, Limits, max_bins_for
-from runtime.recorder import Recorder
-from runtime.server import Server
-from runtime.sources import RouterSource, StreamSource, Subscriptions
-from schemas.protocol import MAX_BINS, ErrorCode, InfoReply, MsgType
+from swapvae.runtime import wire
+from swapvae.runtime.limits import ControlLimiter, Limits, max_bins_for
+from swapvae.runtime.recorder import Recorder
+from swapvae.runtime.server import Server
+from swapvae.runtime.sources import RouterSource, StreamSource, Subscriptions
+from swapvae.schemas.protocol import MAX_BINS, ErrorCode, InfoReply, MsgType
 from test_server import Running
 
 

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from schemas import ReadoutConfig
-from schemas.session import Session
-from training.metrics import (bits_per_spike, disentanglement_per_latent, disentanglement_score, label_variances, mean_std,
+from swapvae.schemas import ReadoutConfig
+from swapvae.schemas.session import Session
+from swapvae.training.metrics import (bits_per_spike, disentanglement_per_latent, disentanglement_score, label_variances, mean_std,
                               reconstruction_rmse, temporal_scores, trial_average)
 
 FAST_READOUT = ReadoutConfig(C_grid=(0.1, 1.0), cv_folds=3)

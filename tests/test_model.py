@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from training.model import SwapVAE, alignment_loss, block_swap, kl_divergence, poisson_nll
+from swapvae.training.model import SwapVAE, alignment_loss, block_swap, kl_divergence, poisson_nll
 
 
 def test_poisson_nll_hand_computed():

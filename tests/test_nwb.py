@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from nwb_files import new_file, session_to_nwb, write_nwb
-from schemas.session import DataError, read_npz, write_npz
+from swapvae.schemas.session import DataError, read_npz, write_npz
 from swapvae.cli import main as cli
-from training.data import load_session
-from training.nwb import bin_spikes
+from swapvae.training.data import load_session
+from swapvae.training.nwb import bin_spikes
 
 from conftest import CHEWIE  # noqa: E402  (tests/ is on sys.path)
 LABELS = {"target_column": "target", "velocity_series": "hand_velocity"}
@@ -214,8 +214,8 @@ def test_bar_chewie_nwb_trains_to_the_npz_metrics(chewie_nwb, tmp_path):
 def test_nwb_run_reopens_with_its_options(tmp_path, capsys):
     """run.json records how the NWB file was read: evaluate, report and export reload the same
     session without the options given again."""
-    from schemas.session import split_session
-    from training.simulate import simulate_reaching
+    from swapvae.schemas.session import split_session
+    from swapvae.training.simulate import simulate_reaching
 
     sim = simulate_reaching(n_neurons=30, n_trials=40, seed=2)
     path = session_to_nwb(sim, tmp_path / "sim.nwb")
@@ -243,7 +243,7 @@ def test_nwb_run_reopens_with_its_options(tmp_path, capsys):
 
 
 def test_label_free_nwb_trains_and_exports_latents_and_rates(tmp_path, capsys):
-    from training.simulate import simulate_reaching
+    from swapvae.training.simulate import simulate_reaching
 
     sim = simulate_reaching(n_neurons=30, n_trials=40, seed=3)
     path = session_to_nwb(sim, tmp_path / "sim.nwb")  # has a target column and a velocity series, unused here

@@ -46,7 +46,7 @@ assert main(["serve", "/nonexistent/bundle"]) == 2
 def test_cuda_advice_names_two_builds_installed_together(monkeypatch):
     from importlib import metadata
 
-    from runtime.engine import onnxruntime_advice
+    from swapvae.runtime.engine import onnxruntime_advice
 
     monkeypatch.setattr(metadata, "version", lambda name: "1.0")
     assert "both installed" in onnxruntime_advice() and "pip install onnxruntime-gpu" in onnxruntime_advice()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from schemas import SwapVAEConfig
+from swapvae.schemas import SwapVAEConfig
 
 PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_tables.py"
 

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from fakes import FakeEngine, expected
-from runtime import wire
-from runtime.client import Client
-from runtime.server import Server
-from schemas.protocol import InfoReply, MsgType, ReplyFlag
+from swapvae.runtime import wire
+from swapvae.runtime.client import Client
+from swapvae.runtime.server import Server
+from swapvae.schemas.protocol import InfoReply, MsgType, ReplyFlag
 from test_server import Running
 from test_service import Service
 
@@ -73,7 +73,7 @@ def test_a_failed_load_keeps_the_old_engine_and_a_good_one_switches_between_requ
 def _bundle_versions(tiny_bundle, root: Path, sign_key=None) -> dict[str, Path]:
     """v1 (the tiny bundle), v2 (its manifest with another created_utc: a valid new bundle whose
     INFO differs), v3 (v2 with a corrupt decode graph); signed by ``sign_key`` if given."""
-    from runtime.bundle import SIGNATURE, sign_manifest
+    from swapvae.runtime.bundle import SIGNATURE, sign_manifest
 
     out = {}
     for name in ("v1", "v2", "v3"):
@@ -160,7 +160,7 @@ def test_sighup_swaps_to_the_new_bundle_under_a_stream_of_requests(tiny_bundle, 
 
 
 def test_a_reload_keeps_the_trusted_keys(tiny_bundle, tmp_path):
-    from runtime.bundle import generate_signing_key, load_private_key
+    from swapvae.runtime.bundle import generate_signing_key, load_private_key
 
     private, public = generate_signing_key(tmp_path / "lab")
     signed = _bundle_versions(tiny_bundle, tmp_path / "signed", load_private_key(private))

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from schemas import SwapVAEConfig
+from swapvae.schemas import SwapVAEConfig
 from swapvae.cli import main as cli
-from schemas.session import split_session
-from training.data import load_session
-from training.run import train_run
-from training.report import FIGURES, _pca, example_neurons, write_report
-from training.rundir import RunDir
+from swapvae.schemas.session import split_session
+from swapvae.training.data import load_session
+from swapvae.training.run import train_run
+from swapvae.training.report import FIGURES, _pca, example_neurons, write_report
+from swapvae.training.rundir import RunDir
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = {"device": "cpu", "model": {"content_dim": 4, "style_dim": 4, "hidden": ["d", 16]},
@@ -67,7 +67,7 @@ def test_errors_are_reported_without_traceback(tmp_path, swap_run, capsys):
 
 
 def test_direction_colours_are_distinct_for_every_class():
-    from training.report import direction_colors
+    from swapvae.training.report import direction_colors
 
     for n in (4, 8, 12):
         colors = direction_colors(n)[:, :3]
@@ -76,7 +76,7 @@ def test_direction_colours_are_distinct_for_every_class():
 
 
 def test_confusion_counts_every_moving_test_bin_once(swap_run):
-    from training.report import plot_confusion
+    from swapvae.training.report import plot_confusion
 
     loaded = RunDir(swap_run).load()
     est, split, cfg = loaded.estimator, loaded.split, loaded.config.readout

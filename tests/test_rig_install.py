@@ -112,9 +112,9 @@ def chewie_bundle(tmp_path_factory):
     """A small Swap-VAE trained on Chewie-1 and exported (in this test's full environment)."""
     if not CHEWIE.exists():
         pytest.skip(f"{CHEWIE} is not here")
-    from schemas.config import SwapVAEConfig
-    from training.export import export_bundle
-    from training.run import train_run
+    from swapvae.schemas.config import SwapVAEConfig
+    from swapvae.training.export import export_bundle
+    from swapvae.training.run import train_run
 
     run = tmp_path_factory.mktemp("chewie_run")
     train_run(str(CHEWIE), run, SwapVAEConfig.model_validate(CHEWIE_CONFIG), progress=False)
@@ -150,8 +150,8 @@ def test_training_commands_on_the_rig_name_the_train_extra_in_one_line(rig, argv
 def test_bar_rig_serves_and_replays_chewie_to_the_offline_scores(rig, chewie_bundle):
     """install-bundle.sh (the rig's verify), the unit's command line (the rig's serve), the
     rig's replay: the scores equal ``offline_reach`` of the same bundle, computed here."""
-    from runtime.replay import offline_reach
-    from schemas.session import read_npz
+    from swapvae.runtime.replay import offline_reach
+    from swapvae.schemas.session import read_npz
 
     installed = subprocess.run(["bash", str(DEPLOY / "install-bundle.sh"), str(chewie_bundle)], capture_output=True,
                                text=True, timeout=120, cwd=rig,

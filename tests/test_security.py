@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import zmq
 
-from runtime import wire
-from runtime.client import Client, ServiceTimeout
-from runtime.security import CurveKeyError, load_secret
-from schemas.protocol import MsgType
+from swapvae.runtime import wire
+from swapvae.runtime.client import Client, ServiceTimeout
+from swapvae.runtime.security import CurveKeyError, load_secret
+from swapvae.schemas.protocol import MsgType
 from swapvae.cli import main
 from test_c_client import CFLAGS, SRC, _zmq_header
 from test_service import ROOT, Service
@@ -54,7 +54,7 @@ def test_keygen_writes_a_private_file_only_its_owner_reads_and_never_overwrites(
 
 
 def test_an_allowed_key_decodes_and_an_unknown_one_gets_nothing(secure, keys, tiny_bundle):
-    from runtime.engine import BundleDecoder
+    from swapvae.runtime.engine import BundleDecoder
 
     eng = BundleDecoder(tiny_bundle)
     x = np.random.default_rng(0).poisson(1.5, (3, eng.n_channels)).astype(np.float32)

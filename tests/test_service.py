@@ -17,11 +17,11 @@ import pytest
 import zmq
 
 from deploy_files import Served
-from runtime import wire
-from runtime.client import Client, ServiceError, ServiceTimeout
-from runtime.output import FIELDS
-from schemas.protocol import DType, ErrorCode, InfoReply, MsgType
-from training.data import load_session
+from swapvae.runtime import wire
+from swapvae.runtime.client import Client, ServiceError, ServiceTimeout
+from swapvae.runtime.output import FIELDS
+from swapvae.schemas.protocol import DType, ErrorCode, InfoReply, MsgType
+from swapvae.training.data import load_session
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 60.0
@@ -44,7 +44,7 @@ def service(tiny_bundle):
 
 @pytest.fixture(scope="module")
 def engine(tiny_bundle):
-    from runtime.engine import BundleDecoder
+    from swapvae.runtime.engine import BundleDecoder
 
     return BundleDecoder(tiny_bundle)
 
@@ -312,7 +312,7 @@ def test_streaming_sub_to_pub(tiny_bundle, engine, bins):
 
 
 def test_replay_scores_equal_the_offline_evaluation(service, tiny_bundle, tiny_run):
-    from runtime.replay import offline_reach
+    from swapvae.runtime.replay import offline_reach
 
     out = subprocess.run([sys.executable, "-m", "swapvae", "replay", str(tiny_bundle), "--data", "simulated",
                           "--endpoint", service.endpoint, "--json"], cwd=ROOT, capture_output=True, text=True,
@@ -339,7 +339,7 @@ def test_replay_scores_equal_the_offline_evaluation(service, tiny_bundle, tiny_r
 def test_replay_refuses_another_bundles_service(service, tmp_path, tiny_bundle):
     import shutil
 
-    from runtime.replay import replay
+    from swapvae.runtime.replay import replay
 
     other = tmp_path / "other"
     shutil.copytree(tiny_bundle, other)

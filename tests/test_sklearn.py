@@ -14,11 +14,11 @@ from sklearn.model_selection import GridSearchCV, GroupKFold
 from sklearn.pipeline import Pipeline
 from sklearn.utils.estimator_checks import check_estimator
 
-from schemas import SwapVAEConfig
-from schemas.session import split_session
-from training import SwapVAE
-from training.estimator import EXPECTED_FAILED_CHECKS, PARAMS, positions_in_trials
-from training.simulate import simulate_reaching
+from swapvae.schemas import SwapVAEConfig
+from swapvae.schemas.session import split_session
+from swapvae.training import SwapVAE
+from swapvae.training.estimator import EXPECTED_FAILED_CHECKS, PARAMS, positions_in_trials
+from swapvae.training.simulate import simulate_reaching
 
 ROOT = Path(__file__).resolve().parents[1]
 # tiny and single-threaded: fits take milliseconds, and a seed gives the same bits every time
@@ -144,10 +144,10 @@ def test_grouped_grid_search_over_one_hyperparameter(data):
 
 
 def test_training_package_imports_torch_only_for_the_estimator():
-    code = ("import sys, training, training.data\n"
+    code = ("import sys, swapvae.training, swapvae.training.data\n"
             "assert 'torch' not in sys.modules and 'sklearn' not in sys.modules\n"
-            "from training import SwapVAE\n"
-            "import training.estimator\n"
-            "assert SwapVAE is training.estimator.SwapVAE and 'torch' in sys.modules\n")
+            "from swapvae.training import SwapVAE\n"
+            "import swapvae.training.estimator\n"
+            "assert SwapVAE is swapvae.training.estimator.SwapVAE and 'torch' in sys.modules\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from schemas.session import split_session
-from training.simulate import simulate_reaching
-from training.supervised import SupervisedDecoder
+from swapvae.schemas.session import split_session
+from swapvae.training.simulate import simulate_reaching
+from swapvae.training.supervised import SupervisedDecoder
 
 
 @pytest.fixture(scope="module")

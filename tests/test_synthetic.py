@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from schemas.session import split_session, validate
-from training.synthetic import N_CLUSTERS, SEQ_LEN, RealNVP, make_synthetic, sample_latents, synthetic_config
+from swapvae.schemas.session import split_session, validate
+from swapvae.training.synthetic import N_CLUSTERS, SEQ_LEN, RealNVP, make_synthetic, sample_latents, synthetic_config
 
 
 @pytest.fixture(scope="module")

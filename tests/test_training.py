@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from schemas import SwapVAEConfig
+from swapvae.schemas import SwapVAEConfig
 from swapvae.cli import main as cli
-from schemas.session import split_session
-from training.estimator import SwapVAE, TrainingDiverged
-from training.evaluate import evaluate
-from training.model import SwapVAE as SwapVAENet
-from training.simulate import simulate_reaching
+from swapvae.schemas.session import split_session
+from swapvae.training.estimator import SwapVAE, TrainingDiverged
+from swapvae.training.evaluate import evaluate
+from swapvae.training.model import SwapVAE as SwapVAENet
+from swapvae.training.simulate import simulate_reaching
 
 FAST = {"optim": {"epochs": 3, "batch_size": 64}}
 
@@ -99,7 +99,7 @@ def test_thread_counts_agree_to_rounding(split):
 
 
 def test_choose_threads_keeps_the_faster_choice():
-    from training.estimator import choose_threads
+    from swapvae.training.estimator import choose_threads
 
     def timed(cost):
         def step():
@@ -116,7 +116,7 @@ def test_choose_threads_keeps_the_faster_choice():
 
 
 def test_thinning_keeps_a_binomial_share_of_each_bins_spikes():
-    from training.estimator import _thin
+    from swapvae.training.estimator import _thin
 
     gen = torch.Generator().manual_seed(0)
     counts = torch.poisson(torch.full((2000, 200), 3.0), generator=gen)
@@ -207,7 +207,7 @@ def test_training_thread_setting_is_scoped(split):
 
 
 def test_device_names_resolve_or_say_what_torch_sees(monkeypatch):
-    from training.estimator import resolve_device
+    from swapvae.training.estimator import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

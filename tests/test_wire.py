@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from fakes import FakeEngine, expected
-from runtime import wire
-from runtime.output import FIELDS, DecodeOutput
-from schemas import protocol as P
-from schemas.protocol import DType, ErrorCode, MsgType
+from swapvae.runtime import wire
+from swapvae.runtime.output import FIELDS, DecodeOutput
+from swapvae.schemas import protocol as P
+from swapvae.schemas.protocol import DType, ErrorCode, MsgType
 
 SPEC = Path(__file__).resolve().parents[1] / "schemas" / "PROTOCOL.md"
 
@@ -67,7 +67,7 @@ def test_decode_sections_are_one_definition():
     assert [(r[0], r[1], r[3], r[4]) for r in rows] == want
     assert FIELDS == tuple(s.name for s in P.DECODE_SECTIONS)
     assert [f.name for f in __import__("dataclasses").fields(DecodeOutput)] == list(FIELDS)
-    from runtime.client import Decoded
+    from swapvae.runtime.client import Decoded
     assert [f.name for f in __import__("dataclasses").fields(Decoded)][:len(FIELDS)] == list(FIELDS)
     assert issubclass(Decoded, DecodeOutput)
     assert all(s.width is None or s.width in dict(P.REPLY_LAYOUT) for s in P.DECODE_SECTIONS)
@@ -330,7 +330,7 @@ def test_parse_reply_rejects_garbage():
 
 @pytest.fixture()
 def server():
-    from runtime.server import Server
+    from swapvae.runtime.server import Server
 
     s = Server(FakeEngine(), bind=None, sub="inproc://unused-sub", pub="inproc://unused-pub", warmup=2)
     yield s
@@ -375,7 +375,7 @@ def test_handle_bad_values(server, bad):
 
 
 def test_engine_failure_is_an_internal_error_not_a_crash():
-    from runtime.server import Server
+    from swapvae.runtime.server import Server
 
     eng = FakeEngine()
     s = Server(eng, bind=None, sub="inproc://a", pub="inproc://b", warmup=0)
@@ -467,7 +467,7 @@ def test_a_refused_request_leaves_its_stream_as_it_was(server):
 
 
 def test_streams_beyond_the_limit_evict_the_least_recent_and_stats_count_them():
-    from runtime.server import Server
+    from swapvae.runtime.server import Server
 
     s = Server(FakeEngine(), bind=None, sub="inproc://e", pub="inproc://f", warmup=0, max_streams=2)
     try:
@@ -487,7 +487,7 @@ def test_streams_beyond_the_limit_evict_the_least_recent_and_stats_count_them():
 
 
 def test_a_bundle_without_a_readout_serves_latents_and_rates():
-    from runtime.server import Server
+    from swapvae.runtime.server import Server
 
     s = Server(FakeEngine(readout=False), bind=None, sub="inproc://g", pub="inproc://h", warmup=0)
     try:
@@ -503,7 +503,7 @@ def test_a_bundle_without_a_readout_serves_latents_and_rates():
 
 
 def test_latency_ring_wraps(server):
-    from runtime.server import Server
+    from swapvae.runtime.server import Server
 
     s = Server(FakeEngine(), bind=None, sub="inproc://c", pub="inproc://d", warmup=0, window=8)
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from schemas.session import DataError, Session, read_npz, write_npz
+from swapvae.schemas.session import DataError, Session, read_npz, write_npz
 
 SOURCES = ".npz recording, .nwb recording, 'simulated' (the built-in session) or 'synthetic[:SEED[:SEQUENCES]]'"
 # How to read an NWB file (training.nwb); a run directory records the ones it was given.
@@ -29,11 +29,11 @@ def load_session(path: str | Path, min_trials: int = 4, seed: int = 0, *, bin_si
     if nwb and Path(str(path)).suffix != ".nwb":
         raise DataError(f"{path}: {', '.join(sorted(nwb))} set how an NWB file is read; this is not one")
     if str(path) == "simulated":
-        from training.simulate import simulate_reaching
+        from swapvae.training.simulate import simulate_reaching
 
         return simulate_reaching(seed=seed)
     if str(path).split(":")[0] == "synthetic":
-        from training.synthetic import make_synthetic
+        from swapvae.training.synthetic import make_synthetic
 
         parts = str(path).split(":")[1:]
         if len(parts) > 2 or not all(p.isdigit() for p in parts):
@@ -44,7 +44,7 @@ def load_session(path: str | Path, min_trials: int = 4, seed: int = 0, *, bin_si
     if not path.exists():
         raise DataError(f"{path}: no such file (use 'simulated' for the built-in session)")
     if path.suffix == ".nwb":
-        from training.nwb import read_nwb
+        from swapvae.training.nwb import read_nwb
 
         return read_nwb(path, min_trials=min_trials, **nwb)
     if path.suffix != ".npz":

@@ -1,4 +1,4 @@
-"""Swap-VAE as a scikit-learn transformer: ``SwapVAE``, imported as ``from training import SwapVAE``.
+"""Swap-VAE as a scikit-learn transformer: ``SwapVAE``, imported as ``from swapvae.training import SwapVAE``.
 
     vae = SwapVAE(epochs=100, lr=1e-3, seed=0).fit(counts, trial=trial)   # raw counts (bins, channels)
     z = vae.transform(counts)             # [c, mu] per bin; transform(counts, space="content") for c
@@ -38,10 +38,10 @@ import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
-from schemas import SwapVAEConfig
-from schemas.session import static_filter
-from training.data import jitter_pairs
-from training.model import SwapVAE as SwapVAENet
+from swapvae.schemas import SwapVAEConfig
+from swapvae.schemas.session import static_filter
+from swapvae.training.data import jitter_pairs
+from swapvae.training.model import SwapVAE as SwapVAENet
 
 SPACES = ("full", "content", "style")
 

@@ -21,10 +21,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupKFold
 from threadpoolctl import threadpool_limits
 
-from runtime.history import causal_windows
-from runtime.reach import angle_from_proba, class_angles, r2_scores, reach_scores
-from schemas import ReadoutConfig
-from schemas.session import Session, Split
+from swapvae.runtime.history import causal_windows
+from swapvae.runtime.reach import angle_from_proba, class_angles, r2_scores, reach_scores
+from swapvae.schemas import ReadoutConfig
+from swapvae.schemas.session import Session, Split
 
 _ARRAYS = ("coef", "intercept", "class_angles", "velocity_coef", "velocity_intercept")
 

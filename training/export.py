@@ -19,16 +19,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from runtime.reach import classes_of_angles
-from schemas.manifest import (CORE_FIELDS, MANIFEST, BundleManifest, Direction, Evaluation, GraphSpec, Quantization,
+from swapvae.runtime.reach import classes_of_angles
+from swapvae.schemas.manifest import (CORE_FIELDS, MANIFEST, BundleManifest, Direction, Evaluation, GraphSpec, Quantization,
                               ReadoutSpec, TrainingInfo, graph_io)
-from runtime.bundle import SIGNATURE, load_private_key, sign_manifest
-from training.estimator import SwapVAE
-from training.evaluate import Readout
-from training.graphs import (Affine, ExportError, build_graphs, fold_input, fold_sequential, package_version,
+from swapvae.runtime.bundle import SIGNATURE, load_private_key, sign_manifest
+from swapvae.training.estimator import SwapVAE
+from swapvae.training.evaluate import Readout
+from swapvae.training.graphs import (Affine, ExportError, build_graphs, fold_input, fold_sequential, package_version,
                              quantize_int8, readout_heads)
-from training.rundir import RunDir
-from training.verify import (TOL, CheckBins, check_bins, check_quantization, measure_quantization, reference,
+from swapvae.training.rundir import RunDir
+from swapvae.training.verify import (TOL, CheckBins, check_bins, check_quantization, measure_quantization, reference,
                              run_decode, verify_bundle)
 
 MIN_OPSET = 13  # Slice/Split/Squeeze/Softmax/ArgMax semantics used here

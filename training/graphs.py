@@ -20,8 +20,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from schemas.manifest import CORE_KEY, ReadoutSpec, graph_io
-from training.evaluate import Readout
+from swapvae.schemas.manifest import CORE_KEY, ReadoutSpec, graph_io
+from swapvae.training.evaluate import Readout
 
 
 class ExportError(RuntimeError):

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from schemas import ReadoutConfig
-from schemas.session import Session
-from runtime.reach import classes_of_angles, reach_scores
-from training.evaluate import fit_classifier
+from swapvae.schemas import ReadoutConfig
+from swapvae.schemas.session import Session
+from swapvae.runtime.reach import classes_of_angles, reach_scores
+from swapvae.training.evaluate import fit_classifier
 
 TEMPORAL_BINS = 9  # the paper decodes time over the first 9 bins: the shortest trial has 9
 

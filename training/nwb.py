@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from schemas.session import DataError, Session, validate
+from swapvae.schemas.session import DataError, Session, validate
 
 TOL = 1e-6  # of a bin: how close to a bin edge a time counts as on it
 

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.reach import classes_of_angles, r2_scores
-from schemas.session import Session, Split
-from training.data import load_options
-from training.evaluate import Readout, fit_readout
-from training.metrics import TEMPORAL_BINS, trial_average
-from training.robustness import lost_channel_scores
-from training.rundir import FIGURES_DIR, RunDir
+from swapvae.runtime.reach import classes_of_angles, r2_scores
+from swapvae.schemas.session import Session, Split
+from swapvae.training.data import load_options
+from swapvae.training.evaluate import Readout, fit_readout
+from swapvae.training.metrics import TEMPORAL_BINS, trial_average
+from swapvae.training.robustness import lost_channel_scores
+from swapvae.training.rundir import FIGURES_DIR, RunDir
 
 FIGURES = ("embedding.png", "trajectories.png", "reconstruction.png", "generation.png", "training_curves.png",
            "confusion.png", "velocity.png", "lost_channels.png")
@@ -166,7 +166,7 @@ def plot_generation(est, split: Split, path: Path, seed: int = 0) -> bool:
     content comes from those bins and style from the prior. False if the model has no content."""
     if not est.config_.model.content_dim:
         return False
-    from training.generate import generate
+    from swapvae.training.generate import generate
 
     plt = _plt()
     rng = np.random.default_rng(seed)

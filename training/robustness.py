@@ -11,9 +11,9 @@ from typing import Callable
 
 import numpy as np
 
-from schemas import ReadoutConfig
-from schemas.session import Split
-from training.evaluate import Readout, score
+from swapvae.schemas import ReadoutConfig
+from swapvae.schemas.session import Split
+from swapvae.training.evaluate import Readout, score
 
 FRACTIONS = (0.1, 0.2, 0.4)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from schemas import SwapVAEConfig
-from schemas.session import split_session
-from training.data import load_options, load_session
-from training.estimator import SwapVAE
-from training.evaluate import evaluate
-from training.rundir import RunDir
+from swapvae.schemas import SwapVAEConfig
+from swapvae.schemas.session import split_session
+from swapvae.training.data import load_options, load_session
+from swapvae.training.estimator import SwapVAE
+from swapvae.training.evaluate import evaluate
+from swapvae.training.rundir import RunDir
 
 
 def train_run(data: str, out: str | Path, config: SwapVAEConfig, progress: bool = True,

@@ -17,11 +17,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from schemas import SwapVAEConfig
-from schemas.session import Session, Split, split_session
-from training.data import NWB_OPTIONS, load_session
-from training.estimator import SwapVAE
-from training.evaluate import Readout
+from swapvae.schemas import SwapVAEConfig
+from swapvae.schemas.session import Session, Split, split_session
+from swapvae.training.data import NWB_OPTIONS, load_session
+from swapvae.training.estimator import SwapVAE
+from swapvae.training.evaluate import Readout
 
 CONFIG, CHECKPOINT, HISTORY = "config.json", "checkpoint.pt", "history.json"
 READOUT, METRICS, SOURCE = "readout.json", "metrics.json", "run.json"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from schemas.session import Session
+from swapvae.schemas.session import Session
 
 
 def simulate_reaching(n_neurons: int = 120, n_trials: int = 200, n_directions: int = 8,

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from runtime.reach import angle_from_proba, class_angles, reach_scores
-from training.model import mlp
+from swapvae.runtime.reach import angle_from_proba, class_angles, reach_scores
+from swapvae.training.model import mlp
 
 # rows of the fitted bins -> (generated counts over the kept neurons, their direction labels)
 Augment = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]

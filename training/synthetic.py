@@ -34,8 +34,8 @@ from typing import Literal
 
 import numpy as np
 
-from schemas import ModelConfig, SwapVAEConfig
-from schemas.session import Session
+from swapvae.schemas import ModelConfig, SwapVAEConfig
+from swapvae.schemas.session import Session
 
 N_CLUSTERS = 4
 SEQ_LEN = 4

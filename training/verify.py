@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from runtime.history import StreamHistory, causal_windows
-from runtime.reach import classes_of_angles, resultant
-from schemas.manifest import MANIFEST, BundleManifest, Quantization, graph_io
-from schemas.session import Split
-from training.estimator import SwapVAE
-from training.evaluate import Readout
-from training.graphs import ExportError
+from swapvae.runtime.history import StreamHistory, causal_windows
+from swapvae.runtime.reach import classes_of_angles, resultant
+from swapvae.schemas.manifest import MANIFEST, BundleManifest, Quantization, graph_io
+from swapvae.schemas.session import Split
+from swapvae.training.estimator import SwapVAE
+from swapvae.training.evaluate import Readout
+from swapvae.training.graphs import ExportError
 
 TOL = 1e-4
 # How close an int8 decode graph must stay to the fp32 model on the run's test bins (errors
@@ -157,7 +157,7 @@ def verify_bundle(bundle: Path, est: SwapVAE, readout: Readout | None, bins: Che
     """Every graph under plain ONNX Runtime, and the runtime engine (a trial per call, and one
     bin per call; trusting only ``key``'s public half when the bundle is signed), must
     reproduce the reference on ``bins``; raise ExportError if not."""
-    from runtime.engine import BundleDecoder
+    from swapvae.runtime.engine import BundleDecoder
 
     manifest = BundleManifest.model_validate_json((bundle / MANIFEST).read_text())
     k_hist, L, k = manifest.history_bins, manifest.latent_dim, manifest.content_dim
