@@ -77,7 +77,7 @@ def serve_echo(bind: str, reply_bytes: int) -> None:
 
 
 def serve_engine(bind: str, engine, prewarm: bool = True) -> None:
-    from swapvae.runtime.server import Server
+    from swapvae.runtime.serve.server import Server
 
     server = Server(engine, bind=bind, prewarm=prewarm)
     signal.signal(signal.SIGTERM, lambda *_: server.stop())

@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from _common import CHEWIE  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-from swapvae.schemas import ModelConfig, SwapVAEConfig  # noqa: E402
+from swapvae.schemas import SwapVAEConfig  # noqa: E402
 from swapvae.schemas.session import Split, split_session  # noqa: E402
 from swapvae.training.data import load_session  # noqa: E402
 from swapvae.training.estimator import SwapVAE  # noqa: E402
@@ -51,25 +51,23 @@ from swapvae.training.synthetic import SEQ_LEN, make_synthetic, synthetic_config
 
 # Config overrides of each Chewie-1 model, relative to the project's default recipe
 # (schemas.config). "swap_vae_paper" is the released recipe (rates in Hz, jitter 5, no
-# dropout or spike thinning, encoder sees x unchanged), pinned so that it does not move with
+# dropout), pinned so that it does not move with
 # the defaults; "temporal_only" is Table 3's row (the default without neuron dropout). The
 # paper's p = 0.6 is the released code's p ~ U(0, 0.6).
 # Models whose resolved config equals an earlier one's are not trained twice.
 CHEWIE_MODELS: dict[str, dict] = {
     "swap_vae": {},
-    "swap_vae_paper": {"data": {"input_unit": "hz", "jitter": 5, "dropout_max": 0.0, "thin_min": 1.0},
-                       "model": {"content_dim": 64, "style_dim": 64, "hidden": ["d", 128],
-                                 **({"input_transform": "identity"} if "input_transform" in ModelConfig.model_fields else {})},
+    "swap_vae_paper": {"data": {"input_unit": "hz", "jitter": 5, "dropout_max": 0.0},
+                       "model": {"content_dim": 64, "style_dim": 64, "hidden": ["d", 128]},
                        "loss": {"swap": True, "kl_weight": 10.0, "align_weight": 1.0},
                        "optim": {"lr": 5e-4, "batch_size": 256, "epochs": 225, "weight_decay": 0.0}},
     "vae": {"variant": "vae"},
     "beta_vae": {"variant": "beta_vae"},
-    "no_align": {"variant": "no_align"},  # = swap_only: the config defines them identically
+    "no_align": {"variant": "no_align"},  # the paper's "swap only" row
     "no_swap": {"variant": "no_swap"},
     "temporal_only": {"data": {"dropout_max": 0.0}},
     "spatial_only": {"data": {"jitter": 0, "dropout_max": 0.6}},
     "both_aug": {"data": {"dropout_max": 0.6}},
-    "thinning": {"data": {"thin_min": 0.3}},  # the spike-thinning option (schemas.config), for reference
 }
 SWAP_MODELS = ("swap_vae", "swap_vae_paper")  # scored in every space, with generation
 # Overrides of the synthetic recipe (training.synthetic.synthetic_config) per model.
@@ -287,7 +285,7 @@ NAMES = {"swap_vae": "Swap-VAE (project default recipe)", "swap_vae_paper": "Swa
          "no_align": "no alignment (= swap only)", "no_swap": "no swap (alignment only)",
          "temporal_only": "temporal-only augmentation", "spatial_only": "spatial-only augmentation",
          "both_aug": "both augmentations",
-         "thinning": "temporal + spike thinning U(0.3, 1)", "raw_rates": "raw rates (no model)"}
+         "raw_rates": "raw rates (no model)"}
 
 
 def targets(summary: dict) -> list[tuple[str, bool | None, str]]:
@@ -351,7 +349,7 @@ def markdown(summary: dict, settings: dict) -> str:
     lines += ["", "## Table 3: ablations, Chewie-1 (paper numbers not in our docs)", "",
               "| model | loss terms | jitter | dropout p | reach acc | delta-acc | temporal acc | recon RMSE |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for model in ("swap_vae", "no_align", "no_swap", "temporal_only", "spatial_only", "both_aug", "thinning"):
+    for model in ("swap_vae", "no_align", "no_swap", "temporal_only", "spatial_only", "both_aug"):
         cfg = chewie_config(CHEWIE_MODELS[model], 0, None)
         terms = "+".join(t for t, on in (("rec", True), ("swap", cfg.loss.swap), ("KL", cfg.loss.kl_weight > 0),
                                          ("align", cfg.loss.align_weight > 0)) if on)
@@ -368,7 +366,7 @@ def markdown(summary: dict, settings: dict) -> str:
               "training rate, all test bins (the model sees the bin: an autoencoding score).", "",
               "| model | recon RMSE | recon RMSE avg | raw counts RMSE | bits/spike |", "| --- | --- | --- | --- | --- |"]
     for model in ("swap_vae", "swap_vae_paper", "vae", "beta_vae", "no_align", "no_swap", "temporal_only",
-                  "spatial_only", "both_aug", "thinning"):
+                  "spatial_only", "both_aug"):
         lines.append(f"| {NAMES[model]} | {_cell(s, 'chewie', model, 'recon_rmse', False, 4)} | "
                      f"{_cell(s, 'chewie', model, 'recon_rmse_avg', False, 4)} | "
                      f"{_cell(s, 'chewie', model, 'recon_rmse_raw', False, 4)} | "

@@ -53,23 +53,37 @@ def read_plain(root: Path, name: str) -> bytes:
         return f.read()
 
 
-def load_bundle(bundle_dir: str | Path, trusted: list | None = None) -> tuple[BundleManifest, dict[str, bytes]]:
-    """Validate a bundle and return its manifest and the verified file contents (so what runs
-    is exactly what was hashed). ``trusted``: public keys (``load_public_key``) of which one
-    must have signed the manifest; None accepts an unsigned bundle."""
+def _manifest_bytes(bundle_dir: str | Path) -> tuple[Path, bytes]:
     root = Path(bundle_dir)
     if not root.is_dir():
         raise BundleError(f"{root}: not a bundle directory (no such directory)")
     root = root.resolve()
     if not os.path.lexists(root / MANIFEST):
         raise BundleError(f"{root}: no {MANIFEST} (is this a bundle written by 'swapvae export'?)")
-    raw = read_plain(root, MANIFEST)
-    if trusted is not None:
-        verify_signature(root, raw, trusted)
+    return root, read_plain(root, MANIFEST)
+
+
+def _parse_manifest(root: Path, raw: bytes) -> BundleManifest:
     try:
-        manifest = BundleManifest.model_validate_json(raw)
+        return BundleManifest.model_validate_json(raw)
     except ValidationError as e:
         raise BundleError(f"{root / MANIFEST}: invalid manifest: {e}") from None
+
+
+def read_manifest(bundle_dir: str | Path) -> BundleManifest:
+    """A bundle's manifest, validated against its schema (BundleError naming the problem);
+    the files it lists are not read: ``load_bundle`` checks them."""
+    return _parse_manifest(*_manifest_bytes(bundle_dir))
+
+
+def load_bundle(bundle_dir: str | Path, trusted: list | None = None) -> tuple[BundleManifest, dict[str, bytes]]:
+    """Validate a bundle and return its manifest and the verified file contents (so what runs
+    is exactly what was hashed). ``trusted``: public keys (``load_public_key``) of which one
+    must have signed the manifest; None accepts an unsigned bundle."""
+    root, raw = _manifest_bytes(bundle_dir)
+    if trusted is not None:
+        verify_signature(root, raw, trusted)
+    manifest = _parse_manifest(root, raw)
     blobs = {}
     for name, digest in manifest.files.items():
         if not os.path.lexists(root / name):

@@ -46,12 +46,6 @@ from swapvae.schemas.protocol import DTYPE_NUMPY, ErrorBody, ErrorCode, InfoRepl
 _WIRE_DTYPES = {np.dtype(v).str.lstrip("<=|") for v in DTYPE_NUMPY.values()}
 
 
-def curve_options(args) -> dict:
-    """Client's CURVE keywords from a command's ``--server-key`` and ``--client-secret``."""
-    key, secret = getattr(args, "server_key", None), getattr(args, "client_secret", None)
-    return {} if key is None and secret is None else {"server_key": key, "client_secret": secret}
-
-
 class ServiceError(RuntimeError):
     """The server answered with an ERROR reply."""
 

@@ -41,7 +41,7 @@ import onnxruntime as ort
 from swapvae.runtime.bundle import BundleError, load_bundle
 from swapvae.runtime.history import StreamHistory, causal_windows
 from swapvae.runtime.output import DecodeOutput
-from swapvae.schemas.manifest import CORE_KEY, graph_io
+from swapvae.schemas.manifest import CORE_KEY, graph_io, without_retired
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 _INF = float("inf")
@@ -165,6 +165,10 @@ class BundleDecoder:
         if not isinstance(built, dict):
             raise BundleError(f"{self.bundle_dir}: the decode graph carries no readable {CORE_KEY} metadata")
         core = self.manifest.core()
+        try:
+            built = without_retired(built, f"{self.bundle_dir}: the decode graph")
+        except ValueError as e:
+            raise BundleError(str(e)) from None
         differ = sorted(k for k in core.keys() | built.keys() if core.get(k) != built.get(k))
         if differ:
             raise BundleError(f"{self.bundle_dir}: the decode graph does not match the manifest: {differ} "
@@ -211,7 +215,7 @@ class BundleDecoder:
             self._first1[0, 0] = reset or stream.fresh
         self._run(self._bound, None)
         if not (self._min_mv[0] >= 0.0 and self._sum_mv[0] < _INF):  # also False for NaN
-            _check_values(self._x1)
+            check_counts(self._x1)
         if reset:  # only now: a refused bin leaves the stream as it was
             stream.reset()
         stream.push(self._latent1[0])
@@ -251,7 +255,7 @@ class BundleDecoder:
     def _run_checked(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = dict(zip(self._outputs, self.session.run(None, feed)))
         if not ((out["count_min"] >= 0).all() and (out["count_sum"] < _INF).all()):
-            _check_values(feed["counts"])
+            check_counts(feed["counts"])
         return out
 
     def _decode_sequence(self, stream: StreamHistory, x: np.ndarray, reset: bool) -> DecodeOutput:
@@ -304,7 +308,7 @@ def _bound_runner(session: ort.InferenceSession, inputs: dict[str, np.ndarray], 
         return session.run_with_iobinding, io, io
 
 
-def _check_values(x: np.ndarray, name: str = "counts") -> None:
+def check_counts(x: np.ndarray, name: str = "counts") -> None:
     """Raise ValueError naming the first NaN, infinite or negative value of ``x`` (2-D)."""
     for what, mask in (("NaN", np.isnan(x)), ("infinite (or beyond float32)", np.isinf(x)), ("negative", x < 0)):
         if mask.any():

@@ -75,6 +75,13 @@ class StreamTable:
     def __len__(self) -> int:
         return len(self._streams)
 
+    def restart(self, k: int, latent_dim: int) -> None:
+        """Forget every stream, whose next bins start afresh with windows of ``k`` latents of
+        ``latent_dim`` (a new model's latents mean something else); ``evicted`` is kept."""
+        self.k, self.latent_dim = k, latent_dim
+        self._streams.clear()
+        self._last = (None, None)
+
     def get(self, key: bytes) -> StreamHistory:
         """The stream's history, created (fresh) if unknown; marks it most recently used."""
         last_key, last = self._last

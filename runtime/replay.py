@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from swapvae.runtime.client import Client, ServiceTimeout, curve_options
+from swapvae.runtime.bundle import read_manifest
+from swapvae.runtime.client import Client, ServiceTimeout
 from swapvae.runtime.reach import r2_scores, reach_scores
-from swapvae.schemas.manifest import MANIFEST, BundleManifest
+from swapvae.schemas.manifest import BundleManifest
 from swapvae.schemas.session import Session, split_session
 
 
@@ -39,13 +40,6 @@ class ReplayBins:
     scored: np.ndarray  # (n_bins,) bool: hand speed above the readout threshold (acc, delta-acc)
     n_directions: int
     session: str
-
-
-def read_manifest(bundle: str | Path) -> BundleManifest:
-    path = Path(bundle) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{bundle}: no {MANIFEST} (is this a bundle written by 'swapvae export'?)")
-    return BundleManifest.model_validate_json(path.read_bytes())
 
 
 def require_readout(manifest: BundleManifest) -> None:
@@ -151,41 +145,3 @@ def replay(bundle: str | Path, session: Session, endpoint: str, rate: float = 0.
     if keep_times:
         r["times_ns"] = {"round_trip": rtt, "server": server, "queue": queue}
     return r
-
-
-def replay_command(args, load_session) -> int:
-    """``load_session(data, min_trials)``: how the command reads ``--data`` (swapvae.cli)."""
-    plot = getattr(args, "plot", None)
-    if plot:
-        from swapvae.runtime.latency_plot import require_matplotlib
-
-        require_matplotlib()  # before streaming anything
-    manifest = read_manifest(args.bundle)
-    require_readout(manifest)  # before loading any data
-    data = args.data or manifest.training.data
-    if data is None:
-        raise ValueError(f"{args.bundle}: the manifest does not say which data it was trained on; pass --data")
-    r = replay(args.bundle, load_session(data), args.endpoint, args.rate, keep_times=bool(plot),
-               **curve_options(args))
-    if plot:
-        from swapvae.runtime.latency_plot import latency_histogram
-
-        t = r.pop("times_ns")
-        pace = f"{r['rate_hz']:g} Hz" if r["rate_hz"] else "back to back"
-        latency_histogram({"round trip": t["round_trip"], "in server": t["server"]}, plot,
-                          f"replay of {r['session']} ({r['n_bins']} bins, {pace}) via {r['endpoint']}")
-        r["plot"] = str(plot)
-    if args.json:
-        print(json.dumps(r))
-        return 0
-    lat, srv = r["latency_us"], r["server_us"]
-    pace = f"at {r['rate_hz']:g} Hz" if r["rate_hz"] else "back to back"
-    print(f"replayed {r['n_bins']} test bins ({r['n_trials']} trials) of {r['session']} through {r['endpoint']} "
-          f"{pace} ({r['bins_per_s']:.0f} bins/s)")
-    print(f"reach acc {r['reach_acc']:.3f}, delta-acc {r['reach_delta_acc']:.3f} on the {r['n_scored']} moving bins; "
-          f"velocity R^2 {r['velocity_r2']:.3f} (vx {r['velocity_r2_vx']:.3f}, vy {r['velocity_r2_vy']:.3f}) on all")
-    print(f"round trip  p50 {lat['p50']:7.1f}  p99 {lat['p99']:7.1f}  p99.9 {lat['p999']:7.1f}  max {lat['max']:7.1f} us")
-    print(f"server      p50 {srv['p50']:7.1f}  p99 {srv['p99']:7.1f}  p99.9 {srv['p999']:7.1f}  max {srv['max']:7.1f} us")
-    if plot:
-        print(f"latency histogram: {plot}")
-    return 0

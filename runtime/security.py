@@ -1,11 +1,11 @@
-"""Who may talk to the service: ZeroMQ CURVE with an allow-list of client keys.
+"""Who may talk to the service: ZeroMQ CURVE keys, and which endpoints other machines can reach.
 
 CURVE (RFC 26) encrypts every frame and authenticates both ends by their long-term keys. The
 server's socket holds its secret key; each client knows the server's public key and holds a
 key pair of its own, whose public half must be on the server's allow-list. libzmq asks a ZAP
-handler (RFC 27) about every handshake; ``ZapHandler`` answers from the allow-list and runs
-inside the serving loop (a source like the others: no thread), so a client whose key is not
-listed never completes its handshake and gets nothing, not even an error.
+handler (RFC 27) about every handshake; the service's ``ZapHandler``
+(runtime/serve/sources.py) answers from the allow-list. The client and the service both read
+their keys here.
 
 Keys are certificate files in pyzmq's format (``zmq.auth.load_certificate`` reads them):
 ``swapvae keygen curve NAME`` writes ``NAME.key`` (public: give it to the other side) and
@@ -17,20 +17,16 @@ INFO carries the training details only to peers that are authenticated or local.
 """
 from __future__ import annotations
 
-import ctypes
 import datetime
 import ipaddress
 import os
-import resource
 import stat
 from pathlib import Path
 from typing import NamedTuple
 
 import zmq
 from zmq.auth import load_certificate
-from zmq.utils import z85
 
-ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq sends ZAP requests (RFC 27)
 _BANNER = "#   ****  Generated on {now} by swapvae keygen  ****\n#   ZeroMQ CURVE {what} Certificate\n#   {note}\n\n"
 
 
@@ -136,40 +132,6 @@ def client_socket(sock: zmq.Socket, server_public: bytes, public: bytes, secret:
     sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
 
 
-class ZapHandler:
-    """Answers libzmq's ZAP requests from the allow-list; one REP socket, read by the serving
-    loop (``fd``, ``get`` and ``serve``, as a source). Counts refusals in ``denied``."""
-    keyed = None  # serves itself (``serve``): no requests, no stream
-
-    def __init__(self, context: zmq.Context, allowed: set[bytes], on_deny=None):
-        self.allowed = {z85.decode(k) for k in allowed}  # ZAP carries the raw 32-byte key
-        self.sock = context.socket(zmq.REP)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(ZAP_ENDPOINT)  # before any CURVE socket binds: without a handler libzmq lets everyone in
-        self.get, self.fd = self.sock.getsockopt, self.sock.getsockopt(zmq.FD)
-        self._on_deny = on_deny
-
-    def serve(self) -> None:
-        while True:
-            try:
-                msg = self.sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self.sock.send_multipart(self.answer(msg))
-
-    def answer(self, msg: list) -> list:
-        """A ZAP reply: 200 for a CURVE handshake with an allowed key, 400 for anything else."""
-        version, request_id = (msg + [b"", b""])[:2]
-        ok = len(msg) == 7 and version == b"1.0" and msg[5] == b"CURVE" and msg[6] in self.allowed
-        if not ok and self._on_deny is not None:
-            self._on_deny()
-        return [b"1.0", request_id, b"200" if ok else b"400", b"OK" if ok else b"not on the allow-list",
-                z85.encode(msg[6]) if ok else b"", b""]
-
-    def close(self) -> None:
-        self.sock.close(linger=0)
-
-
 # -- endpoints -------------------------------------------------------------------------------------
 
 def is_local(endpoint: str) -> bool:
@@ -188,43 +150,3 @@ def is_local(endpoint: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-# -- the process -----------------------------------------------------------------------------------
-
-def raise_open_files() -> int:
-    """Raise the soft limit on open descriptors to the hard one (idle connections cost one each,
-    and running out stalls new clients, not only the idle ones); the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            return target
-        except (ValueError, OSError):
-            pass
-    return soft
-
-
-def return_big_blocks_to_the_os(threshold: int = 256 << 10) -> bool:
-    """glibc: serve every allocation of ``threshold`` bytes or more by mmap, so that a large
-    frame is returned to the system when freed. By default glibc raises that threshold after
-    freeing a large block (up to 32 MiB), after which such memory stays with the process: RSS
-    then keeps the peak of an attack long after it. False where there is no glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, threshold)) and bool(libc.mallopt(m_trim_threshold, 2 * threshold))
-    except (OSError, AttributeError):
-        return False
-
-
-def pin_to_core(core: int) -> None:
-    """Pin every thread of this process (and the threads it starts later) to one CPU."""
-    if core not in os.sched_getaffinity(0):
-        raise ValueError(f"--core {core}: not one of this process's CPUs {sorted(os.sched_getaffinity(0))}")
-    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else [0]:
-        try:
-            os.sched_setaffinity(int(tid), {core})
-        except OSError:  # a thread that ended meanwhile
-            pass

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from swapvae.runtime.engine import BundleDecoder, _check_values
+from swapvae.runtime.engine import BundleDecoder, check_counts
 from swapvae.runtime.output import FIELDS, DecodeOutput
 
 
@@ -86,7 +86,7 @@ class SlidingWindowDecoder:
         x = x.astype(np.float64, copy=False)
         # Checked per fine bin: a negative count could hide inside a positive window sum.
         if not (np.minimum.reduce(x, axis=None) >= 0 and np.isfinite(x).all()):
-            _check_values(x.reshape(-1, n))
+            check_counts(x.reshape(-1, n))
         return x
 
     def _add(self, row: np.ndarray) -> None:

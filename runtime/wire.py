@@ -28,6 +28,7 @@ from swapvae.schemas.protocol import (
     REQUEST_FLAGS,
     REQUEST_FORMAT,
     REQUEST_HEADER_SIZE,
+    REQUEST_LAYOUT,
     DType,
     ErrorBody,
     ErrorCode,
@@ -42,7 +43,16 @@ _FLAGS_SEQ_T = struct.Struct("<BQQ")  # a request's flags, seq and t_client_ns, 
 _STAMP = struct.Struct("<BQQII")  # a reply's flags, seq, t_client_ns, server_ns and queue_ns, at offset 7
 _TIMES = struct.Struct("<II")  # server_ns, queue_ns
 _I32 = struct.Struct("<i")
-_OFFSETS = {name: struct.calcsize("<" + "".join(c for _, c in REPLY_LAYOUT[:i])) for i, (name, _) in enumerate(REPLY_LAYOUT)}
+
+
+def _offsets(layout) -> dict[str, int]:
+    return {name: struct.calcsize("<" + "".join(c for _, c in layout[:i])) for i, (name, _) in enumerate(layout)}
+
+
+_OFFSETS = _offsets(REPLY_LAYOUT)
+_REQ_AT = _offsets(REQUEST_LAYOUT)
+# A request's msg_type and n_bins, read without the rest of its header (the serving loop's routing)
+_PEEK = struct.Struct(f"<{_REQ_AT['msg_type']}xB{_REQ_AT['n_bins'] - _REQ_AT['msg_type'] - 1}xI")
 SERVER_NS_OFFSET = _OFFSETS["server_ns"]  # queue_ns follows it
 U32_MAX = 0xFFFFFFFF
 RESET = int(RequestFlag.RESET)
@@ -50,7 +60,9 @@ HAS_READOUT, RESET_APPLIED = int(ReplyFlag.HAS_READOUT), int(ReplyFlag.RESET_APP
 assert _OFFSETS["flags"] == 7 and _OFFSETS["queue_ns"] == SERVER_NS_OFFSET + 4 and REQ.size == 32
 
 _NUMPY = {int(k): np.dtype(v) for k, v in DTYPE_NUMPY.items()}
+_ITEMSIZE = {k: v.itemsize for k, v in _NUMPY.items()}
 _REQUEST_TYPES = {int(MsgType.DECODE), int(MsgType.INFO), int(MsgType.STATS), int(MsgType.PING)}
+DECODE = int(MsgType.DECODE)
 
 
 class ProtocolError(ValueError):
@@ -180,6 +192,26 @@ class OneBinRequests:
 
     def clear(self) -> None:
         self.n = 0
+
+
+def peek(frame) -> tuple[int, int] | None:
+    """``(msg_type, n_bins)`` of a request frame, read without checking the rest of its header
+    (where the serving loop sends it; ``parse_request`` checks it there); None for a frame
+    shorter than the header."""
+    return _PEEK.unpack_from(frame) if len(frame) >= REQUEST_HEADER_SIZE else None
+
+
+def whole_decode_seq(frame) -> int | None:
+    """The seq of a DECODE frame of this protocol version whose length agrees with its header
+    (a whole bin or batch, whatever its values), else None."""
+    if len(frame) < REQUEST_HEADER_SIZE:
+        return None
+    magic, version, msg_type, dtype, _, seq, _, n_ch, n_bins = REQ.unpack_from(frame)
+    size = _ITEMSIZE.get(dtype)
+    if (msg_type != DECODE or size is None or magic != MAGIC or version != PROTOCOL_VERSION or not n_bins
+            or len(frame) != REQUEST_HEADER_SIZE + n_bins * n_ch * size):
+        return None
+    return seq
 
 
 def max_request_bytes(n_channels: int, max_bins: int = MAX_BINS) -> int:

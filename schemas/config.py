@@ -15,14 +15,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Variant = Literal["swap_vae", "no_swap", "no_align", "swap_only", "vae", "beta_vae"]
+Variant = Literal["swap_vae", "no_swap", "no_align", "vae", "beta_vae"]
 
 # What each ablation of the paper changes, relative to the full model (Table 3 / section 5).
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "swap_vae": {},
     "no_swap": {"loss": {"swap": False}},  # alignment only
-    "no_align": {"loss": {"align_weight": 0.0}},  # BlockSwap with no alignment term
-    "swap_only": {"loss": {"align_weight": 0.0}},  # the paper's name for the same recipe
+    "no_align": {"loss": {"align_weight": 0.0}},  # BlockSwap with no alignment term (the paper's "swap only")
     "vae": {"model": {"content_dim": 0, "style_dim": 128}, "loss": {"swap": False, "align_weight": 0.0, "kl_weight": 1.0}},
     "beta_vae": {"model": {"content_dim": 0, "style_dim": 128}, "loss": {"swap": False, "align_weight": 0.0, "kl_weight": 10.0}},
 }
@@ -43,17 +42,9 @@ class DataConfig(_Section):
     jitter: int = Field(10, ge=0, description="max |i - j| between the two views, in bins")
     # The paper's "Drop" augmentation, at a lighter p ~ U(0, 0.3) than the paper's 0.6.
     dropout_max: float = Field(0.3, ge=0.0, lt=1.0, description="neuron dropout p ~ U(0, dropout_max)")
-    # Spike thinning (beyond the paper): the encoder sees each view with every spike kept with
-    # probability p ~ U(thin_min, 1), the decoder reconstructs the whole bin. Off by default: it
-    # decodes a little better but lets the style block carry direction, and that split is the point.
-    thin_min: float = Field(1.0, gt=0.0, le=1.0, description="spike thinning keep-probability p ~ U(thin_min, 1)")
 
 
 class ModelConfig(_Section):
-    # What the encoder sees of its input x (the Poisson target stays x itself). "sqrt" is the
-    # variance-stabilising transform of Poisson counts: it shrinks the few large counts that
-    # otherwise dominate the first layer. The paper's encoder sees x unchanged ("identity").
-    input_transform: Literal["identity", "sqrt"] = "identity"
     content_dim: int = Field(64, ge=0)
     style_dim: int = Field(64, ge=1)
     # Encoder hidden widths; "d" means the number of input neurons (released code: [d, 128]).
@@ -141,6 +132,7 @@ class SwapVAEConfig(_Section):
     def _apply_variant(cls, values: Any) -> Any:
         if not isinstance(values, dict):
             return values
+        values = _without_retired(values)
         name = values.get("variant", "swap_vae")
         preset = VARIANTS.get(name)
         if preset is None:  # let the Literal produce the error message
@@ -174,6 +166,27 @@ class SwapVAEConfig(_Section):
         keeps the learning rate and the rest of ``optim``. Fields this config was built with
         explicitly stay explicit, so a ``variant`` given here fills in only the others."""
         return type(self).model_validate(_merge(self.model_dump(exclude_unset=True), fields))
+
+
+# Fields of earlier versions, retired with the experiments they served (docs/RECIPE.md has their
+# measurements): a config written then (a run's config.json, a checkpoint) still loads when it
+# holds the value that did nothing; any other value is refused, naming the field.
+RETIRED = {("data", "thin_min"): 1.0, ("model", "input_transform"): "identity"}
+RETIRED_VARIANTS = {"swap_only": "no_align"}  # one recipe had two names
+
+
+def _without_retired(values: dict[str, Any]) -> dict[str, Any]:
+    values = dict(values)
+    if values.get("variant") in RETIRED_VARIANTS:
+        values["variant"] = RETIRED_VARIANTS[values["variant"]]
+    for (section, field), neutral in RETIRED.items():
+        given = values.get(section)
+        if isinstance(given, dict) and field in given:
+            if given[field] != neutral:
+                raise ValueError(f"{section}.{field} = {given[field]!r} was an experiment, removed from this version "
+                                 f"(docs/RECIPE.md); only {neutral!r}, which did nothing, is still read")
+            values[section] = {k: v for k, v in given.items() if k != field}
+    return values
 
 
 def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:

@@ -21,8 +21,7 @@ Graphs (names fixed by ``graph_io``; the batch axis is dynamic; k = readout.hist
 A bundle trained without reach labels has no ``readout``: it serves latents and rates only.
 
 Preprocessing (neuron selection, counts -> model unit) is folded into the first layer of the
-graphs that take counts (a Sqrt node before it where ``input_transform`` is "sqrt");
-``neurons``, ``input_scale`` and ``input_transform`` record it. ``rates`` are over the
+graphs that take counts; ``neurons`` and ``input_scale`` record it. ``rates`` are over the
 kept ``neurons``, in ``rates_unit``. Denoised rates are decoder([content, style_mean]): the
 style is never sampled at inference.
 """
@@ -55,9 +54,22 @@ def graph_io(readout: "ReadoutSpec | None") -> dict[str, tuple[tuple[str, ...], 
 
 # Fields the runtime relies on; export also writes them into each graph's metadata (key
 # CORE_KEY), so the runtime can tell an edited manifest from the one the graphs were built with.
-CORE_FIELDS = ("n_channels", "neurons", "bin_size_s", "input_unit", "input_scale", "input_transform", "rates_unit",
-               "content_dim", "style_dim", "readout")
+CORE_FIELDS = ("n_channels", "neurons", "bin_size_s", "input_unit", "input_scale", "rates_unit", "content_dim",
+               "style_dim", "readout")
 CORE_KEY = "swapvae_manifest_core"
+# Core fields of earlier versions, retired with their experiment, and the value that did nothing:
+# bundles exported then still load with it; with any other value they are refused.
+RETIRED_CORE = {"input_transform": "identity"}
+
+
+def without_retired(core: dict[str, Any], where: str = "the bundle") -> dict[str, Any]:
+    """``core`` (a manifest's fields, or those a graph embeds) without retired fields at their
+    neutral value; ValueError for one that held anything else."""
+    for key, neutral in RETIRED_CORE.items():
+        if key in core and core[key] != neutral:
+            raise ValueError(f"{where}: {key} {core[key]!r} was an experiment this version no longer serves "
+                             f"(only {neutral!r}); train the run again without it and export it anew")
+    return {k: v for k, v in core.items() if k not in RETIRED_CORE}
 
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 # A plain file name inside the bundle: no directories, so a manifest cannot point outside it.
@@ -141,8 +153,6 @@ class BundleManifest(_Frozen):
     bin_size_s: float = Field(gt=0, allow_inf_nan=False)
     input_unit: Literal["counts", "hz"]
     input_scale: float = Field(gt=0, allow_inf_nan=False, description="model input = counts[neurons] * input_scale")
-    input_transform: Literal["identity", "sqrt"] = Field(
-        "identity", description="what the encoder applies to the model input before its first layer")
     rates_unit: Literal["counts_per_bin", "hz"]
     content_dim: int = Field(ge=0)
     style_dim: int = Field(ge=1)
@@ -181,6 +191,11 @@ class BundleManifest(_Frozen):
     def core(self) -> dict[str, Any]:
         """The CORE_FIELDS as plain JSON values."""
         return self.model_dump(mode="json", include=set(CORE_FIELDS))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, values: Any) -> Any:
+        return without_retired(values, "manifest") if isinstance(values, dict) else values
 
     @model_validator(mode="after")
     def _consistent(self) -> "BundleManifest":

@@ -17,7 +17,7 @@ def test_defaults_are_the_paper_recipe_where_validation_did_not_move_them():
 
 
 @pytest.mark.parametrize("variant, swap, align, content", [
-    ("no_swap", False, 1.0, 64), ("no_align", True, 0.0, 64), ("swap_only", True, 0.0, 64),
+    ("no_swap", False, 1.0, 64), ("no_align", True, 0.0, 64),
     ("vae", False, 0.0, 0), ("beta_vae", False, 0.0, 0),
 ])
 def test_variants(variant, swap, align, content):
@@ -74,3 +74,15 @@ def test_device_names(device):
 def test_bad_device_names_are_refused(device):
     with pytest.raises(ValidationError, match="'cuda:N'"):
         SwapVAEConfig(device=device)
+
+
+def test_retired_fields_load_at_their_neutral_value_and_are_refused_otherwise():
+    """Runs written before the experiments were removed (config.json, checkpoints) still load."""
+    old = {"variant": "swap_only", "data": {"thin_min": 1.0, "jitter": 7}, "model": {"input_transform": "identity"}}
+    c = SwapVAEConfig.model_validate(old)
+    assert c.variant == "no_align" and c.loss.align_weight == 0.0 and c.data.jitter == 7
+    assert "thin_min" not in c.model_dump()["data"] and "input_transform" not in c.model_dump()["model"]
+    with pytest.raises(ValueError, match="data.thin_min = 0.3 was an experiment"):
+        SwapVAEConfig.model_validate({"data": {"thin_min": 0.3}})
+    with pytest.raises(ValueError, match="model.input_transform = 'sqrt' was an experiment"):
+        SwapVAEConfig.model_validate({"model": {"input_transform": "sqrt"}})

@@ -16,9 +16,9 @@ from swapvae.schemas.session import split_session
 from swapvae.cli import main as cli
 from swapvae.training.data import load_session
 from swapvae.training.estimator import SwapVAE
-from swapvae.training.evaluate import Readout
+from swapvae.training.readout import Readout
 from swapvae.training.export import ExportError, export_bundle
-from swapvae.training.model import SwapVAE as SwapVAENet
+from swapvae.training.model import SwapVAENet
 from swapvae.training.rundir import RunDir
 
 TOL = 1e-4
@@ -105,12 +105,12 @@ def test_graphs_reproduce_the_torch_model_and_numpy_readout(tiny_run, tiny_bundl
 
 
 def _synthetic_run(path, *, input_unit="counts", content_dim=8, classes=(0, 1, 2, 3, 4, 5, 6, 7), seed=0,
-                   input_transform="identity", history=2):
+                   history=2):
     """A run dir with random weights and non-trivial BatchNorm statistics, without training."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    variant = {"variant": "beta_vae"} if content_dim == 0 else {"model": {"content_dim": content_dim, "style_dim": 6, "hidden": ["d", 24],
-                                                                                   "input_transform": input_transform}}
+    variant = {"variant": "beta_vae"} if content_dim == 0 else {"model": {"content_dim": content_dim, "style_dim": 6,
+                                                                          "hidden": ["d", 24]}}
     cfg = SwapVAEConfig.model_validate({**variant, "data": {"input_unit": input_unit}})
     if content_dim == 0:
         cfg = cfg.with_overrides(model={"content_dim": 0, "style_dim": 6, "hidden": ["d", 24]})
@@ -119,7 +119,7 @@ def _synthetic_run(path, *, input_unit="counts", content_dim=8, classes=(0, 1, 2
     est.n_features_in_, est.bin_size_s_, est.channel_mean_ = 120, 0.1, np.zeros(120, np.float32)
     est.history_, est.train_seconds_ = [], float("nan")
     m = cfg.model
-    est.model_ = SwapVAENet(90, m.hidden_sizes(90), m.content_dim, m.style_dim, m.input_transform)
+    est.model_ = SwapVAENet(90, m.hidden_sizes(90), m.content_dim, m.style_dim)
     for mod in est.model_.modules():
         if isinstance(mod, torch.nn.BatchNorm1d):
             mod.running_mean.uniform_(-1, 1)
@@ -137,13 +137,12 @@ def _synthetic_run(path, *, input_unit="counts", content_dim=8, classes=(0, 1, 2
     return est
 
 
-@pytest.mark.parametrize("kind", ["hz_input_and_missing_classes", "no_content", "sqrt_input"])
+@pytest.mark.parametrize("kind", ["hz_input_and_missing_classes", "no_content"])
 def test_export_folds_preprocessing_and_batchnorm(tmp_path, kind):
     from swapvae.runtime.engine import BundleDecoder
 
     opts = {"hz_input_and_missing_classes": {"input_unit": "hz", "classes": (0, 2, 3, 5, 7), "history": 4},
-            "no_content": {"content_dim": 0, "history": 1},
-            "sqrt_input": {"input_unit": "hz", "input_transform": "sqrt"}}[kind]
+            "no_content": {"content_dim": 0, "history": 1}}[kind]
     est = _synthetic_run(tmp_path / "run", **opts)
     manifest = export_bundle(tmp_path / "run", tmp_path / "bundle")
     assert manifest.neurons == tuple(est.neurons_.tolist()) and manifest.history_bins == opts.get("history", 2)
@@ -161,13 +160,8 @@ def test_export_folds_preprocessing_and_batchnorm(tmp_path, kind):
     if kind.startswith("hz"):
         assert manifest.input_scale == pytest.approx(10.0) and manifest.rates_unit == "hz"
         assert manifest.readout.direction.classes == (0, 2, 3, 5, 7)
-    elif kind == "no_content":
-        assert out.content.shape == (50, 0)
     else:
-        assert manifest.input_transform == "sqrt"
-        with pytest.raises(ExportError, match="int8 weights need whole counts"):  # sqrt(counts) is not whole
-            export_bundle(tmp_path / "run", tmp_path / "bundle8", weights="int8")
-        assert not (tmp_path / "bundle8").exists()
+        assert out.content.shape == (50, 0)
 
 
 def test_export_that_does_not_reproduce_torch_fails_and_leaves_nothing(tiny_run, tmp_path, monkeypatch):
@@ -280,7 +274,7 @@ def test_label_free_run_exports_latents_and_rates_only(tmp_path, capsys):
 
     # served: the reply has no readout sections and says so; a replay refuses, saying why
     from swapvae.runtime import wire
-    from swapvae.runtime.server import Server
+    from swapvae.runtime.serve.server import Server
     from swapvae.schemas.protocol import InfoReply, MsgType
     from swapvae.cli import main
 

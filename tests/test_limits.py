@@ -13,10 +13,10 @@ import zmq
 
 from fakes import FakeEngine, expected
 from swapvae.runtime import wire
-from swapvae.runtime.limits import ControlLimiter, Limits, max_bins_for
-from swapvae.runtime.recorder import Recorder
-from swapvae.runtime.server import Server
-from swapvae.runtime.sources import RouterSource, StreamSource, Subscriptions
+from swapvae.runtime.serve.limits import ControlLimiter, Limits, max_bins_for
+from swapvae.runtime.serve.recorder import Recorder
+from swapvae.runtime.serve.server import Server
+from swapvae.runtime.serve.sources import RouterSource, StreamSource, Subscriptions
 from swapvae.schemas.protocol import MAX_BINS, ErrorCode, InfoReply, MsgType
 from test_server import Running
 
@@ -87,7 +87,7 @@ def test_replies_to_a_full_or_vanished_peer_are_dropped_and_counted():
     router.setsockopt(zmq.ROUTER_MANDATORY, 1)
     router.bind("inproc://full-peer")
     peer = _dealer("inproc://full-peer", RCVHWM=1, ROUTING_ID=b"peer")
-    src = RouterSource(router, rec, True, held_peer_bytes=0)  # nothing held beyond libzmq's queue
+    src = RouterSource(router, rec, held_peer_bytes=0)  # nothing held beyond libzmq's queue
     try:
         peer.send(b"hello")
         frames = src.recv()
@@ -123,7 +123,7 @@ def test_replies_beyond_a_full_queue_are_held_and_sent_in_order_as_the_peer_read
     router.setsockopt(zmq.ROUTER_MANDATORY, 1)
     router.bind("inproc://held-peer")
     peer = _dealer("inproc://held-peer", RCVHWM=1, ROUTING_ID=b"peer")
-    src = RouterSource(router, rec, True, held_peer_bytes=8 * 6)
+    src = RouterSource(router, rec, held_peer_bytes=8 * 6)
     try:
         peer.send(b"hello")
         frames = src.recv()
@@ -167,7 +167,7 @@ def test_the_stream_counts_what_sub_and_a_slow_subscriber_lose():
         sink.connect("inproc://stream-out")
         sinks.append(sink)
     inp = ctx.socket(zmq.SUB)  # the input side is only read through _track here
-    src = StreamSource(inp, pub, rec, True)
+    src = StreamSource(inp, pub, rec)
     try:
         deadline = time.monotonic() + 5
         while rec.subscribers < 2 and time.monotonic() < deadline:
@@ -321,7 +321,7 @@ def test_a_bulk_request_that_fails_midway_leaves_its_stream_as_it_was_and_the_la
         head, body = _reply(c.recv())
         np.testing.assert_array_equal(wire.decode_arrays(head, body)["velocity"], expected(nxt, [first]).velocity)
         # a lane that holds its limit: the next multi-bin request is OVERLOADED, nothing decoded
-        s.model.limits = dataclasses.replace(s.model.limits, bulk_peer_bytes=len(wire.pack_request(
+        s.bundle.limits = dataclasses.replace(s.bundle.limits, bulk_peer_bytes=len(wire.pack_request(
             MsgType.DECODE, 0, 0, big[:50])) + 10)
         ok = np.nan_to_num(big)
         for seq in (4, 5):

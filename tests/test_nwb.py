@@ -237,7 +237,7 @@ def test_nwb_run_reopens_with_its_options(tmp_path, capsys):
     assert "bins of 0.2 s but the run was trained on bins of 0.1 s" in capsys.readouterr().err
     assert split_session(sim).train.n_bins == split_session(load_session(path, **LABELS)).train.n_bins
     # replay reads the bundle's data through the CLI's loader, with the options given to it
-    from swapvae.cli import load_session_any
+    from swapvae.commands.replay import load_session_any
 
     assert load_session_any(str(path), 4, **LABELS).has_labels and not load_session_any(str(path)).has_labels
 

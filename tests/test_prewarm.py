@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from swapvae.runtime.prewarm import MIN_PERIOD_NS, SLACK_NS, TOO_SOON_NS, WarmPlanner
+from swapvae.runtime.serve.prewarm import MIN_PERIOD_NS, SLACK_NS, TOO_SOON_NS, WarmPlanner
 
 MS = 1_000_000
 

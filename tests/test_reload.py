@@ -18,7 +18,7 @@ import pytest
 from fakes import FakeEngine, expected
 from swapvae.runtime import wire
 from swapvae.runtime.client import Client
-from swapvae.runtime.server import Server
+from swapvae.runtime.serve.server import Server
 from swapvae.schemas.protocol import InfoReply, MsgType, ReplyFlag
 from test_server import Running
 from test_service import Service
@@ -64,7 +64,7 @@ def test_a_failed_load_keeps_the_old_engine_and_a_good_one_switches_between_requ
             while s.recorder.reload_failures + s.recorder.reloads < 1 + (not want_readout) and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert s.recorder.reload_failures == 1 and s.recorder.reloads == int(not want_readout)
-            assert s.model.layout.has_readout is want_readout
+            assert s.bundle.layout.has_readout is want_readout
     finally:
         loop.stop()
         s.close()

@@ -12,7 +12,7 @@ import zmq
 
 from fakes import FakeEngine, expected
 from swapvae.runtime import wire
-from swapvae.runtime.server import Server
+from swapvae.runtime.serve.server import Server
 from swapvae.schemas.protocol import ErrorCode, MsgType, ReplyFlag
 
 
@@ -256,7 +256,7 @@ def test_a_request_that_arrives_while_another_is_decoded_is_not_left_waiting():
 
 
 def test_recorder_rings_every_coalesced_decode_and_counts_what_stats_reports():
-    from swapvae.runtime.recorder import Recorder
+    from swapvae.runtime.serve.recorder import Recorder
 
     with pytest.raises(ValueError, match="power of two"):
         Recorder(6)

@@ -11,7 +11,7 @@ from swapvae.cli import main as cli
 from swapvae.schemas.session import split_session
 from swapvae.training.estimator import SwapVAE, TrainingDiverged
 from swapvae.training.evaluate import evaluate
-from swapvae.training.model import SwapVAE as SwapVAENet
+from swapvae.training.model import SwapVAENet
 from swapvae.training.simulate import simulate_reaching
 
 FAST = {"optim": {"epochs": 3, "batch_size": 64}}
@@ -27,20 +27,17 @@ def _fit(split, config, **kw):
                                                bin_in_trial=split.train.bin_in_trial, neurons=split.neurons, **kw)
 
 
-@pytest.mark.parametrize("thin_min, dropout_max", [(1.0, 0.0), (0.3, 0.0), (1.0, 0.3)])
-def test_short_training_learns_direction(split, thin_min, dropout_max):
+@pytest.mark.parametrize("dropout_max", [0.0, 0.3])
+def test_short_training_learns_direction(split, dropout_max):
     # counts make the KL term strong relative to reconstruction within this short schedule, so
-    # without spike thinning the style block stays nearly free of direction and the
-    # content/style split is testable (thinning lets style carry some direction here)
+    # the style block stays nearly free of direction and the content/style split is testable
     config = SwapVAEConfig.model_validate({"optim": {"epochs": 30, "batch_size": 128, "lr": 2e-3},
-                                           "data": {"input_unit": "counts", "thin_min": thin_min,
-                                                    "dropout_max": dropout_max}})
+                                           "data": {"input_unit": "counts", "dropout_max": dropout_max}})
     est = _fit(split, config)
     metrics, _ = evaluate(est, split, config.readout)
     # chance is 1/8; an untrained network of this size scores about 0.5 on this session
     assert metrics["reach_acc_content"] > 0.55, metrics
-    if thin_min == 1.0:
-        assert metrics["reach_acc_content"] > metrics["reach_acc_style"] + 0.1, metrics  # direction lives in content
+    assert metrics["reach_acc_content"] > metrics["reach_acc_style"] + 0.1, metrics  # direction lives in content
     first, last = est.history_[0], est.history_[-1]
     assert last["align"] < 0.5 * first["align"] and last["rec"] < first["rec"]
 
@@ -51,9 +48,9 @@ def _same_bits(a, b) -> list[str]:
 
 
 def _fixed(threads: int, **optim) -> SwapVAEConfig:
-    # spike thinning and dropout on: their random draws must be reproducible too
+    # dropout on: its random draws must be reproducible too
     return SwapVAEConfig.model_validate({"optim": {**FAST["optim"], "batch_size": 256, "cpu_threads": threads, **optim},
-                                         "data": {"thin_min": 0.5, "dropout_max": 0.3}, "device": "cpu"})
+                                         "data": {"dropout_max": 0.3}, "device": "cpu"})
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -113,26 +110,6 @@ def test_choose_threads_keeps_the_faster_choice():
         assert choose_threads(timed({2: 0.010, 1: 0.0099}), (2, 1)) == 2  # a tie keeps all cores
     finally:
         torch.set_num_threads(before)
-
-
-def test_thinning_keeps_a_binomial_share_of_each_bins_spikes():
-    from swapvae.training.estimator import _thin
-
-    gen = torch.Generator().manual_seed(0)
-    counts = torch.poisson(torch.full((2000, 200), 3.0), generator=gen)
-    scale = 10.0  # inputs in Hz at 100 ms bins: thinning acts on the counts behind them
-    kept = _thin(counts * scale, 0.5, scale, gen) / scale
-    assert torch.equal(kept, kept.round()) and (kept >= 0).all() and (kept <= counts).all()
-    share = kept.sum(1) / counts.sum(1)  # one keep-probability per bin, p ~ U(0.5, 1)
-    assert 0.74 < share.mean() < 0.76 and share.min() > 0.42
-    assert share.std() > 0.12  # p varies across bins (U(0.5, 1) has std 0.144), not one global p
-    assert torch.equal(_thin(counts, 1.0, 1.0, gen), counts)  # p_min = 1 keeps every spike
-
-
-def test_thinning_refuses_counts_that_are_not_whole(split):
-    config = SwapVAEConfig.model_validate({**FAST, "data": {"thin_min": 0.5}})
-    with pytest.raises(ValueError, match="thinning .* needs whole spike counts"):
-        SwapVAE(config=config).fit(split.train.counts * 0.5, trial=split.train.trial)
 
 
 def test_checkpoint_roundtrip_is_safe_and_exact(split, tmp_path):

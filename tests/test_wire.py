@@ -330,7 +330,7 @@ def test_parse_reply_rejects_garbage():
 
 @pytest.fixture()
 def server():
-    from swapvae.runtime.server import Server
+    from swapvae.runtime.serve.server import Server
 
     s = Server(FakeEngine(), bind=None, sub="inproc://unused-sub", pub="inproc://unused-pub", warmup=2)
     yield s
@@ -375,7 +375,7 @@ def test_handle_bad_values(server, bad):
 
 
 def test_engine_failure_is_an_internal_error_not_a_crash():
-    from swapvae.runtime.server import Server
+    from swapvae.runtime.serve.server import Server
 
     eng = FakeEngine()
     s = Server(eng, bind=None, sub="inproc://a", pub="inproc://b", warmup=0)
@@ -467,7 +467,7 @@ def test_a_refused_request_leaves_its_stream_as_it_was(server):
 
 
 def test_streams_beyond_the_limit_evict_the_least_recent_and_stats_count_them():
-    from swapvae.runtime.server import Server
+    from swapvae.runtime.serve.server import Server
 
     s = Server(FakeEngine(), bind=None, sub="inproc://e", pub="inproc://f", warmup=0, max_streams=2)
     try:
@@ -487,7 +487,7 @@ def test_streams_beyond_the_limit_evict_the_least_recent_and_stats_count_them():
 
 
 def test_a_bundle_without_a_readout_serves_latents_and_rates():
-    from swapvae.runtime.server import Server
+    from swapvae.runtime.serve.server import Server
 
     s = Server(FakeEngine(readout=False), bind=None, sub="inproc://g", pub="inproc://h", warmup=0)
     try:
@@ -503,7 +503,7 @@ def test_a_bundle_without_a_readout_serves_latents_and_rates():
 
 
 def test_latency_ring_wraps(server):
-    from swapvae.runtime.server import Server
+    from swapvae.runtime.serve.server import Server
 
     s = Server(FakeEngine(), bind=None, sub="inproc://c", pub="inproc://d", warmup=0, window=8)
     try:

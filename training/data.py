@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from swapvae.schemas.session import DataError, Session, read_npz, write_npz
+from swapvae.schemas.session import DataError, Session, read_npz
 
 SOURCES = ".npz recording, .nwb recording, 'simulated' (the built-in session) or 'synthetic[:SEED[:SEQUENCES]]'"
 # How to read an NWB file (training.nwb); a run directory records the ones it was given.
@@ -50,24 +50,6 @@ def load_session(path: str | Path, min_trials: int = 4, seed: int = 0, *, bin_si
     if path.suffix != ".npz":
         raise DataError(f"{path}: unsupported format {path.suffix!r}; expected a {SOURCES}")
     return read_npz(path, min_trials)
-
-
-def load_options(args) -> dict:
-    """The NWB options a command was given (``--bin-size``, ``--target-column``,
-    ``--velocity-series``), as ``load_session`` keywords."""
-    return {k: getattr(args, k) for k in NWB_OPTIONS if getattr(args, k, None) is not None}
-
-
-def convert_command(args) -> int:
-    """``swapvae convert DATA --out FILE.npz``: any session ``load_session`` reads, as a .npz."""
-    if not str(args.out).endswith(".npz"):
-        raise DataError(f"--out {args.out}: the file written is a .npz; name it so")
-    session = load_session(args.data, min_trials=1, **load_options(args))
-    write_npz(session, args.out)
-    labels = "target and velocity" if session.has_labels else "no labels (target, velocity)"
-    print(f"{args.out}: {session.n_bins} bins of {session.bin_size_s:g} s x {session.n_neurons} channels, "
-          f"{len(session.trials)} trials, {labels}")
-    return 0
 
 
 def jitter_pairs(trial: np.ndarray, bin_in_trial: np.ndarray, jitter: int) -> np.ndarray:

@@ -41,7 +41,7 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from swapvae.schemas import SwapVAEConfig
 from swapvae.schemas.session import static_filter
 from swapvae.training.data import jitter_pairs
-from swapvae.training.model import SwapVAE as SwapVAENet
+from swapvae.training.model import SwapVAENet
 
 SPACES = ("full", "content", "style")
 
@@ -52,9 +52,8 @@ PARAMS: dict[str, tuple[str | None, str]] = {
     "weight_decay": ("optim", "weight_decay"), "cpu_threads": ("optim", "cpu_threads"),
     "kl_weight": ("loss", "kl_weight"), "align_weight": ("loss", "align_weight"), "swap": ("loss", "swap"),
     "content_dim": ("model", "content_dim"), "style_dim": ("model", "style_dim"), "hidden": ("model", "hidden"),
-    "input_transform": ("model", "input_transform"),
     "input_unit": ("data", "input_unit"), "jitter": ("data", "jitter"), "dropout_max": ("data", "dropout_max"),
-    "thin_min": ("data", "thin_min"), "static_std": ("data", "static_std"),
+    "static_std": ("data", "static_std"),
 }
 
 # scikit-learn's estimator checks that cannot apply to this model, each with the reason: pass
@@ -106,8 +105,8 @@ class SwapVAE(TransformerMixin, BaseEstimator):
 
     def __init__(self, *, config=None, variant=None, seed=None, device=None, epochs=None, lr=None,
                  batch_size=None, weight_decay=None, cpu_threads=None, kl_weight=None, align_weight=None,
-                 swap=None, content_dim=None, style_dim=None, hidden=None, input_transform=None,
-                 input_unit=None, jitter=None, dropout_max=None, thin_min=None, static_std=None, verbose=False):
+                 swap=None, content_dim=None, style_dim=None, hidden=None, input_unit=None, jitter=None,
+                 dropout_max=None, static_std=None, verbose=False):
         self.config = config
         self.variant = variant
         self.seed = seed
@@ -123,11 +122,9 @@ class SwapVAE(TransformerMixin, BaseEstimator):
         self.content_dim = content_dim
         self.style_dim = style_dim
         self.hidden = hidden
-        self.input_transform = input_transform
         self.input_unit = input_unit
         self.jitter = jitter
         self.dropout_max = dropout_max
-        self.thin_min = thin_min
         self.static_std = static_std
         self.verbose = verbose
 
@@ -195,9 +192,6 @@ class SwapVAE(TransformerMixin, BaseEstimator):
         bin_in_trial = positions_in_trials(trial) if bin_in_trial is None else np.asarray(bin_in_trial)
         if bin_in_trial.shape != (n,):
             raise ValueError(f"bin_in_trial must hold one position per row of X ({n}), got shape {bin_in_trial.shape}")
-        if cfg.data.thin_min < 1 and not np.array_equal(counts, np.round(counts)):
-            raise ValueError("spike thinning (data.thin_min < 1) needs whole spike counts, and these have "
-                             "fractional values: pass counts, or set data.thin_min to 1")
         keep = np.asarray(neurons) if neurons is not None else static_filter(counts, cfg.data.static_std)
         if keep.size == 0:
             raise ValueError(f"every channel of X is static (std <= data.static_std = {cfg.data.static_std}): "
@@ -236,12 +230,7 @@ class SwapVAE(TransformerMixin, BaseEstimator):
         x1, x2 = x[idx.T.reshape(-1)].chunk(2)  # one gather for both views
         if cfg.data.dropout_max > 0:  # the dropped bin is the view and its target
             x1, x2 = _neuron_dropout(x1, cfg.data.dropout_max, gen), _neuron_dropout(x2, cfg.data.dropout_max, gen)
-        targets = None
-        if cfg.data.thin_min < 1:  # the encoder sees thinned bins, the decoder reconstructs whole ones
-            targets = (x1, x2)
-            thin, scale = cfg.data.thin_min, self.input_scale
-            x1, x2 = _thin(x1, thin, scale, gen), _thin(x2, thin, scale, gen)
-        out = model.loss(x1, x2, cfg.loss.swap, cfg.loss.kl_weight, cfg.loss.align_weight, cfg.loss.eps, targets)
+        out = model.loss(x1, x2, cfg.loss.swap, cfg.loss.kl_weight, cfg.loss.align_weight, cfg.loss.eps)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
@@ -371,9 +360,7 @@ class SwapVAE(TransformerMixin, BaseEstimator):
         est.config_ = est.config
         est.neurons_ = state["neurons"].numpy()
         est.n_features_in_, est.bin_size_s_ = meta["n_channels"], meta["bin_size_s"]
-        # checkpoints from before inverse_transform: the dropped channels were static, mostly silent
-        est.channel_mean_ = (state["channel_mean"].numpy() if "channel_mean" in state
-                             else np.zeros(est.n_features_in_, dtype=np.float32))
+        est.channel_mean_ = state["channel_mean"].numpy()
         est.train_seconds_, est.history_ = meta["train_seconds"], meta["history"]
         est.model_ = build_model(est.config_, len(est.neurons_))
         est.model_.load_state_dict(state["state_dict"])
@@ -402,15 +389,7 @@ def choose_threads(step, choices: tuple[int, ...], rounds: int = 3) -> int:
 
 def build_model(cfg: SwapVAEConfig, n_in: int) -> SwapVAENet:
     m = cfg.model
-    return SwapVAENet(n_in, m.hidden_sizes(n_in), m.content_dim, m.style_dim, m.input_transform)
-
-
-def _thin(x: torch.Tensor, p_min: float, scale: float, gen: torch.Generator) -> torch.Tensor:
-    """Binomial thinning of spike counts (``x`` is counts * ``scale``): each spike is kept with
-    probability p ~ U(p_min, 1), one p per bin."""
-    p = p_min + (1 - p_min) * torch.rand(x.shape[0], 1, generator=gen, device=x.device)
-    counts = torch.round(x * (1 / scale))
-    return torch.binomial(counts, p.expand_as(counts), generator=gen) * scale
+    return SwapVAENet(n_in, m.hidden_sizes(n_in), m.content_dim, m.style_dim)
 
 
 def _neuron_dropout(x: torch.Tensor, p_max: float, gen: torch.Generator) -> torch.Tensor:

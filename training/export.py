@@ -24,7 +24,7 @@ from swapvae.schemas.manifest import (CORE_FIELDS, MANIFEST, BundleManifest, Dir
                               ReadoutSpec, TrainingInfo, graph_io)
 from swapvae.runtime.bundle import SIGNATURE, load_private_key, sign_manifest
 from swapvae.training.estimator import SwapVAE
-from swapvae.training.evaluate import Readout
+from swapvae.training.readout import Readout
 from swapvae.training.graphs import (Affine, ExportError, build_graphs, fold_input, fold_sequential, package_version,
                              quantize_int8, readout_heads)
 from swapvae.training.rundir import RunDir
@@ -89,7 +89,6 @@ def manifest_core(est: SwapVAE, readout: Readout | None) -> dict:
         spec = ReadoutSpec(history_bins=readout.history_bins, direction=direction).model_dump(mode="json")
     core = {"n_channels": est.n_features_in_, "neurons": [int(i) for i in est.neurons_], "bin_size_s": est.bin_size_s_,
             "input_unit": cfg.data.input_unit, "input_scale": est.input_scale,
-            "input_transform": cfg.model.input_transform,
             "rates_unit": "hz" if cfg.data.input_unit == "hz" else "counts_per_bin",
             "content_dim": cfg.model.content_dim, "style_dim": cfg.model.style_dim, "readout": spec}
     assert set(core) == set(CORE_FIELDS)
@@ -100,9 +99,7 @@ def fold_model(est: SwapVAE) -> tuple[list[Affine], list[Affine]]:
     """The encoder and decoder as affine layers, the input selection and scale in the first."""
     cfg = est.config
     enc = fold_sequential(est.model_.encoder.net)
-    # sqrt(scale * x) = sqrt(scale) * sqrt(x): the scale still folds into the first layer
-    scale = np.sqrt(est.input_scale) if cfg.model.input_transform == "sqrt" else est.input_scale
-    enc[0] = fold_input(enc[0], np.asarray(est.neurons_, dtype=np.int64), est.n_features_in_, scale)
+    enc[0] = fold_input(enc[0], np.asarray(est.neurons_, dtype=np.int64), est.n_features_in_, est.input_scale)
     return enc, fold_sequential(est.model_.decoder.net)
 
 
@@ -110,9 +107,6 @@ def quantize_checked(decode: onnx.ModelProto, est: SwapVAE, readout: Readout | N
                      bins: CheckBins) -> tuple[onnx.ModelProto, Quantization]:
     """The int8 decode graph and its measured distance from the fp32 model, one bin per call;
     ExportError beyond INT8_LIMITS."""
-    if est.config_.model.input_transform != "identity":
-        raise ExportError(f"int8 weights need whole counts into the first layer; input_transform "
-                          f"{est.config_.model.input_transform!r} is not supported with them: export with fp32 weights")
     q = quantize_int8(decode)
     k = readout.history_bins if readout else 1
     got = run_decode(q, bins, k, per_bin=True)
@@ -171,21 +165,19 @@ def _versions() -> dict[str, str]:
     return v
 
 
-def export_command(args) -> int:
-    m = export_bundle(args.run_dir, args.out, opset=args.opset, weights=args.weights, sign=args.sign)
+def describe(m: BundleManifest) -> str:
+    """What a bundle holds and how it was checked, in a line or two (``swapvae export`` prints it)."""
     r = m.readout
     readout = ("no readout (no reach labels): latents and rates" if r is None else
                f"{len(r.direction.classes)} directions{' and velocity' if r.velocity else ''} from the last "
                f"{r.history_bins} bins")
-    print(f"bundle written to {args.out}: {m.n_channels} channels in ({m.n_neurons} kept), "
-          f"latent {m.content_dim}+{m.style_dim}, {readout}, opset {m.opset}, {m.weights} weights")
+    text = (f"{m.n_channels} channels in ({m.n_neurons} kept), latent {m.content_dim}+{m.style_dim}, {readout}, "
+            f"opset {m.opset}, {m.weights} weights\n")
     q = m.quantization
     if q is None:
-        print(f"verified against the torch model within {TOL:g}")
-    else:
-        print(f"encoder/decoder/readout.onnx verified against the torch model within {TOL:g}, the engine against "
-              f"the int8 decode.onnx within {TOL:g}; int8 vs fp32 on {q.n_bins} test bins, one bin per call: "
-              f"direction agrees on {q.direction_agreement:.1%}, angle error p99 {q.angle_err_p99_rad:.3g} rad, "
-              f"max error latent {q.latent_err:.2%}, rates {q.rates_err:.2%}, proba {q.proba_err:.2%} "
-              f"(of each output's largest value)")
-    return 0
+        return text + f"verified against the torch model within {TOL:g}"
+    return text + (f"encoder/decoder/readout.onnx verified against the torch model within {TOL:g}, the engine "
+                   f"against the int8 decode.onnx within {TOL:g}; int8 vs fp32 on {q.n_bins} test bins, one bin per "
+                   f"call: direction agrees on {q.direction_agreement:.1%}, angle error p99 {q.angle_err_p99_rad:.3g} "
+                   f"rad, max error latent {q.latent_err:.2%}, rates {q.rates_err:.2%}, proba {q.proba_err:.2%} "
+                   f"(of each output's largest value)")

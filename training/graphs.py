@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from swapvae.schemas.manifest import CORE_KEY, ReadoutSpec, graph_io
-from swapvae.training.evaluate import Readout
+from swapvae.training.readout import Readout
 
 
 class ExportError(RuntimeError):
@@ -104,10 +104,6 @@ class _GraphBuilder:
         self.nodes.append(helper.make_node("Split", [x, self.const(widths, "widths", np.int64)], outs,
                                            name=self._name("split"), axis=1))
         return outs
-
-    def encoder_input(self, core: dict) -> str:
-        """The raw counts as the first Gemm takes them (selection and scale are in its weights)."""
-        return self.op("Sqrt", "counts") if core["input_transform"] == "sqrt" else "counts"
 
     def mlp(self, x: str, layers: list[Affine], hint: str, out: str | None = None) -> str:
         for i, layer in enumerate(layers):
@@ -193,76 +189,108 @@ class _GraphBuilder:
         return m
 
 
+@dataclass(frozen=True)
+class _Graphs:
+    """What every graph of one bundle shares: its core fields (embedded in each), the readout
+    spec, and each input's and output's type and shape (``io`` names the ones a graph has)."""
+    core: dict
+    opset: int
+
+    @property
+    def readout(self) -> ReadoutSpec | None:
+        return ReadoutSpec.model_validate(self.core["readout"]) if self.core["readout"] is not None else None
+
+    @property
+    def latent_dim(self) -> int:
+        return self.core["content_dim"] + self.core["style_dim"]
+
+    @property
+    def history_bins(self) -> int:
+        return self.readout.history_bins if self.readout else 1
+
+    def directions(self) -> tuple[np.ndarray, np.ndarray]:
+        d = self.readout.direction
+        return np.asarray(d.classes, dtype=np.int64), np.asarray(d.angles_rad, dtype=np.float64)
+
+    def model(self, g: _GraphBuilder, name: str, doc: str) -> onnx.ModelProto:
+        c, F, I, B = self.core, TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
+        k, s, L, hist = c["content_dim"], c["style_dim"], self.latent_dim, self.history_bins
+        n_cls = len(self.readout.direction.classes) if self.readout else 0
+        outputs = {"latent": (F, ["batch", L]), "content": (F, ["batch", k]), "style_mean": (F, ["batch", s]),
+                   "style_logvar": (F, ["batch", s]), "rates": (F, ["batch", len(c["neurons"])]),
+                   "angle": (F, ["batch"]), "direction": (I, ["batch"]), "proba": (F, ["batch", n_cls]),
+                   "velocity": (F, ["batch", 2]), "resultant": (F, ["batch", 2]), "count_min": (F, ["batch"]),
+                   "count_sum": (F, ["batch"])}
+        inputs = {"counts": (F, c["n_channels"]), "history": (F, (hist - 1) * L), "first": (B, 1),
+                  "window": (F, hist * L), "latent": (F, L)}
+        ins, outs = graph_io(self.readout)[name]
+        return g.model(f"swapvae_{name}", [(n, *inputs[n]) for n in ins], [(n, *outputs[n]) for n in outs],
+                       self.opset, doc, {CORE_KEY: json.dumps(self.core)})
+
+
+def decode_graph(spec: _Graphs, enc: list[Affine], dec: list[Affine], heads: Affine | None,
+                 weights: str) -> onnx.ModelProto:
+    """The fused per-bin graph the runtime serves: as few nodes as possible."""
+    g = _GraphBuilder()
+    L = spec.latent_dim
+    head = enc[-1]  # drop the log-variance rows: the encoder's last Gemm yields [c, mu] directly
+    layers = [*enc[:-1], Affine(head.weight[:L], head.bias[:L], head.activation)]
+    if weights == "int8":
+        latent = g.mlp(g.counts_layer_int8(layers[0]), layers[1:], "enc1_", out="latent")
+    else:
+        latent = g.mlp("counts", layers, "enc", out="latent")
+    g.mlp(latent, dec, "dec", out="rates")
+    if spec.readout:
+        # The angle is atan2 of the resultant; ONNX has no Atan2 and its 8-node substitute cost
+        # as much as the encoder's three Gemms, so the runtime takes the atan2 of two floats.
+        g.readout(g.window(latent, spec.history_bins), heads, *spec.directions())
+    # Input checks in the same call (cheaper than separate numpy reductions): a NaN or inf
+    # makes the sum non-finite, a negative count makes the min negative.
+    g.reduce("ReduceMin", "counts", 1, out="count_min", opset=spec.opset)
+    g.reduce("ReduceSum", "counts", 1, out="count_sum", opset=spec.opset)
+    return spec.model(g, "decode", "raw counts of one bin or a batch (and each stream's history) -> latent [content, "
+                                   "style mean], readout (direction class, probabilities, velocity, resultant: angle "
+                                   "= atan2(resultant[:, 1], resultant[:, 0])), denoised rates, and min/sum of each "
+                                   "bin's counts for input checks")
+
+
+def encoder_graph(spec: _Graphs, enc: list[Affine]) -> onnx.ModelProto:
+    g = _GraphBuilder()
+    k, s = spec.core["content_dim"], spec.core["style_dim"]
+    h = g.mlp("counts", enc, "enc")
+    g.cols(h, 0, k, out="content")
+    g.cols(h, k, k + s, out="style_mean")
+    g.cols(h, k + s, k + 2 * s, out="style_logvar")
+    return spec.model(g, "encoder", "raw counts -> content latent, style mean, style log-variance")
+
+
+def decoder_graph(spec: _Graphs, dec: list[Affine]) -> onnx.ModelProto:
+    g = _GraphBuilder()
+    g.mlp("latent", dec, "dec", out="rates")
+    return spec.model(g, "decoder", "latent [content, style] -> firing rates of the kept neurons")
+
+
+def readout_graph(spec: _Graphs, heads: Affine) -> onnx.ModelProto:
+    g = _GraphBuilder()
+    res = g.readout("window", heads, *spec.directions())
+    x, y = g.split(res, [1, 1], [None, None])
+    g.atan2(g.op("Squeeze", y, g.const([1], "axes", np.int64)), g.op("Squeeze", x, g.const([1], "axes", np.int64)),
+            out="angle")
+    return spec.model(g, "readout", "window [latent_t, ..., latent_t-k+1] -> reach angle, class, class "
+                                    "probabilities, velocity, resultant")
+
+
 def build_graphs(enc: list[Affine], dec: list[Affine], heads: Affine | None, core: dict, opset: int,
                  weights: str = "fp32") -> dict[str, onnx.ModelProto]:
     """The graphs of ``graph_io`` (schemas/manifest.py); ``core`` is the manifest's CORE_FIELDS,
     embedded in each. ``heads``: the readout's [logits, velocity] map of the window (None for a
     bundle without a readout). With ``weights="int8"`` the decode graph's first layer is int8
     (see ``quantize_int8``)."""
-    readout = ReadoutSpec.model_validate(core["readout"]) if core["readout"] is not None else None
-    io = graph_io(readout)
-    k, s, n_channels, n_neurons = core["content_dim"], core["style_dim"], core["n_channels"], len(core["neurons"])
-    latent_dim = k + s
-    hist = readout.history_bins if readout else 1
-    meta = {CORE_KEY: json.dumps(core)}
-    F, I, B = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
-    n_cls = len(readout.direction.classes) if readout else 0
-    spec = {"latent": (F, ["batch", latent_dim]), "content": (F, ["batch", k]), "style_mean": (F, ["batch", s]),
-            "style_logvar": (F, ["batch", s]), "rates": (F, ["batch", n_neurons]), "angle": (F, ["batch"]),
-            "direction": (I, ["batch"]), "proba": (F, ["batch", n_cls]), "velocity": (F, ["batch", 2]),
-            "resultant": (F, ["batch", 2]), "count_min": (F, ["batch"]), "count_sum": (F, ["batch"])}
-    inputs = {"counts": (F, n_channels), "history": (F, (hist - 1) * latent_dim), "first": (B, 1),
-              "window": (F, hist * latent_dim), "latent": (F, latent_dim)}
-    io_of = lambda name: ([(n, *inputs[n]) for n in io[name][0]], [(n, *spec[n]) for n in io[name][1]])  # noqa: E731
-    if readout:
-        classes = np.asarray(readout.direction.classes, dtype=np.int64)
-        angles = np.asarray(readout.direction.angles_rad, dtype=np.float64)
-    graphs = {}
-
-    g = _GraphBuilder()  # fused: the one call per bin the runtime makes; as few nodes as possible
-    head = enc[-1]  # drop the log-variance rows: the encoder's last Gemm yields [c, mu] directly
-    layers = [*enc[:-1], Affine(head.weight[:latent_dim], head.bias[:latent_dim], head.activation)]
-    if weights == "int8":
-        latent = g.mlp(g.counts_layer_int8(layers[0]), layers[1:], "enc1_", out="latent")
-    else:
-        latent = g.mlp(g.encoder_input(core), layers, "enc", out="latent")
-    g.mlp(latent, dec, "dec", out="rates")
-    if readout:
-        # The angle is atan2 of the resultant; ONNX has no Atan2 and its 8-node substitute cost
-        # as much as the encoder's three Gemms, so the runtime takes the atan2 of two floats.
-        g.readout(g.window(latent, hist), heads, classes, angles)
-    # Input checks in the same call (cheaper than separate numpy reductions): a NaN or inf
-    # makes the sum non-finite, a negative count makes the min negative.
-    g.reduce("ReduceMin", "counts", 1, out="count_min", opset=opset)
-    g.reduce("ReduceSum", "counts", 1, out="count_sum", opset=opset)
-    graphs["decode"] = g.model("swapvae_decode", *io_of("decode"), opset,
-                               "raw counts of one bin or a batch (and each stream's history) -> latent [content, "
-                               "style mean], readout (direction class, probabilities, velocity, resultant: angle = "
-                               "atan2(resultant[:, 1], resultant[:, 0])), denoised rates, and min/sum of each bin's "
-                               "counts for input checks", meta)
-
-    g = _GraphBuilder()
-    h = g.mlp(g.encoder_input(core), enc, "enc")
-    g.cols(h, 0, k, out="content")
-    g.cols(h, k, k + s, out="style_mean")
-    g.cols(h, k + s, k + 2 * s, out="style_logvar")
-    graphs["encoder"] = g.model("swapvae_encoder", *io_of("encoder"), opset,
-                                "raw counts -> content latent, style mean, style log-variance", meta)
-
-    g = _GraphBuilder()
-    g.mlp("latent", dec, "dec", out="rates")
-    graphs["decoder"] = g.model("swapvae_decoder", *io_of("decoder"), opset,
-                                "latent [content, style] -> firing rates of the kept neurons", meta)
-
-    if readout:
-        g = _GraphBuilder()
-        res = g.readout("window", heads, classes, angles)
-        x, y = g.split(res, [1, 1], [None, None])
-        g.atan2(g.op("Squeeze", y, g.const([1], "axes", np.int64)), g.op("Squeeze", x, g.const([1], "axes", np.int64)),
-                out="angle")
-        graphs["readout"] = g.model("swapvae_readout", *io_of("readout"), opset,
-                                    "window [latent_t, ..., latent_t-k+1] -> reach angle, class, class probabilities, "
-                                    "velocity, resultant", meta)
+    spec = _Graphs(core, opset)
+    graphs = {"decode": decode_graph(spec, enc, dec, heads, weights), "encoder": encoder_graph(spec, enc),
+              "decoder": decoder_graph(spec, dec)}
+    if spec.readout:
+        graphs["readout"] = readout_graph(spec, heads)
     return graphs
 
 

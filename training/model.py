@@ -1,14 +1,11 @@
 """Swap-VAE (Liu et al., NeurIPS 2021): the network and its loss, as the paper writes them.
 
     encoder      x -> (c, mu, logvar)            content c is deterministic, style is variational
-                 (optionally of sqrt(x): variance-stabilised counts; the target stays x)
     sample       s = mu + exp(logvar / 2) * eps  (reparameterisation; content is not sampled)
     decoder      z = [c, s] -> rate              Softplus, so rates are non-negative
     BlockSwap    z~1 = [c2, s1] -> x1,  z~2 = [c1, s2] -> x2
     loss         L = L_rec + beta * KL + alpha * L_align
                  L_rec   = mean_i  rec(x_i, g(z_i)) + rec(x_i, g(z~_i))      (Poisson NLL)
-                 (z_i encodes view i; with spike thinning the view is a thinned copy of x_i
-                 and the decoder still reconstructs x_i: a denoising target)
                  KL      = KL(q(s | x) || N(0, I)), summed over dims
                  L_align = 2 - 2 cos(c1, c2)
 """
@@ -27,19 +24,14 @@ def mlp(sizes: list[int]) -> list[nn.Module]:
     return layers
 
 
-INPUT_TRANSFORMS = {"identity": lambda x: x, "sqrt": torch.sqrt}
-
-
 class Encoder(nn.Module):
-    def __init__(self, n_neurons: int, hidden: list[int], content_dim: int, style_dim: int,
-                 input_transform: str = "identity"):
+    def __init__(self, n_neurons: int, hidden: list[int], content_dim: int, style_dim: int):
         super().__init__()
         self.content_dim, self.style_dim = content_dim, style_dim
-        self.input_transform = input_transform
         self.net = nn.Sequential(*mlp([n_neurons, *hidden]), nn.Linear(hidden[-1], content_dim + 2 * style_dim))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        h = self.net(INPUT_TRANSFORMS[self.input_transform](x))
+        h = self.net(x)
         c, mu, logvar = h.split([self.content_dim, self.style_dim, self.style_dim], dim=-1)
         return c, mu, logvar
 
@@ -74,11 +66,12 @@ def block_swap(c1, s1, c2, s2) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([c2, s1], -1), torch.cat([c1, s2], -1)
 
 
-class SwapVAE(nn.Module):
-    def __init__(self, n_neurons: int, hidden: list[int], content_dim: int = 64, style_dim: int = 64,
-                 input_transform: str = "identity"):
+class SwapVAENet(nn.Module):
+    """The network and its loss (the scikit-learn estimator around it is swapvae.training.SwapVAE)."""
+
+    def __init__(self, n_neurons: int, hidden: list[int], content_dim: int = 64, style_dim: int = 64):
         super().__init__()
-        self.encoder = Encoder(n_neurons, hidden, content_dim, style_dim, input_transform)
+        self.encoder = Encoder(n_neurons, hidden, content_dim, style_dim)
         self.decoder = Decoder(n_neurons, hidden, content_dim + style_dim)
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -95,11 +88,9 @@ class SwapVAE(nn.Module):
         return self.decoder(self.represent(x))
 
     def loss(self, x1: torch.Tensor, x2: torch.Tensor, swap: bool = True, kl_weight: float = 10.0,
-             align_weight: float = 1.0, eps: float = 1e-8,
-             targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+             align_weight: float = 1.0, eps: float = 1e-8) -> dict[str, torch.Tensor]:
         """The terms of L for a batch of view pairs; both views share one encoder and one decoder
-        pass (BatchNorm sees the views together, as it sees the batch). ``targets``: what each
-        view reconstructs, when that is not the view itself (the bins before thinning)."""
+        pass (BatchNorm sees the views together, as it sees the batch)."""
         n = x1.shape[0]
         c, mu, logvar = self.encoder(torch.cat([x1, x2]))
         s = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
@@ -108,7 +99,7 @@ class SwapVAE(nn.Module):
         if swap:
             z += list(block_swap(c1, s1, c2, s2))
         rates = self.decoder(torch.cat(z))
-        x = torch.cat(targets if targets is not None else [x1, x2])
+        x = torch.cat([x1, x2])
         rec = poisson_nll(x, rates[: 2 * n], eps)  # mean over views of rec(x_i, g(z_i))
         if swap:
             rec = rec + poisson_nll(x, rates[2 * n:], eps)  # + rec(x_i, g(z~_i))

@@ -23,8 +23,7 @@ import numpy as np
 
 from swapvae.runtime.reach import classes_of_angles, r2_scores
 from swapvae.schemas.session import Session, Split
-from swapvae.training.data import load_options
-from swapvae.training.evaluate import Readout, fit_readout
+from swapvae.training.readout import Readout, fit_readout
 from swapvae.training.metrics import TEMPORAL_BINS, trial_average
 from swapvae.training.robustness import lost_channel_scores
 from swapvae.training.rundir import FIGURES_DIR, RunDir
@@ -309,12 +308,3 @@ def write_report(run_dir: str | Path, data: str | None = None, out: str | Path |
     draw("velocity.png", plot_velocity, readout, z_test, split.test)
     draw("lost_channels.png", plot_lost_channels, est, readout, split, cfg)
     return written
-
-
-def report_command(args) -> int:
-    written = write_report(args.run_dir, args.data, args.out, load_options(args))
-    for path in written:
-        print(path)
-    if not any(p.name == "embedding.png" for p in written):
-        print("the session has no reach labels (target, velocity): the figures by direction were skipped")
-    return 0

@@ -13,7 +13,8 @@ import numpy as np
 
 from swapvae.schemas import ReadoutConfig
 from swapvae.schemas.session import Split
-from swapvae.training.evaluate import Readout, score
+from swapvae.training.evaluate import score
+from swapvae.training.readout import Readout
 
 FRACTIONS = (0.1, 0.2, 0.4)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from swapvae.schemas import SwapVAEConfig
 from swapvae.schemas.session import split_session
-from swapvae.training.data import load_options, load_session
+from swapvae.training.data import load_session
 from swapvae.training.estimator import SwapVAE
 from swapvae.training.evaluate import evaluate
 from swapvae.training.rundir import RunDir
@@ -70,27 +70,3 @@ def format_table(metrics: dict) -> str:
                  f"{metrics.get('n_test_bins_all', '?')}; raw-rate velocity with history is the Wiener filter; "
                  f"training time {metrics.get('train_seconds', float('nan')):.1f} s")
     return "\n".join(lines)
-
-
-def train_command(args) -> int:
-    config = SwapVAEConfig.from_file(args.config) if args.config else SwapVAEConfig()
-    raw = config.model_dump(exclude_unset=True)
-    if args.variant:
-        raw = {**{k: v for k, v in raw.items() if k in ("seed", "device", "data", "readout", "optim")}, "variant": args.variant}
-    if args.seed is not None:
-        raw["seed"] = args.seed
-    if args.device:
-        raw["device"] = args.device
-    if args.epochs:
-        raw["optim"] = {**raw.get("optim", {}), "epochs": args.epochs}
-    config = SwapVAEConfig.model_validate(raw)
-    metrics = train_run(args.data, args.out, config, progress=not args.quiet, options=load_options(args))
-    print(format_table(metrics))
-    print(f"run written to {args.out}")
-    return 0
-
-
-def evaluate_command(args) -> int:
-    metrics = evaluate_run(args.run_dir, args.data, load_options(args))
-    print(json.dumps(metrics) if args.json else format_table(metrics))
-    return 0

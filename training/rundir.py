@@ -21,7 +21,7 @@ from swapvae.schemas import SwapVAEConfig
 from swapvae.schemas.session import Session, Split, split_session
 from swapvae.training.data import NWB_OPTIONS, load_session
 from swapvae.training.estimator import SwapVAE
-from swapvae.training.evaluate import Readout
+from swapvae.training.readout import Readout
 
 CONFIG, CHECKPOINT, HISTORY = "config.json", "checkpoint.pt", "history.json"
 READOUT, METRICS, SOURCE = "readout.json", "metrics.json", "run.json"

@@ -34,7 +34,7 @@ from typing import Literal
 
 import numpy as np
 
-from swapvae.schemas import ModelConfig, SwapVAEConfig
+from swapvae.schemas import SwapVAEConfig
 from swapvae.schemas.session import Session
 
 N_CLUSTERS = 4
@@ -143,9 +143,7 @@ def synthetic_config(**overrides) -> SwapVAEConfig:
     the recipe does not move with the project's Chewie-1 defaults. ``variant`` and other fields
     can be given as in ``SwapVAEConfig``; a variant's own loss settings are kept."""
     model = {"content_dim": 16, "style_dim": 16, "hidden": ["d", 32]}
-    if "input_transform" in ModelConfig.model_fields:
-        model["input_transform"] = "identity"
-    raw = {"model": model, "data": {"input_unit": "counts", "jitter": 3, "dropout_max": 0.0, "thin_min": 1.0},
+    raw = {"model": model, "data": {"input_unit": "counts", "jitter": 3, "dropout_max": 0.0},
            "optim": {"epochs": 30, "lr": 5e-4, "batch_size": 256, "weight_decay": 0.0},
            "readout": {"n_directions": N_CLUSTERS}}
     if overrides.get("variant", "swap_vae") == "swap_vae":

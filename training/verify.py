@@ -16,11 +16,12 @@ import numpy as np
 import onnx
 
 from swapvae.runtime.history import StreamHistory, causal_windows
-from swapvae.runtime.reach import classes_of_angles, resultant
-from swapvae.schemas.manifest import MANIFEST, BundleManifest, Quantization, graph_io
+from swapvae.runtime.bundle import read_manifest
+from swapvae.runtime.reach import angular_error, classes_of_angles, resultant
+from swapvae.schemas.manifest import Quantization, graph_io
 from swapvae.schemas.session import Split
 from swapvae.training.estimator import SwapVAE
-from swapvae.training.evaluate import Readout
+from swapvae.training.readout import Readout
 from swapvae.training.graphs import ExportError
 
 TOL = 1e-4
@@ -136,7 +137,7 @@ def as_reference(out: dict[str, np.ndarray], latent_dim: int, content_dim: int |
 def measure_quantization(got: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> Quantization:
     rel = lambda key: float(np.max(np.abs(got[key] - ref[key])) / max(np.max(np.abs(ref[key])), 1e-12))  # noqa: E731
     has_readout = "proba" in ref
-    angle_err = np.abs(np.angle(np.exp(1j * (got["angle"] - ref["angle"])))) if has_readout else np.zeros(1)
+    angle_err = angular_error(got["angle"], ref["angle"]) if has_readout else np.zeros(1)
     return Quantization(scheme="int8 weights per output channel: encoder layer 1 on whole counts (clipped at 127), "
                                "decoder layers 2-3 dynamically quantized; the rest fp32", n_bins=len(ref["latent"]),
                         latent_err=rel("latent"), rates_err=rel("rates"), proba_err=rel("proba") if has_readout else 0.0,
@@ -159,7 +160,7 @@ def verify_bundle(bundle: Path, est: SwapVAE, readout: Readout | None, bins: Che
     reproduce the reference on ``bins``; raise ExportError if not."""
     from swapvae.runtime.engine import BundleDecoder
 
-    manifest = BundleManifest.model_validate_json((bundle / MANIFEST).read_text())
+    manifest = read_manifest(bundle)
     k_hist, L, k = manifest.history_bins, manifest.latent_dim, manifest.content_dim
     ref = reference(est, readout, bins)
     load = lambda name: onnx.load_model(bundle / f"{name}.onnx")  # noqa: E731
@@ -218,7 +219,7 @@ def compare_outputs(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], tol:
             if bad.any():
                 problems.append(f"direction differs on {int(bad.sum())} of {len(r)} bins")
         elif key == "angle":
-            err = np.abs(np.angle(np.exp(1j * (value.astype(np.float64) - r)))) * ref["resultant_length"]
+            err = angular_error(value, r) * ref["resultant_length"]
             if not (err <= tol).all():
                 problems.append(f"angle differs by up to {np.nanmax(err):.3g} (x resultant length)")
         else:

@@ -24,27 +24,28 @@ frame with ``request``, and sends the reply with ``answer``; every drop is count
   drops silently when full).
 - ``Subscriptions``: the XPUB in manual mode: only subscriptions to ``""`` and ``SVAE`` (the
   protocol's) are applied, so no subscriber can grow the subscription table.
+- ``ZapHandler``: libzmq's questions about CURVE handshakes (RFC 27), answered from the
+  allow-list inside the serving loop (a source like the others: no thread), so a client whose
+  key is not listed never completes its handshake and gets nothing, not even an error.
 """
 from __future__ import annotations
 
-import struct
 from collections import deque
 
-import numpy as np
 import zmq
+from zmq.utils import z85
 
-from swapvae.runtime.limits import HELD_BYTES, HELD_PEER_BYTES, MAX_ENVELOPE_FRAME_BYTES, MAX_ENVELOPE_FRAMES
-from swapvae.runtime.recorder import Recorder
-from swapvae.schemas.protocol import DTYPE_NUMPY, MAGIC, PROTOCOL_VERSION, REQUEST_FORMAT
+from swapvae.runtime.serve.limits import HELD_BYTES, HELD_PEER_BYTES, MAX_ENVELOPE_FRAME_BYTES, MAX_ENVELOPE_FRAMES
+from swapvae.runtime.serve.recorder import Recorder
+from swapvae.runtime.wire import whole_decode_seq
+from swapvae.schemas.protocol import MAGIC
 
 STREAM_KEY = b""  # the SUB input's stream (a ROUTER identity is 1 to 255 bytes, never empty)
-TOPICS = (b"", b"SVAE")  # the subscriptions the protocol defines
+TOPICS = (b"", MAGIC)  # the subscriptions the protocol defines
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq sends ZAP requests (RFC 27)
 # Plain ints: arithmetic on zmq's IntFlag constants costs a microsecond or two per use
 _SNDMORE, _RCVMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.RCVMORE), int(zmq.NOBLOCK)
 _EHOSTUNREACH = zmq.EHOSTUNREACH
-_REQ = struct.Struct(REQUEST_FORMAT)
-_MAGIC, _VERSION = MAGIC, PROTOCOL_VERSION
-_ITEMSIZE = {int(k): np.dtype(v).itemsize for k, v in DTYPE_NUMPY.items()}
 MAX_SEQ_GAP = 1 << 20  # a bigger jump in a stream's seq is a restart of its publisher, not a loss
 
 
@@ -59,11 +60,10 @@ class RouterSource:
     """Request/reply on a ROUTER. The identity (``frames[0]``) is the stream's key."""
     keyed = True
 
-    def __init__(self, sock: zmq.Socket, recorder: Recorder, full_info: bool,
-                 held_peer_bytes: int = HELD_PEER_BYTES, held_bytes: int = HELD_BYTES):
+    def __init__(self, sock: zmq.Socket, recorder: Recorder, held_peer_bytes: int = HELD_PEER_BYTES,
+                 held_bytes: int = HELD_BYTES):
         self.sock, self.get, self.fd = sock, sock.getsockopt, sock.getsockopt(zmq.FD)
         self._recv, self._send, self._drops = sock.recv, sock.send, recorder.drops
-        self.full_info = full_info  # INFO with training details: the peers are authenticated or local
         # identity -> [replies its full queue could not take yet, as (frames, reply), their bytes]
         self.held: dict[bytes, list] = {}
         self._held_total, self._held_peer_bytes, self._held_bytes = 0, held_peer_bytes, held_bytes
@@ -190,11 +190,10 @@ class StreamSource:
     All of them are one stream (``STREAM_KEY``)."""
     keyed = False
 
-    def __init__(self, sub: zmq.Socket, pub: zmq.Socket, recorder: Recorder, full_info: bool):
+    def __init__(self, sub: zmq.Socket, pub: zmq.Socket, recorder: Recorder):
         self.sock, self.get, self.fd = sub, sub.getsockopt, sub.getsockopt(zmq.FD)
         self._recv, self.pub, self._publish, self._recorder = sub.recv, pub, pub.send, recorder
         self._drops = recorder.drops
-        self.full_info = full_info  # INFO published to every subscriber: only if they are authenticated or local
         self._last_seq = None
 
     def recv(self, flags: int = 0) -> list:
@@ -214,12 +213,8 @@ class StreamSource:
         header) whose seq skips values after the last one's. A lower seq is a restart of the
         publisher, not a loss; other frames say nothing about the stream. At arrival, so a bin
         refused later (OVERLOADED, BAD_VALUE) is not counted lost."""
-        if len(frame) < 32:
-            return
-        magic, version, msg_type, dtype, _, seq, _, n_ch, n_bins = _REQ.unpack_from(frame)
-        size = _ITEMSIZE.get(dtype)
-        if (msg_type != 1 or size is None or magic != _MAGIC or version != _VERSION or not n_bins
-                or len(frame) != 32 + n_bins * n_ch * size):
+        seq = whole_decode_seq(frame)
+        if seq is None:
             return
         last, self._last_seq = self._last_seq, seq
         if last is not None and last < seq - 1 and seq - last <= MAX_SEQ_GAP:
@@ -268,3 +263,37 @@ class Subscriptions:
                 on = msg[0] == 1
                 sock.setsockopt(zmq.SUBSCRIBE if on else zmq.UNSUBSCRIBE, msg[1:])
                 self._recorder.subscribers += 1 if on else -1
+
+
+class ZapHandler:
+    """Answers libzmq's ZAP requests from the allow-list; one REP socket, read by the serving
+    loop (``fd``, ``get`` and ``serve``, as a source). Calls ``on_deny`` for each refusal."""
+    keyed = None  # serves itself (``serve``): no requests, no stream
+
+    def __init__(self, context: zmq.Context, allowed: set[bytes], on_deny=None):
+        self.allowed = {z85.decode(k) for k in allowed}  # ZAP carries the raw 32-byte key
+        self.sock = context.socket(zmq.REP)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(ZAP_ENDPOINT)  # before any CURVE socket binds: without a handler libzmq lets everyone in
+        self.get, self.fd = self.sock.getsockopt, self.sock.getsockopt(zmq.FD)
+        self._on_deny = on_deny
+
+    def serve(self) -> None:
+        while True:
+            try:
+                msg = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.sock.send_multipart(self.answer(msg))
+
+    def answer(self, msg: list) -> list:
+        """A ZAP reply: 200 for a CURVE handshake with an allowed key, 400 for anything else."""
+        version, request_id = (msg + [b"", b""])[:2]
+        ok = len(msg) == 7 and version == b"1.0" and msg[5] == b"CURVE" and msg[6] in self.allowed
+        if not ok and self._on_deny is not None:
+            self._on_deny()
+        return [b"1.0", request_id, b"200" if ok else b"400", b"OK" if ok else b"not on the allow-list",
+                z85.encode(msg[6]) if ok else b"", b""]
+
+    def close(self) -> None:
+        self.sock.close(linger=0)

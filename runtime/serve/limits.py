@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
-from swapvae.schemas.protocol import MAX_BINS, MAX_BODY_BYTES, REPLY_HEADER_SIZE, REQUEST_HEADER_SIZE
+from swapvae.schemas.protocol import MAX_BINS, MAX_BODY_BYTES, REPLY_HEADER_SIZE, REQUEST_HEADER_SIZE, MsgType
 
 MiB = 1 << 20
 PEER_IN_BYTES = 32 * MiB  # requests queued from one ROUTER peer (libzmq's pipe), bytes at most
@@ -37,7 +37,8 @@ MAX_ENVELOPE_FRAME_BYTES = 255  # a ZeroMQ routing id is 1 to 255 bytes
 HANDSHAKE_MS = 2000  # a connection that has not finished its ZMTP (or CURVE) handshake by then is closed
 HEARTBEAT_MS, HEARTBEAT_TIMEOUT_MS = 2000, 6000  # a peer silent for that long is dropped with its queues
 CONTROL_RATE, CONTROL_BURST = 50.0, 50  # control requests per second per peer, and the bucket's depth
-CONTROL_COST = {2: 1.0, 3: 5.0, 4: 1.0}  # tokens per INFO, STATS (~0.1 ms of the loop each: 10 a second), PING
+# tokens per control request: a STATS costs ~0.1 ms of the loop (10 a second), INFO and PING a few us
+CONTROL_COST = {MsgType.INFO: 1.0, MsgType.STATS: 5.0, MsgType.PING: 1.0}
 MIN_HWM, MIN_STREAM_HWM, MAX_HWM = 16, 64, 1000
 
 

@@ -1,15 +1,15 @@
-"""Operator commands: ``swapvae verify BUNDLE`` and ``swapvae stats ENDPOINT``.
+"""Operators' tools: ``swapvae verify BUNDLE`` and ``swapvae stats ENDPOINT``.
 
 ``verify`` loads a bundle as ``swapvae serve`` does (the same ``BundleDecoder``: hashes, the
-signature with ``--trust``, the ONNX Runtime session and its graph checks, then a decode of a
-zero bin as the server's start-up runs) and prints what it holds. ``deploy/install-bundle.sh``
+signature with ``--trust``, the ONNX Runtime session and its graph checks, then the server's
+own start-up, ``serving.prepare``: the probe decode and the warm-up) and describes what it holds. ``deploy/install-bundle.sh``
 runs it before it points ``current`` at a new bundle, so a bundle the server would refuse is
 never switched to. With ``--endpoint`` it also waits until the service there serves this very
 bundle (INFO's manifest carries the sha256 of every file), which is how the upgrade script
 learns that a reload took.
 
-``stats`` asks a running service for its STATS reply (``schemas.protocol.StatsReply``) and
-prints it as a table, or as the JSON the server sent.
+``stats`` asks a running service for its STATS reply (``schemas.protocol.StatsReply``);
+``format_stats`` writes it as a table.
 
 Like the rest of ``runtime`` this needs numpy, pydantic, pyzmq and ONNX Runtime alone.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from swapvae.runtime.bundle import SIGNATURE, key_id, load_public_key
-from swapvae.runtime.client import Client, ServiceError, ServiceTimeout, curve_options
+from swapvae.runtime.client import Client, ServiceError, ServiceTimeout
 from swapvae.schemas.manifest import BundleManifest
 from swapvae.schemas.protocol import LatencySummary, StatsReply
 
@@ -34,16 +34,15 @@ def bundle_summary(bundle: str | Path, provider: str = "cpu", trust: list[str] |
     """Load ``bundle`` as the server would; a description of it, and its manifest. Raises
     (BundleError, ValueError) with the server's own reason for a bundle it would refuse."""
     from swapvae.runtime.engine import BundleDecoder
+    from swapvae.runtime.serve.coalescing import MAX_BATCH
+    from swapvae.runtime.serve.serving import prepare
 
     trusted = [load_public_key(p) for p in trust] if trust else None
     t0 = time.perf_counter()
     dec = BundleDecoder(bundle, provider=provider, trusted=trusted)
+    prepare(dec, MAX_BATCH, prewarm=False)  # the server's start-up: refuses what the server would
     load_s = time.perf_counter() - t0
     m = dec.manifest
-    # The server's start-up probe: one bin on a scratch stream, whose outputs fix the reply layout.
-    out = dec.decode_stream(dec.new_stream(), np.zeros(m.n_channels, np.float32), True)
-    if not all(np.isfinite(a).all() for a in (out.content, out.style_mean, out.rates)):
-        raise ValueError(f"{bundle}: a zero bin decodes to non-finite values")
     times = []
     stream, x = dec.new_stream(), np.zeros(m.n_channels, np.float32)
     for _ in range(50):
@@ -92,15 +91,10 @@ def served_by(endpoint: str, manifest: BundleManifest, wait_s: float, timeout_ms
             time.sleep(0.2)
 
 
-def verify_command(args) -> int:
-    s, manifest = bundle_summary(args.bundle, args.provider, args.trust)
-    if args.endpoint:
-        served_by(args.endpoint, manifest, args.wait, **curve_options(args))
-    if args.json:
-        print(json.dumps(s))
-        return 0
+def format_summary(s: dict, endpoint: str | None = None) -> str:
+    """``bundle_summary``'s description as the lines ``swapvae verify`` prints."""
     r = s["readout"]
-    print(f"{s['bundle']}: OK, loads as the server would ({s['path']})")
+    lines = [f"{s['bundle']}: OK, loads as the server would ({s['path']})"]
     rows = [("created", s["created_utc"]), ("signature", s["signature"]),
             ("channels", f"{s['n_channels']} in, {s['n_neurons']} kept; bins of {s['bin_size_s'] * 1e3:g} ms"),
             ("latents", f"content {s['content_dim']}, style {s['style_dim']}; weights {s['weights']}"),
@@ -109,11 +103,10 @@ def verify_command(args) -> int:
             ("trained on", f"{s['data'] or '?'} ({s['session'] or '?'})"),
             ("metrics", ", ".join(f"{k} {v:.3f}" for k, v in s["metrics"].items()) or "-"),
             ("engine", f"{s['provider']}: loaded in {s['load_s']:.2f} s, one bin {s['decode_us_p50']:.0f} us (p50)")]
-    if args.endpoint:
-        rows.append(("service", f"{args.endpoint} serves it"))
-    for k, v in rows:
-        print(f"  {k:<11} {v}")
-    return 0
+    if endpoint:
+        rows.append(("service", f"{endpoint} serves it"))
+    lines += [f"  {k:<11} {v}" for k, v in rows]
+    return "\n".join(lines)
 
 
 # -- stats ---------------------------------------------------------------------------------------
@@ -157,9 +150,3 @@ def format_stats(s: StatsReply, endpoint: str) -> str:
                                          for c in cols)
     lines += [row("server", s.latency_us), row("queued", s.queue_us)]
     return "\n".join(lines)
-
-
-def stats_command(args) -> int:
-    s = stats(args.endpoint, args.timeout_ms, **curve_options(args))
-    print(s.model_dump_json() if args.json else format_stats(s, args.endpoint))
-    return 0

@@ -1,4 +1,5 @@
-"""A bundle made ready to serve: everything the server keeps that depends on the engine.
+"""A bundle made ready to serve (``ServingBundle``): everything the server keeps that depends on
+the engine.
 
 ``prepare(engine, ...)`` runs the start-up work (a probe decode to learn the reply layout, the
 warm-up decodes that pay for cold caches, timing the engine per bin and per warm-up) and builds
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from swapvae.runtime import wire
-from swapvae.runtime.limits import Limits
-from swapvae.runtime.prewarm import WarmPlanner
+from swapvae.runtime.serve.limits import Limits
+from swapvae.runtime.serve.prewarm import WarmPlanner
 from swapvae.schemas.protocol import MAX_BODY_BYTES, DType, InfoReply
 
 SERVER_NAME = "swapvae-runtime/2"
@@ -29,7 +30,7 @@ PRIVATE_MANIFEST_KEYS = ("training", "versions", "quantization")  # left out of 
 
 
 @dataclass
-class Loaded:
+class ServingBundle:
     engine: object
     n_channels: int
     layout: wire.DecodeLayout
@@ -42,7 +43,7 @@ class Loaded:
     ns_per_bin: float  # a bin's cost in a multi-bin call (sizes the first bulk slices; 0: not measured)
     name: str  # which bundle, for the log: its directory and decode graph's sha256
 
-    def same_history(self, other: "Loaded") -> bool:
+    def same_history(self, other: "ServingBundle") -> bool:
         """Whether streams' histories carry over to ``other``: the same window and latent sizes
         (the latents are the old model's; a retrained model of the same sizes reads them as its
         own until they leave the window, ``history_bins - 1`` bins later)."""
@@ -51,10 +52,12 @@ class Loaded:
 
 
 def prepare(engine, max_batch: int, warmup: int = 200, prewarm: bool = True, streaming: bool = False,
-            max_body_bytes: int = MAX_BODY_BYTES) -> Loaded:
+            max_body_bytes: int = MAX_BODY_BYTES) -> ServingBundle:
     n = int(engine.n_channels)
     scratch = engine.new_stream()  # start-up decodes never touch a client's stream
     probe = engine.decode_stream(scratch, np.zeros(n, np.float32))
+    if not all(np.isfinite(a).all() for a in (probe.content, probe.style_mean, probe.rates)):
+        raise ValueError(f"{getattr(engine, 'bundle_dir', 'the bundle')}: a zero bin decodes to non-finite values")
     readout = probe.angle is not None
     width = lambda a: 0 if a is None else a.shape[-1]  # noqa: E731
     layout = wire.DecodeLayout(width(probe.content), width(probe.style_mean), width(probe.proba),
@@ -82,7 +85,7 @@ def prepare(engine, max_batch: int, warmup: int = 200, prewarm: bool = True, str
     reduced = InfoReply(**info, manifest=public, training_details=False).model_dump_json().encode()
     decode_sha = manifest.get("files", {}).get("decode.onnx", "")[:12]
     name = f"{getattr(engine, 'bundle_dir', type(engine).__name__)} (decode.onnx {decode_sha or '?'})"
-    return Loaded(engine, n, layout, writer, one_bin, limits, planner, full, reduced, ns_per_bin, name)
+    return ServingBundle(engine, n, layout, writer, one_bin, limits, planner, full, reduced, ns_per_bin, name)
 
 
 def _time_per_bin(engine, scratch, rng, n: int, bins: int = 64) -> float:

@@ -1,7 +1,8 @@
 """The lanes behind the closed loop: bulk decodes served one slice (one engine call) at a time,
 and requests that are not decodes served a few at a time, between turns of the serving loop,
 so that a one-bin closed-loop request never waits behind more than one engine call of bulk
-work or a few control replies (``LaterLane``, at the end).
+work or a few control replies (``ControlLane``, at the end). Both answer through ``Replies``
+(runtime/serve/replies.py) and know nothing else of the server.
 
 A DECODE of more than one bin is not decoded where it is read: it becomes a ``Job`` in the
 queue of its stream, and so does every DECODE of that stream that arrives while the stream has
@@ -25,6 +26,8 @@ import time
 from collections import deque
 
 from swapvae.runtime import wire
+from swapvae.runtime.serve.recorder import Recorder
+from swapvae.runtime.serve.replies import Replies
 from swapvae.schemas.protocol import Bulk, ErrorCode
 
 _clock = time.perf_counter_ns
@@ -35,21 +38,21 @@ BIG_REPLY = 64 << 10  # replies this big are handed to libzmq without a copy
 
 class Job:
     """One DECODE request waiting in (or going through) the lane."""
-    __slots__ = ("key", "src", "frames", "req", "nbytes", "t_read", "work", "done", "model", "stream", "fresh",
+    __slots__ = ("key", "src", "frames", "req", "nbytes", "t_read", "work", "done", "bundle", "stream", "fresh",
                  "frame", "views", "saved")
 
     def __init__(self, key, src, frames, req, nbytes: int, t_read: int):
         self.key, self.src, self.frames, self.req, self.nbytes, self.t_read = key, src, frames, req, nbytes, t_read
         self.work = self.done = 0
-        self.model = None  # set when its first slice runs
+        self.bundle = None  # the bundle in service when its first slice runs
 
 
 class BulkLane:
-    """Queues of jobs by stream, and the slices that serve them (see the module doc). ``server``
-    gives the engine in service (``model``), the stream table, the recorder and error replies."""
+    """Queues of jobs by stream, and the slices that serve them (see the module doc).
+    ``replies`` gives the bundle in service, the streams' histories and the error replies."""
 
-    def __init__(self, server, slice_ns: int = SLICE_NS):
-        self.server, self.slice_ns = server, int(slice_ns)
+    def __init__(self, replies: Replies, recorder: Recorder, slice_ns: int = SLICE_NS):
+        self.replies, self.recorder, self.slice_ns = replies, recorder, int(slice_ns)
         self.queues: dict[bytes, deque] = {}  # stream key -> its jobs, in arrival order; dict order = turns
         self.bytes = 0
         self._bytes_of: dict[bytes, int] = {}
@@ -60,22 +63,22 @@ class BulkLane:
         return sum(len(q) for q in self.queues.values())
 
     def slice_bins(self, max_bins: int) -> int:
-        per_bin = self.ns_per_bin or self.server.model.ns_per_bin
+        per_bin = self.ns_per_bin or self.replies.bundle.ns_per_bin
         if not per_bin:  # nothing measured yet: a small first slice, which measures
             return MIN_SLICE_BINS
         return max(MIN_SLICE_BINS, min(max_bins, int(self.slice_ns / per_bin)))
 
     def stats(self) -> Bulk:
         return Bulk(pending=len(self), pending_bytes=self.bytes, slices=self.slices,
-                    slice_bins=self.slice_bins(self.server.model.limits.max_bins), slice_us=self.slice_ns / 1e3,
+                    slice_bins=self.slice_bins(self.replies.bundle.limits.max_bins), slice_us=self.slice_ns / 1e3,
                     slice_max_us=self.slice_max / 1e3)
 
     def submit(self, key: bytes, src, frames: list, req, nbytes: int, t_read: int):
         """Queue a parsed DECODE; None, or the OVERLOADED reply when the lane is full."""
-        limits = self.server.model.limits
+        limits = self.replies.bundle.limits
         mine = self._bytes_of.get(key, 0)
         if self.bytes + nbytes > limits.bulk_bytes or mine + nbytes > limits.bulk_peer_bytes:
-            return self.server.error_reply(
+            return self.replies.error(
                 ErrorCode.OVERLOADED, f"the server holds {self.bytes} bytes of multi-bin decodes ({mine} from this "
                 f"peer; at most {limits.bulk_bytes}, {limits.bulk_peer_bytes} per peer): retry when answered",
                 req.seq, req.t_client_ns)
@@ -104,24 +107,23 @@ class BulkLane:
             self.queues[key] = queue  # to the back: the other streams' turn first
 
     def _start(self, job: Job) -> None:
-        server = self.server
-        job.model = m = server.model  # a reload mid-job: the job finishes on the engine it started on
-        job.stream = s = server.streams.get(job.key)
+        job.bundle = b = self.replies.bundle  # a reload mid-job: the job finishes on the bundle it started on
+        job.stream = s = self.replies.streams.get(job.key)
         n = len(job.req.counts)
         job.fresh = bool(job.req.flags & wire.RESET) or not s.n
         job.saved = (s.row.copy(), s.n)
-        job.frame = m.writer.frame_for(n, job.req.seq, job.req.t_client_ns, job.fresh)
-        job.views = [(name, v) for name, v in m.layout.sections(job.frame, n).items() if v is not None]
+        job.frame = b.writer.frame_for(n, job.req.seq, job.req.t_client_ns, job.fresh)
+        job.views = [(name, v) for name, v in b.layout.sections(job.frame, n).items() if v is not None]
 
     def _slice(self, job: Job):
         """Decode the job's next slice into its reply; the finished reply, or None."""
-        if job.model is None:
+        if job.bundle is None:
             self._start(job)
         counts = job.req.counts
         n, a = len(counts), job.done
-        b = min(n, a + self.slice_bins(job.model.limits.max_bins))
+        b = min(n, a + self.slice_bins(job.bundle.limits.max_bins))
         t0 = _clock()
-        out = job.model.engine.decode_stream(job.stream, counts[a:b] if b - a > 1 else counts[a],
+        out = job.bundle.engine.decode_stream(job.stream, counts[a:b] if b - a > 1 else counts[a],
                                              a == 0 and bool(job.req.flags & wire.RESET))
         for name, view in job.views:
             view[a:b] = getattr(out, name)
@@ -138,7 +140,7 @@ class BulkLane:
             return None
         server_ns = _clock() - job.t_read
         queue_ns = max(0, server_ns - job.work)
-        rec = self.server.recorder
+        rec = self.recorder
         if n == 1:
             rec.decoded(server_ns, queue_ns)
         else:
@@ -146,13 +148,13 @@ class BulkLane:
         return wire.finish(job.frame, server_ns, queue_ns)
 
     def _failed(self, job: Job, e: Exception):
-        if job.model is not None:  # put the stream back as it was before the job
+        if job.bundle is not None:  # put the stream back as it was before the job
             job.stream.row[:], job.stream.n = job.saved
         where = f" (bins counted from bin {job.done} of the request)" if job.done else ""
-        return self.server.engine_error(e, job.req.seq, job.req.t_client_ns, where)
+        return self.replies.engine_error(e, job.req.seq, job.req.t_client_ns, where)
 
 
-class LaterLane:
+class ControlLane:
     """Requests that are not decodes (INFO, STATS, PING, and frames refused with an ERROR):
     answered ``PER_TURN`` per turn of the loop, after what the turn read, so that a flood of
     them (or of garbage) costs a one-bin request at most that many replies' time. Bounded:
@@ -160,27 +162,26 @@ class LaterLane:
     ``dropped.backlog``). Their ``queue_ns`` is the time they waited here."""
     PER_TURN, MAX_ITEMS, MAX_BYTES = 8, 4096, 16 << 20
 
-    def __init__(self, server):
-        self.server, self.items, self.bytes = server, deque(), 0
+    def __init__(self, replies: Replies, recorder: Recorder):
+        self.replies, self.recorder, self.items, self.bytes = replies, recorder, deque(), 0
 
     def add(self, src, frames: list, frame, key: bytes, t_read: int) -> None:
+        """Queue a request (``frame`` None: its envelope was refused), or drop it when full."""
         size = 0 if frame is None else len(frame)
         if len(self.items) >= self.MAX_ITEMS or self.bytes + size > self.MAX_BYTES:
-            self.server.recorder.requests += 1
-            self.server.recorder.drops.backlog += 1
+            self.recorder.drops.backlog += 1
             return
         self.items.append((src, frames, frame, key, t_read, size))
         self.bytes += size
 
     def step(self) -> None:
-        server, items = self.server, self.items
+        replies, items = self.replies, self.items
         for _ in range(min(self.PER_TURN, len(items))):
             src, frames, frame, key, t_read, size = items.popleft()
             self.bytes -= size
             if frame is None:
-                server.recorder.requests += 1
-                reply = server.error_reply(ErrorCode.BAD_ENVELOPE, src.envelope_error(frames))
+                reply = replies.error(ErrorCode.BAD_ENVELOPE, src.envelope_error(frames))
             else:
-                reply = server.handle(frame, key, t_read, _clock())
+                reply = replies.answer(frame, key, t_read, _clock())
             if reply is not None:
                 src.answer(frames, reply)

@@ -1,0 +1,52 @@
+"""``swapvae serve BUNDLE``: the flags of ``swapvae.runtime.serve.service.serve``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub) -> None:
+    s = sub.add_parser("serve", help="serve a bundle over ZeroMQ")
+    s.add_argument("bundle")
+    s.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ROUTER endpoint for request/reply")
+    s.add_argument("--sub", help="streaming mode: SUB endpoint to read bins from")
+    s.add_argument("--pub", help="streaming mode: PUB endpoint to publish decodes on")
+    s.add_argument("--busy-poll", action="store_true", help="spin instead of sleeping (dedicated core)")
+    s.add_argument("--no-prewarm", action="store_true",
+                   help="do not warm the engine just before a steady stream's next bin is due")
+    s.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    s.add_argument("--trust", action="append", metavar="PUBKEY",
+                   help="serve only a bundle signed by this Ed25519 public key (repeatable)")
+    s.add_argument("--max-streams", type=int, metavar="N",
+                   help="streams (clients) whose readout history is kept, default 1024; beyond N the least "
+                        "recently used is dropped")
+    s.add_argument("--curve-secret", metavar="FILE",
+                   help="CURVE: this server's key pair (NAME.key_secret from 'swapvae keygen curve NAME', mode 0600)")
+    s.add_argument("--allow", metavar="DIR_OR_FILE",
+                   help="CURVE: the clients let in: a public key file (NAME.key) or a directory of them")
+    s.add_argument("--insecure", action="store_true",
+                   help="serve on an address other machines can reach without CURVE (no authentication, no encryption)")
+    s.add_argument("--sub-server-key", metavar="KEY",
+                   help="CURVE: the --sub publisher's public key (a .key file or its Z85 text); with --curve-secret")
+    s.add_argument("--core", type=int, metavar="N", help="pin the process to CPU N")
+    s.add_argument("--max-request-bytes", type=int, metavar="BYTES",
+                   help="largest request frame read (default 2 MiB + 32; fewer bins per DECODE for wide arrays)")
+    s.add_argument("--slice-us", type=float, metavar="US",
+                   help="multi-bin DECODEs run in engine calls of about this long, one-bin ones between them "
+                        "(default 500)")
+    s.add_argument("--control-rate", type=float, metavar="PER_S",
+                   help="INFO, STATS and PING per second per peer (default 50); beyond: RATE_LIMITED")
+    s.set_defaults(run=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    from swapvae.runtime.serve.service import serve as run
+
+    s = run(args.bundle, bind=args.bind, sub=args.sub, pub=args.pub, busy_poll=args.busy_poll,
+            prewarm=not args.no_prewarm, provider=args.provider, trust=args.trust, max_streams=args.max_streams,
+            curve_secret=args.curve_secret, allow=args.allow, insecure=args.insecure,
+            sub_server_key=args.sub_server_key, core=args.core, max_request_bytes=args.max_request_bytes,
+            slice_us=args.slice_us, control_rate=args.control_rate)
+    print(f"stopped after {s.requests} requests ({s.bins} bins decoded, {sum(s.errors.values())} errors)",
+          file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,64 @@
+"""``swapvae train`` and ``swapvae evaluate``."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from swapvae.commands.options import add_nwb, nwb_kwargs
+
+
+def register(sub) -> None:
+    t = sub.add_parser("train", help="fit Swap-VAE on a session, evaluate it, write a run directory")
+    t.add_argument("--data", default="simulated",
+                   help=".npz or .nwb recording, 'simulated' (default) or 'synthetic[:SEED[:SEQUENCES]]'")
+    t.add_argument("--out", required=True, help="run directory to write")
+    t.add_argument("--config", help="JSON config (swapvae.schemas.SwapVAEConfig); defaults otherwise")
+    t.add_argument("--seed", type=int, help="overrides the config's seed")
+    t.add_argument("--device", help="overrides the config's device: auto, cpu, cuda or cuda:N")
+    t.add_argument("--variant", help="ablation preset: swap_vae, no_swap, no_align, vae, beta_vae")
+    t.add_argument("--epochs", type=int, help="overrides optim.epochs")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_nwb(t)
+    t.set_defaults(run=train)
+
+    e = sub.add_parser("evaluate", help="print the metrics table of a run")
+    e.add_argument("run_dir")
+    e.add_argument("--data", help="re-evaluate on this session (default: the run's own data)")
+    e.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    add_nwb(e, rerun=True)
+    e.set_defaults(run=evaluate)
+
+
+def config_of(args: argparse.Namespace):
+    """The run's config: ``--config`` (or the defaults) with the flags that override it."""
+    from swapvae.schemas import SwapVAEConfig
+
+    config = SwapVAEConfig.from_file(args.config) if args.config else SwapVAEConfig()
+    raw = config.model_dump(exclude_unset=True)
+    if args.variant:  # a variant's preset replaces the model and loss sections given
+        raw = {**{k: v for k, v in raw.items() if k in ("seed", "device", "data", "readout", "optim")},
+               "variant": args.variant}
+    if args.seed is not None:
+        raw["seed"] = args.seed
+    if args.device:
+        raw["device"] = args.device
+    if args.epochs:
+        raw["optim"] = {**raw.get("optim", {}), "epochs": args.epochs}
+    return SwapVAEConfig.model_validate(raw)
+
+
+def train(args: argparse.Namespace) -> int:
+    from swapvae.training.run import format_table, train_run
+
+    metrics = train_run(args.data, args.out, config_of(args), progress=not args.quiet, options=nwb_kwargs(args))
+    print(format_table(metrics))
+    print(f"run written to {args.out}")
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from swapvae.training.run import evaluate_run, format_table
+
+    metrics = evaluate_run(args.run_dir, args.data, nwb_kwargs(args))
+    print(json.dumps(metrics) if args.json else format_table(metrics))
+    return 0
