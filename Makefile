@@ -9,7 +9,7 @@ RUN ?= runs/demo
 BUNDLE ?= bundles/demo
 ENDPOINT ?= tcp://127.0.0.1:5555
 
-.PHONY: demo test install bench clean
+.PHONY: demo test test-fast lint install bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,15 @@ demo: install
 	  $(VENV)/bin/swapvae replay $(BUNDLE) --data simulated --endpoint $(ENDPOINT); rc=$$?; \
 	  kill $$pid; wait $$pid; exit $$rc
 
-test: install
+test: install lint
 	$(PY) -m pytest -q
+
+# The inner loop: everything but the slow subprocess suites (rig venv, soak, ASan fuzz, linters).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check .
 
 bench: install
 	$(PY) benchmarks/reach_accuracy.py

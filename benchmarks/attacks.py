@@ -47,13 +47,13 @@ from pathlib import Path
 
 import numpy as np
 import zmq
-
 from _common import ROOT, build_bundle, cpu_name, write_result  # benchmarks/ is on sys.path when run as a script
+from soak import RssSampler, ServiceProc  # noqa: E402
+
 from swapvae.runtime import wire  # noqa: E402
 from swapvae.runtime.client import Client  # noqa: E402
 from swapvae.runtime.wire import SERVER_NS_OFFSET, RequestBuffer  # noqa: E402
 from swapvae.schemas.protocol import MsgType  # noqa: E402
-from soak import RssSampler, ServiceProc  # noqa: E402
 
 SCENARIOS = ("hol", "bulk_load", "stats_flood", "multipart", "envelope", "slow_reader", "slow_subscriber",
              "idle_conns")
@@ -139,14 +139,14 @@ def hol(svc: ServiceProc, info, args) -> dict:
     big = wire.pack_request(MsgType.DECODE, 0, 0, rng.poisson(2.0, (1024, info["n_channels"])).astype(np.float32))
     one = wire.pack_request(MsgType.DECODE, 99, 0, np.ones(info["n_channels"], np.float32))
     runs = []
-    for r in range(args.runs):
+    for _ in range(args.runs):
         bulk, closed = _dealer(svc.endpoint), _dealer(svc.endpoint)
         closed.send(wire.pack_request(MsgType.PING, 0, 0))  # connected before the burst
         closed.recv()
         poller = zmq.Poller()
         poller.register(bulk, zmq.POLLIN)
         poller.register(closed, zmq.POLLIN)
-        for i in range(31):
+        for _ in range(31):
             bulk.send(big)
         time.sleep(0.001)
         t_send = time.perf_counter_ns()

@@ -31,7 +31,6 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-
 from _common import TorchEngine, build_bundle, cpu_name, write_result  # benchmarks/ is on sys.path when run as a script
 
 
@@ -116,7 +115,8 @@ def main(argv=None) -> int:
     w = max(map(len, rows))
     print(f"{'variant':<{w}}  {'p50':>7}  {'p90':>7}  {'gap p50':>8}  {'gap p90':>8}   (us, batch 1)")
     for k, r in rows.items():
-        print(f"{k:<{w}}  {r['tight_p50_us']:7.1f}  {r['tight_p90_us']:7.1f}  {r['gap_p50_us']:8.1f}  {r['gap_p90_us']:8.1f}")
+        print(f"{k:<{w}}  {r['tight_p50_us']:7.1f}  {r['tight_p90_us']:7.1f}  {r['gap_p50_us']:8.1f}  "
+              f"{r['gap_p90_us']:8.1f}")
     import onnxruntime
 
     result = {
@@ -125,7 +125,8 @@ def main(argv=None) -> int:
             "n_neurons": len(manifest["neurons"]), "hidden": manifest["training"]["config"]["model"]["hidden"],
             "data": manifest["training"].get("data")},
         "settings": {"n": args.n, "rounds": args.rounds, "gap_ms": args.gap_ms, "gap_n": args.gap_n},
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "load_avg": os.getloadavg(), "python": platform.python_version(),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "load_avg": os.getloadavg(),
+                    "python": platform.python_version(),
                     "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
         "results": rows,
     }

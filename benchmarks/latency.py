@@ -47,8 +47,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import (  # benchmarks/ is on sys.path when run as a script
+    ROOT,
+    TorchEngine,
+    build_bundle,
+    cpu_name,
+    write_result,
+)
 
-from _common import ROOT, TorchEngine, build_bundle, cpu_name, write_result  # benchmarks/ is on sys.path when run as a script
 from swapvae.runtime.wire import SERVER_NS_OFFSET  # noqa: E402
 
 _SERVER_NS = struct.Struct("<I")
@@ -227,7 +233,8 @@ def measure_channels(d: int, workdir: Path, args) -> dict:
             _, fp32_bundle = build_bundle(workdir, d, "fp32")
             procs["ours fp32"] = Proc("ours fp32", [*ours_cmd[:4], str(fp32_bundle), *ours_cmd[5:]], server_cpu)
         if args.no_prewarm:
-            procs["ours no-prewarm"] = Proc("ours no-prewarm", [py, me, "--_serve", "no-prewarm", "--_bundle", str(bundle)],
+            procs["ours no-prewarm"] = Proc("ours no-prewarm", [py, me, "--_serve", "no-prewarm", "--_bundle",
+                                                                str(bundle)],
                                             server_cpu)
         probes = {k: Probe(p.endpoint, x) for k, p in procs.items()}
         samples: dict[str, dict[str, list]] = {k: {m: [] for m in MODES} for k in probes}  # (ns, server ns)

@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _common import ROOT, build_bundle, cpu_name, write_result  # benchmarks/ is on sys.path when run as a script
 from latency import Proc  # noqa: E402
 
@@ -229,7 +228,8 @@ def main(argv=None) -> int:
             ab = res[f"{k}/before"]
             print(f"{k}/before: round trip p50/echo x{ab['p50_over_echo']:.3f} (median of rounds "
                   f"x{ab['p50_over_echo_median_of_rounds']:.3f}); in-server p50/echo "
-                  f"x{ab['server_p50_over_echo']:.3f} (median of rounds x{ab['server_over_echo_median_of_rounds']:.3f})")
+                  f"x{ab['server_p50_over_echo']:.3f} (median of rounds "
+                  f"x{ab['server_over_echo_median_of_rounds']:.3f})")
             print(f"  its echo against before's echo (the noise of a floor): x{ab['echo_p50']:.3f} pooled, "
                   f"x{ab['echo_p50_median_of_rounds']:.3f} median of rounds")
     result["machine"] = {"cpu": cpu_name(), "cores": os.cpu_count(), "load_avg": os.getloadavg(), "pin": args.pin}

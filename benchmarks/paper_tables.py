@@ -35,19 +35,25 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from _common import CHEWIE  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 from swapvae.schemas import SwapVAEConfig  # noqa: E402
 from swapvae.schemas.session import Split, split_session  # noqa: E402
 from swapvae.training.data import load_session  # noqa: E402
 from swapvae.training.estimator import SwapVAE  # noqa: E402
 from swapvae.training.evaluate import readout_scores  # noqa: E402
 from swapvae.training.generate import generated_training_set  # noqa: E402
-from swapvae.training.metrics import (TEMPORAL_BINS, bits_per_spike, disentanglement_per_latent,  # noqa: E402
-                              disentanglement_score, mean_std, reconstruction_rmse, temporal_scores)
+from swapvae.training.metrics import (  # noqa: E402
+    TEMPORAL_BINS,
+    bits_per_spike,
+    disentanglement_per_latent,
+    disentanglement_score,
+    mean_std,
+    reconstruction_rmse,
+    temporal_scores,
+)
 from swapvae.training.supervised import SupervisedDecoder  # noqa: E402
 from swapvae.training.synthetic import SEQ_LEN, make_synthetic, synthetic_config  # noqa: E402
-
 
 # Config overrides of each Chewie-1 model, relative to the project's default recipe
 # (schemas.config). "swap_vae_paper" is the released recipe (rates in Hz, jitter 5, no
@@ -130,7 +136,8 @@ def score_representation(transform, split: Split, cfg, spaces=("full",), reach: 
         out[f"temporal_acc{suffix}"], out[f"temporal_within1{suffix}"] = temporal["acc"], temporal["within1"]
         if space == "full":
             sel = first_bins(split.test)
-            out["disentanglement"] = disentanglement_score(z_te[sel], split.test.target[sel], split.test.bin_in_trial[sel])
+            out["disentanglement"] = disentanglement_score(z_te[sel], split.test.target[sel],
+                                                           split.test.bin_in_trial[sel])
     return out
 
 
@@ -158,7 +165,7 @@ def augmentation(est: SwapVAE, split: Split, cfg, seed: int) -> dict:
     for fraction in AUGMENT_FRACTIONS:
         rng = np.random.default_rng([seed, int(fraction * 100)])
         augment = None if fraction == 0 else (
-            lambda rows, f=fraction: generated_training_set(est, counts[rows], target[rows], f, rng))
+            lambda rows, f=fraction, rng=rng: generated_training_set(est, counts[rows], target[rows], f, rng))
         dec = supervised_chewie(split, cfg, seed, augment)
         acc, dacc = dec.score(split.test.counts[te], split.test.target[te])
         out[f"aug_{int(fraction * 100)}_acc"], out[f"aug_{int(fraction * 100)}_delta_acc"] = acc, dacc
@@ -228,7 +235,8 @@ def run_synthetic_seed(split: Split, seed: int, epochs: int | None, log,
         log(f"  {tag} seed {seed} {name}: " + " ".join(f"{k}={v:.3f}" for k, v in res.items() if isinstance(v, float)))
     # the test counts themselves: what a representation that changes nothing scores
     results["raw_counts"] = {"disentanglement": disentanglement_score(te.counts, te.target, te.bin_in_trial),
-                             "disentanglement_per_latent": disentanglement_per_latent(te.counts, te.target, te.bin_in_trial)}
+                             "disentanglement_per_latent": disentanglement_per_latent(te.counts, te.target,
+                                                                                      te.bin_in_trial)}
     return results
 
 
@@ -240,7 +248,8 @@ def _synthetic_readouts(est, split: Split) -> dict:
     a readout that is right only by a small margin scores below chance with it (the raw test
     counts, readout fitted on all training sequences: 22.3% sector rule, 40.2% top-1; chance 25%)."""
     cfg = est.config_.readout
-    sub = split.train.select_bins(split.train.trial < np.unique(split.train.trial)[min(1000, len(np.unique(split.train.trial)) - 1)])
+    trials = np.unique(split.train.trial)
+    sub = split.train.select_bins(split.train.trial < trials[min(1000, len(trials) - 1)])
     small = Split(sub, split.test, split.neurons)
     out = {}
     for space in ("content", "style"):
@@ -281,7 +290,8 @@ def _paper(value, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-NAMES = {"swap_vae": "Swap-VAE (project default recipe)", "swap_vae_paper": "Swap-VAE (paper's released recipe)", "vae": "VAE", "beta_vae": "beta-VAE", "supervised": "supervised",
+NAMES = {"swap_vae": "Swap-VAE (project default recipe)", "swap_vae_paper": "Swap-VAE (paper's released recipe)",
+         "vae": "VAE", "beta_vae": "beta-VAE", "supervised": "supervised",
          "no_align": "no alignment (= swap only)", "no_swap": "no swap (alignment only)",
          "temporal_only": "temporal-only augmentation", "spatial_only": "spatial-only augmentation",
          "both_aug": "both augmentations",
@@ -336,7 +346,8 @@ def markdown(summary: dict, settings: dict) -> str:
               f"(9-way linear readout, sector rule; chance {100 / TEMPORAL_BINS:.1f}%); +-1 bin: the most probable "
               "bin is at most one off (lenient, for reference only). Disentanglement: "
               "training.metrics.disentanglement_score of the full space, direction vs time (test bins, first 9).", "",
-              "| model | space | reach acc | temporal acc | temporal acc (paper) | temporal, +-1 bin | disentanglement |",
+              "| model | space | reach acc | temporal acc | temporal acc (paper) | temporal, +-1 bin "
+              "| disentanglement |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for model in ("swap_vae", "swap_vae_paper", "vae", "beta_vae", "supervised", "raw_rates"):
         for space in (("full", "content", "style") if model in SWAP_MODELS else ("full",)):
@@ -364,7 +375,8 @@ def markdown(summary: dict, settings: dict) -> str:
               "(direction, time step) over all trials; `rmse avg` = trial-averaged reconstruction vs trial-averaged "
               "test counts. Bits/spike: Poisson log-likelihood gain of the reconstruction over each neuron's mean "
               "training rate, all test bins (the model sees the bin: an autoencoding score).", "",
-              "| model | recon RMSE | recon RMSE avg | raw counts RMSE | bits/spike |", "| --- | --- | --- | --- | --- |"]
+              "| model | recon RMSE | recon RMSE avg | raw counts RMSE | bits/spike |",
+              "| --- | --- | --- | --- | --- |"]
     for model in ("swap_vae", "swap_vae_paper", "vae", "beta_vae", "no_align", "no_swap", "temporal_only",
                   "spatial_only", "both_aug"):
         lines.append(f"| {NAMES[model]} | {_cell(s, 'chewie', model, 'recon_rmse', False, 4)} | "
@@ -390,19 +402,22 @@ def markdown(summary: dict, settings: dict) -> str:
               "Layouts: METHOD.md's (cluster i on the arc [i pi/2, (i+1) pi/2), arcs touching; the headline) and "
               "the released sampler's (arcs [i pi/2, i pi/2 + pi/4), a gap of pi/4 between clusters; "
               "training.synthetic, layout=\"released\").", "",
-              "| layout | model | disentanglement | paper | disentanglement, per-latent reading | cluster acc (content) | "
+              "| layout | model | disentanglement | paper | disentanglement, per-latent reading "
+              "| cluster acc (content) | "
               "position acc (content) | position acc (style) | position top-1 (content) | position top-1 (style) |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for exp, layout in (("synthetic", "METHOD.md"), ("synthetic_released", "released")):
         for model in ("swap_vae", "beta_vae", "vae", "supervised", "raw_counts"):
             if model not in s.get(exp, {}):
                 continue
-            name = {"swap_vae": "Swap-VAE (paper's synthetic recipe)", "raw_counts": "raw counts (no model)"}.get(model, NAMES.get(model))
+            name = {"swap_vae": "Swap-VAE (paper's synthetic recipe)",
+                    "raw_counts": "raw counts (no model)"}.get(model, NAMES.get(model))
             cells = [_cell(s, exp, model, m) for m in ("cluster_acc_content", "time_acc_content", "time_acc_style",
                                                        "time_top1_content", "time_top1_style")]
             lines.append(f"| {layout} | {name} | {_cell(s, exp, model, 'disentanglement', False, 3)} | "
                          f"{_paper(PAPER['synthetic'].get(model))} | "
-                         f"{_cell(s, exp, model, 'disentanglement_per_latent', False, 3)} | " + " | ".join(cells) + " |")
+                         f"{_cell(s, exp, model, 'disentanglement_per_latent', False, 3)} | "
+                         + " | ".join(cells) + " |")
     lines += ["", "## Targets", "", "| target | met | measured |", "| --- | --- | --- |"]
     for what, ok, nums in targets(s):
         lines.append(f"| {what} | {'-' if ok is None else ('yes' if ok else 'NO')} | {nums} |")
@@ -462,7 +477,8 @@ def main(argv=None) -> int:
     for seed in range(args.seeds):
         record = {}
         if split is not None:
-            record["chewie"] = {"raw_rates": raw_rates, **run_chewie_seed(session, split, seed, args.epochs, models, log)}
+            scores = run_chewie_seed(session, split, seed, args.epochs, models, log)
+            record["chewie"] = {"raw_rates": raw_rates, **scores}
         if syn_split is not None:
             record["synthetic"] = run_synthetic_seed(syn_split, seed, args.synthetic_epochs, log)
             record["synthetic_released"] = run_synthetic_seed(released_split, seed, args.synthetic_epochs, log,

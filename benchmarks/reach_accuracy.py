@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from _common import CHEWIE, cpu_name, write_result  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 from swapvae.schemas import SwapVAEConfig
 from swapvae.schemas.session import split_session
 from swapvae.training.data import load_session
@@ -100,7 +100,8 @@ def summarise(runs: list[dict]) -> dict:
 def print_tables(summary: dict, scored_on: str, n_seeds: int) -> None:
     pm = lambda s: f"{s['mean']:.3f} +- {s['std']:.3f}"  # noqa: E731
     print(f"\nChewie-1, {n_seeds} seeds, scored on {scored_on}")
-    print(f"{'model':<26}{'k':>5}  {'acc':>15}  {'delta-acc':>15}  {'velocity R^2':>15}   per bin (k = 1): acc / delta / R^2")
+    print(f"{'model':<26}{'k':>5}  {'acc':>15}  {'delta-acc':>15}  {'velocity R^2':>15}   "
+          f"per bin (k = 1): acc / delta / R^2")
     for name, s in summary.items():
         k = f"{s['history_bins']['mean']:.1f}"
         print(f"{name:<26}{k:>5}  {pm(s['reach_acc']):>15}  {pm(s['reach_delta_acc']):>15}  {pm(s['velocity_r2']):>15}"

@@ -45,8 +45,8 @@ from pathlib import Path
 
 import numpy as np
 import zmq
-
 from _common import ROOT, build_bundle, cpu_name, write_result  # benchmarks/ is on sys.path when run as a script
+
 from swapvae.runtime import wire  # noqa: E402
 from swapvae.runtime.client import Client, ServiceError, ServiceTimeout  # noqa: E402
 from swapvae.schemas.protocol import MsgType  # noqa: E402

@@ -42,7 +42,6 @@ from swapvae.runtime import wire
 from swapvae.runtime.output import DecodeOutput
 from swapvae.schemas.protocol import DTYPE_NUMPY, ErrorBody, ErrorCode, InfoReply, MsgType, ReplyFlag, StatsReply
 
-
 _WIRE_DTYPES = {np.dtype(v).str.lstrip("<=|") for v in DTYPE_NUMPY.values()}
 
 
@@ -125,7 +124,7 @@ class Client:
             self._sock.close(linger=0)
             self._sock = None
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -101,7 +101,8 @@ class BundleDecoder:
             self.session = ort.InferenceSession(blobs[m.graphs["decode"].file], session_options(intra_op_threads, spin),
                                                 providers=PROVIDERS[provider])
         except Exception as e:  # ORT's own exception classes: say which bundle
-            raise BundleError(f"{self.bundle_dir}: onnxruntime {ort.__version__} cannot load the decode graph: {e}") from None
+            raise BundleError(f"{self.bundle_dir}: onnxruntime {ort.__version__} cannot load the decode graph: "
+                              f"{e}") from None
         self._inputs, self._outputs = graph_io(m.readout)["decode"]
         widths = {"latent": m.latent_dim, "resultant": 2, "direction": None, "proba": m.n_classes, "velocity": 2,
                   "rates": m.n_neurons, "count_min": None, "count_sum": None}
@@ -178,7 +179,8 @@ class BundleDecoder:
         ins, outs = self.session.get_inputs(), self.session.get_outputs()
         problem = None
         if [i.name for i in ins] != list(self._inputs) or ins[0].shape[1:] != [self.n_channels]:
-            problem = f"inputs {[(i.name, i.shape) for i in ins]}, expected {self._inputs} (counts of {self.n_channels})"
+            problem = (f"inputs {[(i.name, i.shape) for i in ins]}, expected {self._inputs} "
+                       f"(counts of {self.n_channels})")
         elif [o.name for o in outs] != list(self._outputs):
             problem = f"outputs {[o.name for o in outs]}, expected {self._outputs}"
         else:

@@ -16,7 +16,6 @@ training side is installed), and the scores are ``runtime.reach``'s.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -46,14 +45,16 @@ def require_readout(manifest: BundleManifest) -> None:
     """ValueError, saying why, for a bundle without a readout."""
     if manifest.readout is None:
         raise ValueError(f"the bundle was trained without reach labels ({manifest.training.data or 'its data'} had "
-                         f"none): it has no readout, so a replay has nothing to score; it serves latents and rates only")
+                         f"none): it has no readout, so a replay has nothing to score; it serves latents and rates "
+                         f"only")
 
 
 def replay_bins(manifest: BundleManifest, session: Session) -> ReplayBins:
     """The test bins of ``session`` under the split and scoring rule the bundle was evaluated with."""
     require_readout(manifest)
     if session.n_neurons != manifest.n_channels:
-        raise ValueError(f"{session.name} has {session.n_neurons} channels but the bundle expects {manifest.n_channels} "
+        raise ValueError(f"{session.name} has {session.n_neurons} channels but the bundle expects "
+                         f"{manifest.n_channels} "
                          f"(it was trained on {manifest.training.data or 'unknown data'}); pass --data")
     if not session.has_labels:
         raise ValueError(f"{session.name} has no reach labels (target, velocity): nothing to score a replay against")

@@ -41,7 +41,7 @@ class CurveServer(NamedTuple):
     allowed: frozenset
 
     @classmethod
-    def from_files(cls, secret_file: str | Path, allow: str | Path) -> "CurveServer":
+    def from_files(cls, secret_file: str | Path, allow: str | Path) -> CurveServer:
         public, secret = load_secret(secret_file)
         return cls(public, secret, frozenset(load_allow_list(allow)))
 

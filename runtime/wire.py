@@ -144,7 +144,8 @@ class OneBinRequests:
     strided views of those rows. ``enabled=False`` matches nothing (every request takes the
     general path)."""
 
-    _HEAD = struct.Struct("<7sBQQQ")  # magic, version, msg_type, dtype; flags; seq; t_client_ns; n_channels | n_bins << 32
+    # magic, version, msg_type, dtype; flags; seq; t_client_ns; n_channels | n_bins << 32
+    _HEAD = struct.Struct("<7sBQQQ")
 
     def __init__(self, n_channels: int, max_batch: int = 32, enabled: bool = True):
         self.n_channels = n_channels
@@ -279,7 +280,7 @@ class DecodeLayout:
             raise ValueError(f"a layout without a readout has no classes, velocity or history: {self}")
 
     @classmethod
-    def of(cls, head) -> "DecodeLayout":
+    def of(cls, head) -> DecodeLayout:
         """The layout a reply header describes."""
         return cls(head.content_dim, head.style_dim, head.n_classes, head.velocity_dim, head.history_bins,
                    head.n_rates, bool(head.flags & HAS_READOUT))

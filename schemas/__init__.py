@@ -3,13 +3,13 @@
 Depends on nothing else in this project, so both sides read the same definitions.
 """
 from swapvae.schemas.config import (
+    VARIANTS,
     DataConfig,
     LossConfig,
     ModelConfig,
     OptimConfig,
     ReadoutConfig,
     SwapVAEConfig,
-    VARIANTS,
 )
 
 __all__ = [

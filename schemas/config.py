@@ -22,8 +22,10 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "swap_vae": {},
     "no_swap": {"loss": {"swap": False}},  # alignment only
     "no_align": {"loss": {"align_weight": 0.0}},  # BlockSwap with no alignment term (the paper's "swap only")
-    "vae": {"model": {"content_dim": 0, "style_dim": 128}, "loss": {"swap": False, "align_weight": 0.0, "kl_weight": 1.0}},
-    "beta_vae": {"model": {"content_dim": 0, "style_dim": 128}, "loss": {"swap": False, "align_weight": 0.0, "kl_weight": 10.0}},
+    "vae": {"model": {"content_dim": 0, "style_dim": 128},
+            "loss": {"swap": False, "align_weight": 0.0, "kl_weight": 1.0}},
+    "beta_vae": {"model": {"content_dim": 0, "style_dim": 128},
+                 "loss": {"swap": False, "align_weight": 0.0, "kl_weight": 10.0}},
 }
 
 
@@ -54,7 +56,7 @@ class ModelConfig(_Section):
         return [n_neurons if h == "d" else int(h) for h in self.hidden]
 
     @model_validator(mode="after")
-    def _positive_hidden(self) -> "ModelConfig":
+    def _positive_hidden(self) -> ModelConfig:
         if not self.hidden or any(h != "d" and h <= 0 for h in self.hidden):
             raise ValueError(f"model.hidden must be non-empty positive widths or 'd', got {self.hidden}")
         return self
@@ -103,7 +105,7 @@ class ReadoutConfig(_Section):
     cv_folds: int = Field(5, ge=2, description="folds grouped by training trial")
 
     @model_validator(mode="after")
-    def _grids(self) -> "ReadoutConfig":
+    def _grids(self) -> ReadoutConfig:
         if min(self.history_grid) < 1 or min(self.C_grid) <= 0 or min(self.alpha_grid) <= 0:
             raise ValueError("readout grids must be positive (history_grid in bins >= 1)")
         return self
@@ -146,13 +148,13 @@ class SwapVAEConfig(_Section):
         return merged
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SwapVAEConfig":
+    def _consistent(self) -> SwapVAEConfig:
         if self.model.content_dim == 0 and (self.loss.swap or self.loss.align_weight > 0):
             raise ValueError("swap and alignment act on the content latent: content_dim must be > 0")
         return self
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "SwapVAEConfig":
+    def from_file(cls, path: str | Path) -> SwapVAEConfig:
         path = Path(path)
         try:
             raw = json.loads(path.read_text())
@@ -160,7 +162,7 @@ class SwapVAEConfig(_Section):
             raise ValueError(f"config {path}: not valid JSON ({e})") from None
         return cls.model_validate(raw)
 
-    def with_overrides(self, **fields: Any) -> "SwapVAEConfig":
+    def with_overrides(self, **fields: Any) -> SwapVAEConfig:
         """This config with ``fields`` changed, validated. A section given as a dict (or a
         section model) changes only the fields it names: ``with_overrides(optim={"epochs": 2})``
         keeps the learning rate and the rest of ``optim``. Fields this config was built with

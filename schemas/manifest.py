@@ -38,7 +38,7 @@ MANIFEST = "manifest.json"
 
 
 
-def graph_io(readout: "ReadoutSpec | None") -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+def graph_io(readout: ReadoutSpec | None) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
     """Input and output names of each graph of a bundle with this readout."""
     heads = ("resultant", "direction", "proba", "velocity") if readout is not None else ()
     history = ("history", "first") if readout is not None and readout.history_bins > 1 else ()
@@ -94,7 +94,7 @@ class Direction(_Frozen):
     angles_rad: tuple[float, ...] = Field(min_length=2)
 
     @model_validator(mode="after")
-    def _matching(self) -> "Direction":
+    def _matching(self) -> Direction:
         if len(self.classes) != len(self.angles_rad):
             raise ValueError(f"direction: {len(self.classes)} classes but {len(self.angles_rad)} angles")
         if len(set(self.classes)) != len(self.classes):
@@ -198,7 +198,7 @@ class BundleManifest(_Frozen):
         return without_retired(values, "manifest") if isinstance(values, dict) else values
 
     @model_validator(mode="after")
-    def _consistent(self) -> "BundleManifest":
+    def _consistent(self) -> BundleManifest:
         n = self.neurons
         if any(b <= a for a, b in zip(n, n[1:])) or n[0] < 0 or n[-1] >= self.n_channels:
             raise ValueError(f"neurons must be sorted, unique and in [0, {self.n_channels}); got {_short(n)}")

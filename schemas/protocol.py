@@ -281,7 +281,8 @@ class Bulk(_Body):
     slices: int = Field(0, description="engine calls made for them since start")
     slice_bins: int = Field(0, description="bins per slice now (sized to about slice_us)")
     slice_us: float = Field(0.0, description="the target time of one slice, us")
-    slice_max_us: float = Field(0.0, description="the longest slice (engine call and copy into the reply) since start, us")
+    slice_max_us: float = Field(0.0,
+                                description="the longest slice (engine call and copy into the reply) since start, us")
 
 
 class StatsReply(_Body):

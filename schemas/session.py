@@ -58,7 +58,7 @@ class Session:
             raise DataError(f"{self.name}: no hand velocity in this session")
         return np.linalg.norm(self.velocity, axis=1)
 
-    def select_bins(self, mask: np.ndarray) -> "Session":
+    def select_bins(self, mask: np.ndarray) -> Session:
         pick = lambda a: None if a is None else a[mask]  # noqa: E731
         return replace(self, counts=self.counts[mask], trial=self.trial[mask], bin_in_trial=self.bin_in_trial[mask],
                        target=pick(self.target), velocity=pick(self.velocity))
@@ -106,7 +106,8 @@ def validate(arrays: dict[str, np.ndarray], name: str, min_trials: int = 4) -> S
             raise DataError(f"{name}: target must be a direction class >= 0, found {target.min()}")
         velocity = np.asarray(arrays["velocity"], dtype=np.float64)
         if not np.isfinite(velocity).all():
-            raise DataError(f"{name}: velocity contains NaN/inf at bin {int(np.argwhere(~np.isfinite(velocity))[0, 0])}")
+            bad = int(np.argwhere(~np.isfinite(velocity))[0, 0])
+            raise DataError(f"{name}: velocity contains NaN/inf at bin {bad}")
         velocity = velocity.astype(np.float32)
     bin_size = float(arrays["bin_size_s"]) if "bin_size_s" in arrays else 0.1
     if not (bin_size > 0 and np.isfinite(bin_size)):

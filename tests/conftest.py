@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-# Chewie-1 (tests that need it skip where it is missing). The shared data lie beside the checkout (a worktree sits a level deeper): the nearest shared/ up.
+# Chewie-1 (tests that need it skip where it is missing). The shared data lie beside the checkout
+# (a worktree sits a level deeper): the nearest shared/ up.
 _CHEWIE = "shared/data/reaching/chewie-2013-10-03.npz"
 CHEWIE = next((p / _CHEWIE for p in Path(__file__).resolve().parents if (p / _CHEWIE).exists()),
               Path(__file__).resolve().parents[2] / _CHEWIE)

@@ -130,7 +130,7 @@ class Served:
             f.close()
         return self.proc.returncode
 
-    def __enter__(self) -> "Served":
+    def __enter__(self) -> Served:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -37,7 +37,8 @@ class FakeEngine:
     def _empty(self, n: int) -> DecodeOutput:
         r = self.readout
         return DecodeOutput(content=np.zeros((n, 3), np.float32), style_mean=np.zeros((n, 2), np.float32),
-                            angle=np.zeros(n, np.float32) if r else None, direction=np.zeros(n, np.int64) if r else None,
+                            angle=np.zeros(n, np.float32) if r else None,
+                            direction=np.zeros(n, np.int64) if r else None,
                             proba=np.zeros((n, 4), np.float32) if r else None,
                             velocity=np.zeros((n, 2), np.float32) if r else None, rates=np.zeros((n, 5), np.float32))
 
@@ -96,3 +97,46 @@ def expected(x, before=(), readout: bool = True) -> DecodeOutput:
     bins = np.asarray(x, np.float32).reshape(-1, 6)
     out = eng.decode_stream(eng.new_stream(), np.concatenate([np.reshape(before, (-1, 6)), bins]).astype(np.float32))
     return DecodeOutput(**{k: None if getattr(out, k) is None else getattr(out, k)[-len(bins):] for k in FIELDS})
+
+
+class QueueSource:
+    """A source of the serving loop whose messages wait in memory: ``recv`` reads them in the
+    order ``put`` queued them, ``answer`` records the replies. No socket, no timing: tests drive
+    the loop's read path (``Server._serve``) and the lanes exactly. ``keyed``: ROUTER-like
+    ([identity, request] messages, one stream per identity) or the SUB input (one stream)."""
+
+    def __init__(self, keyed: bool = True):
+        import zmq
+
+        self.keyed, self._again, self._pollin = keyed, zmq.Again, int(zmq.POLLIN)
+        self.queue, self.replies = [], []
+
+    def put(self, frame, key: bytes = b"a") -> None:
+        self.queue.append([key, frame] if self.keyed else [frame])
+
+    def recv(self, flags: int = 0) -> list:
+        if not self.queue:
+            raise self._again()
+        return self.queue.pop(0)
+
+    def get(self, option: int) -> int:  # only ZMQ_EVENTS is asked
+        return self._pollin if self.queue else 0
+
+    def request(self, frames: list):
+        return frames[-1]
+
+    def envelope_error(self, frames: list) -> str:
+        return "refused"
+
+    def answer(self, frames: list, reply, copy: bool = True) -> None:
+        self.replies.append((frames[0] if self.keyed else b"", bytes(reply)))
+
+    def serve_all(self, server) -> None:
+        """Read everything queued, as the loop's turns would, then run both lanes dry."""
+        while self.queue:
+            server._serve(self)
+        while server.controls.items or server.bulk.queues:
+            if server.controls.items:
+                server.controls.step()
+            if server.bulk.queues:
+                server.bulk.step()

@@ -10,7 +10,7 @@ Reading it back with bins of the session's size gives the session's arrays.
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from pynwb.behavior import BehavioralTimeSeries
 
 def new_file() -> NWBFile:
     return NWBFile(session_description="swapvae-bci test data", identifier="swapvae-test",
-                   session_start_time=datetime(2013, 10, 3, tzinfo=timezone.utc))
+                   session_start_time=datetime(2013, 10, 3, tzinfo=UTC))
 
 
 def write_nwb(path: str | Path, spikes: list[np.ndarray] | None, trials: list[tuple[float, float]] | None, *,

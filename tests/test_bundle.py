@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from swapvae.cli import main as cli
 from swapvae.runtime.bundle import BundleError, generate_signing_key, load_bundle, load_public_key
 from swapvae.runtime.engine import BundleDecoder
-from swapvae.cli import main as cli
 from swapvae.training.export import export_bundle
 
 ROOT = Path(__file__).resolve().parents[1]

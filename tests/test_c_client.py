@@ -69,7 +69,7 @@ def sanitize(cc, tmp_path_factory) -> tuple[list[str], dict[str, str]]:
     except (OSError, subprocess.TimeoutExpired):
         pass
     warnings.warn(f"{cc} cannot build and run -fsanitize=address,undefined programs here: the C reply "
-                  "parser is fuzzed in a plain -O2 build, without sanitizer checks")
+                  "parser is fuzzed in a plain -O2 build, without sanitizer checks", stacklevel=2)
     return [], dict(os.environ)
 
 
@@ -94,6 +94,7 @@ def fuzz_reply(cc, sanitize, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_reply_parser_survives_fuzzing(fuzz_reply, sanitize, config):
     res = fuzz_reply(config, str(N_INPUTS))
@@ -150,7 +151,8 @@ def test_parser_reads_the_python_servers_frames(fuzz_reply, readout):
                                has_readout=readout)
     rng = np.random.default_rng(0)
     n_bins = 3
-    frame = wire.finish(wire.DecodeReplyWriter(layout).write(42, 123, _output(rng, n_bins, readout), fresh=True), 777, 55)
+    frame = wire.finish(wire.DecodeReplyWriter(layout).write(42, 123, _output(rng, n_bins, readout), fresh=True),
+                        777, 55)
     result, head, sections = _parse(fuzz_reply, "limits", frame)
     assert result.startswith("rc=0 "), result
     assert head["msg_type"] == "129" and head["seq"] == "42" and head["t_client_ns"] == "123"
@@ -248,7 +250,7 @@ def test_c_client_survives_an_impostor(demo, sanitize, name):
     done = threading.Event()
 
     def impostor():
-        flooding, seq0 = False, 0
+        flooding, seq0, ident = False, 0, b""
         while not done.is_set():
             if flooding:  # valid replies to requests never sent, faster than the client's timeout
                 seq0 += 1

@@ -50,7 +50,7 @@ def test_labels_are_optional_together():
     assert not s.has_labels and s.target is None and s.velocity is None
     assert split_session(s).test.target is None
     with pytest.raises(DataError, match="no hand velocity"):
-        s.speed
+        _ = s.speed
 
 
 def test_too_few_trials():

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from deploy_files import DEPLOY, ENV, ROOT, UNIT, Served, expand, read_env_file, read_unit, unit_command
+
 from swapvae.runtime.client import Client
 from swapvae.schemas.protocol import StatsReply
 
@@ -65,6 +65,7 @@ def test_systemd_expansion_rules():
                                                            "prex y"]
 
 
+@pytest.mark.slow
 def test_systemd_analyze_verify_accepts_the_unit(tmp_path):
     tool = shutil.which("systemd-analyze")
     if tool is None:
@@ -324,6 +325,7 @@ def test_dockerfile_builds_the_runtime_as_a_non_root_user():
     assert {".git", ".venv"} <= set(ignored)
 
 
+@pytest.mark.slow
 def test_hadolint_passes_the_dockerfile():
     tool = _tool("hadolint")
     if tool is None:
@@ -336,6 +338,7 @@ def test_hadolint_passes_the_dockerfile():
     assert out.returncode == 0 and not out.stdout.strip(), out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_shellcheck_passes_the_scripts():
     tool = _tool("shellcheck")
     if tool is None:

@@ -9,16 +9,16 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from swapvae.cli import main as cli
 from swapvae.runtime.history import causal_windows
 from swapvae.schemas.config import SwapVAEConfig
 from swapvae.schemas.manifest import BundleManifest, graph_io
 from swapvae.schemas.session import split_session
-from swapvae.cli import main as cli
 from swapvae.training.data import load_session
 from swapvae.training.estimator import SwapVAE
-from swapvae.training.readout import Readout
 from swapvae.training.export import ExportError, export_bundle
 from swapvae.training.model import SwapVAENet
+from swapvae.training.readout import Readout
 from swapvae.training.rundir import RunDir
 
 TOL = 1e-4
@@ -47,7 +47,7 @@ def test_bundle_has_hashed_checked_graphs_with_dynamic_batch(tiny_bundle):
     assert io["decode"][0] == ("counts", "history", "first") and "velocity" in io["decode"][1]
     for name, digest in m.files.items():
         assert hashlib.sha256((tiny_bundle / name).read_bytes()).hexdigest() == digest
-    for name, spec in m.graphs.items():
+    for spec in m.graphs.values():
         model = onnx.load(tiny_bundle / spec.file)
         onnx.checker.check_model(model, full_check=True)
         assert [i.name for i in model.graph.input] == list(spec.inputs)
@@ -88,7 +88,8 @@ def test_graphs_reproduce_the_torch_model_and_numpy_readout(tiny_run, tiny_bundl
     np.testing.assert_array_equal(direction, readout.proba(w).argmax(1))
     first = np.r_[True, test.trial[1:] != test.trial[:-1]][:, None]
     out = dict(zip([o.name for o in sess["decode"].get_outputs()],
-                   sess["decode"].run(None, {"counts": counts, "history": w[:, 16:].astype(np.float32), "first": first})))
+                   sess["decode"].run(None, {"counts": counts, "history": w[:, 16:].astype(np.float32),
+                                             "first": first})))
     _close(out["latent"], zf, "fused latent")
     _close(out["rates"], rates, "fused rates")
     _close(out["proba"], proba, "fused proba")
@@ -132,7 +133,8 @@ def _synthetic_run(path, *, input_unit="counts", content_dim=8, classes=(0, 1, 2
     width = history * (m.content_dim + m.style_dim)
     n_cls = len(classes)
     run.save_readout(Readout(history, rng.normal(size=(n_cls, width)), rng.normal(size=n_cls),
-                             2 * np.pi * np.asarray(classes) / 8, rng.normal(size=(2, width)), rng.normal(size=2), 0.1, 1.0))
+                             2 * np.pi * np.asarray(classes) / 8, rng.normal(size=(2, width)), rng.normal(size=2),
+                             0.1, 1.0))
     run.save_metrics({"reach_acc": 0.5})
     return est
 
@@ -261,7 +263,8 @@ def test_label_free_run_exports_latents_and_rates_only(tmp_path, capsys):
     s = simulate_reaching(n_neurons=30, n_trials=40, seed=2)
     data = write_npz(type(s)(s.counts, s.trial, s.bin_in_trial, bin_size_s=s.bin_size_s, name="unlabelled"),
                      tmp_path / "unlabelled.npz")
-    cfg = SwapVAEConfig.model_validate({"device": "cpu", "model": {"content_dim": 4, "style_dim": 4, "hidden": ["d", 16]},
+    cfg = SwapVAEConfig.model_validate({"device": "cpu",
+                                        "model": {"content_dim": 4, "style_dim": 4, "hidden": ["d", 16]},
                                         "optim": {"epochs": 2, "batch_size": 64}})
     metrics = train_run(str(data), tmp_path / "run", cfg, progress=False)
     assert "reach_acc" not in metrics and "no reach labels" in metrics["readout"]
@@ -273,14 +276,15 @@ def test_label_free_run_exports_latents_and_rates_only(tmp_path, capsys):
     assert out.rates.shape == (1, m.n_neurons) and out.content.shape == (1, 4)
 
     # served: the reply has no readout sections and says so; a replay refuses, saying why
+    from swapvae.cli import main
     from swapvae.runtime import wire
     from swapvae.runtime.serve.server import Server
     from swapvae.schemas.protocol import InfoReply, MsgType
-    from swapvae.cli import main
 
     server = Server(dec, bind=None, sub="inproc://label-free-sub", pub="inproc://label-free-pub", warmup=0)
     try:
-        head, body = wire.parse_reply(server.handle(wire.pack_request(MsgType.DECODE, 1, 0, s.counts[0], flags=1), b"c"))
+        head, body = wire.parse_reply(server.handle(wire.pack_request(MsgType.DECODE, 1, 0, s.counts[0], flags=1),
+                                                    b"c"))
         info = InfoReply.model_validate_json(bytes(wire.parse_reply(server.handle(wire.pack_request(MsgType.INFO)))[1]))
     finally:
         server.close()

@@ -66,6 +66,20 @@ def test_imports_go_one_way(path):
     assert not banned, f"{path.relative_to(ROOT)} ({layer}) imports {sorted(banned)}"
 
 
+LIBRARY = [p for p in MODULES if layer_of(p) in LAYERS]
+
+
+@pytest.mark.parametrize("path", LIBRARY, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_library_function_takes_a_commands_arguments(path):
+    """Command-line flags stop at swapvae/commands/: library functions take explicit keywords,
+    so renaming a flag cannot break the library unseen."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            params = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+            named = [a.arg for a in params if a.arg == "args" or "Namespace" in ast.unparse(a.annotation or ast.Pass())]
+            assert not named, f"{path.relative_to(ROOT)}:{node.lineno} {node.name}({', '.join(named)})"
+
+
 def test_the_checker_sees_each_kind_of_import(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("import argparse\nfrom swapvae.training.data import x\nimport swapvae.runtime.engine as e\n"

@@ -10,15 +10,13 @@ import time
 import numpy as np
 import pytest
 import zmq
-
 from fakes import FakeEngine, expected
+from test_server import Running
+
 from swapvae.runtime import wire
 from swapvae.runtime.serve.limits import ControlLimiter, Limits, max_bins_for
-from swapvae.runtime.serve.recorder import Recorder
 from swapvae.runtime.serve.server import Server
-from swapvae.runtime.serve.sources import RouterSource, StreamSource, Subscriptions
 from swapvae.schemas.protocol import MAX_BINS, ErrorCode, InfoReply, MsgType
-from test_server import Running
 
 
 def _dealer(endpoint: str, **opts) -> zmq.Socket:
@@ -45,7 +43,8 @@ def test_limits_follow_from_byte_budgets():
     assert lim.max_reply_bytes == 56 + 1506 * 1236
     # 32 MiB / ~2 MB per ROUTER peer either way; 64 MiB of bins on the SUB input (its floor)
     assert (lim.router_rcvhwm, lim.router_sndhwm, lim.sub_rcvhwm, lim.pub_sndhwm) == (16, 18, 64, 64)
-    assert lim.max_frame_bytes() == lim.max_request_bytes and lim.max_frame_bytes(curve=True) == lim.max_request_bytes + 33
+    assert lim.max_frame_bytes() == lim.max_request_bytes
+    assert lim.max_frame_bytes(curve=True) == lim.max_request_bytes + 33
     small = Limits.of(6, 68)
     assert small.router_rcvhwm == (32 << 20) // small.max_request_bytes and small.max_bins == MAX_BINS
     assert Limits.of(174, 1236, max_body_bytes=64 << 20).router_rcvhwm == 16  # the floor, for bursts
@@ -76,125 +75,6 @@ def test_envelopes_over_the_limits_are_refused_and_never_echoed():
         loop.stop()
         c.close()
         s.close()
-
-
-def test_replies_to_a_full_or_vanished_peer_are_dropped_and_counted():
-    ctx = zmq.Context.instance()
-    rec = Recorder(8)
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.SNDHWM, 1)
-    router.setsockopt(zmq.SNDTIMEO, 0)
-    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    router.bind("inproc://full-peer")
-    peer = _dealer("inproc://full-peer", RCVHWM=1, ROUTING_ID=b"peer")
-    src = RouterSource(router, rec, held_peer_bytes=0)  # nothing held beyond libzmq's queue
-    try:
-        peer.send(b"hello")
-        frames = src.recv()
-        for _ in range(10):  # the peer never reads: inproc queues hold 2, the rest is dropped
-            src.answer(frames, b"reply")
-        assert rec.drops.replies_full >= 7
-        src.answer([b"nobody", b"x"], b"reply")
-        assert rec.drops.replies_unroutable == 1
-    finally:
-        peer.close()
-        router.close(linger=0)
-
-
-def _read_flushing(peer: zmq.Socket, src: RouterSource, n: int) -> list[bytes]:
-    """``n`` messages read by ``peer`` while ``src`` offers its held replies again, as the
-    server's loop does every millisecond."""
-    got, deadline = [], time.monotonic() + 5
-    while len(got) < n and time.monotonic() < deadline:
-        src.flush()
-        if peer.poll(10):
-            got.append(peer.recv())
-    return got
-
-
-def test_replies_beyond_a_full_queue_are_held_and_sent_in_order_as_the_peer_reads():
-    """libzmq counts the peer's queue in messages: a client with more requests in flight than it
-    holds loses nothing while it reads; held replies are bounded by bytes, beyond that dropped."""
-    ctx = zmq.Context.instance()
-    rec = Recorder(8)
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.SNDHWM, 1)
-    router.setsockopt(zmq.SNDTIMEO, 0)
-    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    router.bind("inproc://held-peer")
-    peer = _dealer("inproc://held-peer", RCVHWM=1, ROUTING_ID=b"peer")
-    src = RouterSource(router, rec, held_peer_bytes=8 * 6)
-    try:
-        peer.send(b"hello")
-        frames = src.recv()
-        buf = bytearray(b"reply00")
-        for i in range(12):
-            buf[5:] = b"%02d" % i  # the caller's buffer is reused: held replies are copies
-            src.answer(frames, buf)
-        assert rec.drops.replies_full == 12 - 2 - 6 and len(src.held[b"peer"][0]) == 6  # queue 2, held 6 x 7 bytes
-        assert all(envelope == [b"peer", None] for envelope, _ in src.held[b"peer"][0])  # the request is not kept
-        got = _read_flushing(peer, src, 8)
-        assert got == [b"reply%02d" % i for i in range(8)] and not src.held and rec.drops.replies_full == 4
-        src.answer(frames, b"later")
-        assert _read_flushing(peer, src, 1) == [b"later"] and not src.held
-        for _ in range(4):
-            src.answer(frames, b"x")
-        peer.close()  # the peer goes with replies held for it: they are dropped, counted
-        deadline = time.monotonic() + 5
-        while src.held and time.monotonic() < deadline:
-            src.flush()
-            time.sleep(0.01)
-        assert not src.held and rec.drops.replies_unroutable >= 1
-    finally:
-        peer.close()
-        router.close(linger=0)
-
-
-def test_the_stream_counts_what_sub_and_a_slow_subscriber_lose():
-    ctx = zmq.Context.instance()
-    rec = Recorder(8)
-    pub = ctx.socket(zmq.XPUB)
-    for opt, v in ((zmq.XPUB_MANUAL, 1), (zmq.XPUB_NODROP, 1), (zmq.SNDHWM, 2), (zmq.SNDTIMEO, 0), (zmq.LINGER, 0)):
-        pub.setsockopt(opt, v)
-    pub.bind("inproc://stream-out")
-    subs = Subscriptions(pub, rec)
-    sinks = []
-    for topic, hwm in ((b"", 1000), (b"SVAE", 2), (b"other", 2)):  # inproc: a pipe holds both sides' HWMs
-        sink = ctx.socket(zmq.SUB)
-        sink.setsockopt(zmq.RCVHWM, hwm)
-        sink.setsockopt(zmq.SUBSCRIBE, topic)
-        sink.setsockopt(zmq.LINGER, 0)
-        sink.connect("inproc://stream-out")
-        sinks.append(sink)
-    inp = ctx.socket(zmq.SUB)  # the input side is only read through _track here
-    src = StreamSource(inp, pub, rec)
-    try:
-        deadline = time.monotonic() + 5
-        while rec.subscribers < 2 and time.monotonic() < deadline:
-            subs.serve()
-            time.sleep(0.01)
-        assert rec.subscribers == 2  # "" and "SVAE"; "other" is not the protocol's and is ignored
-        got = 0
-        for i in range(20):  # sinks[1] never reads; sinks[0] reads everything
-            src.answer([b""], b"SVAE reply %d" % i)
-            while sinks[0].poll(0):
-                sinks[0].recv()
-                got += 1
-        while sinks[0].poll(100):
-            sinks[0].recv()
-            got += 1
-        assert got == 20 and rec.drops.pub_full >= 1 and rec.streamed == 20
-        assert not sinks[2].poll(50)  # an ignored subscription receives nothing
-        for seq in (1, 2, 5, 6, 7, 20, 1, 2):  # 3 and 4 lost, then 8..19; a restart at 1 is no loss
-            src.track(wire.pack_request(MsgType.DECODE, seq, 0, np.ones(6, np.float32)))
-        src.track(wire.pack_request(MsgType.PING, 100, 0))  # not a bin
-        src.track(wire.pack_request(MsgType.DECODE, 200, 0, np.ones(6, np.float32))[:-1])  # not whole
-        src.track(wire.pack_request(MsgType.DECODE, 4, 0, np.ones((3, 6), np.int16)))  # 3 lost
-        assert rec.drops.stream_gaps == 2 + 12 + 1
-    finally:
-        for s in (*sinks, inp):
-            s.close(linger=0)
-        pub.close(linger=0)
 
 
 # -- control requests ---------------------------------------------------------------------------------
@@ -254,11 +134,12 @@ class SlowEngine(FakeEngine):
 
     def __init__(self, **kw):
         super().__init__(**kw)
-        self.calls = []
+        self.calls, self.streams = [], []
 
     def decode_stream(self, stream, counts, reset=False):
         bins = len(counts) if np.ndim(counts) == 2 else 1
         self.calls.append(bins)
+        self.streams.append(id(stream))
         time.sleep(50e-6 * bins)
         return super().decode_stream(stream, counts, reset)
 
@@ -268,21 +149,19 @@ def test_one_bin_requests_never_wait_behind_bulk_work_and_streams_stay_in_order(
     s = Server(eng, bind="tcp://127.0.0.1:*", warmup=0, prewarm=False, slice_ns=2_000_000)
     bulk, closed = _dealer(s.endpoints["router"]), _dealer(s.endpoints["router"])
     rng = np.random.default_rng(1)
-    big = [rng.integers(0, 5, (400, 6)).astype(np.float32) for _ in range(3)]
+    big = [rng.integers(0, 5, (1000, 6)).astype(np.float32) for _ in range(3)]
     after = rng.integers(0, 5, (6,)).astype(np.float32)
     x = np.ones(6, np.float32)
     loop = Running(s)
     try:
-        for i, b in enumerate(big):  # 3 x 400 bins x 50 us: 60 ms of bulk work
+        for i, b in enumerate(big):  # 3 x 1000 bins x 50 us: 150 ms of bulk work
             bulk.send(wire.pack_request(MsgType.DECODE, i, 0, b, flags=int(i == 0)))
         bulk.send(wire.pack_request(MsgType.DECODE, 3, 0, after))  # the bulk stream's next bin waits for its turn
-        time.sleep(0.005)
-        waited = []
+        while not eng.calls or max(eng.calls) == 1:  # until the bulk work has begun
+            time.sleep(0.001)
         for k in range(5):  # the closed loop, meanwhile
-            t = time.perf_counter()
             closed.send(wire.pack_request(MsgType.DECODE, 100 + k, 0, x))
             head, body = _reply(closed.recv())
-            waited.append(time.perf_counter() - t)
             assert head.seq == 100 + k and head.status == 0
         replies = [_reply(bulk.recv()) for _ in range(4)]
     finally:
@@ -290,7 +169,11 @@ def test_one_bin_requests_never_wait_behind_bulk_work_and_streams_stay_in_order(
         bulk.close()
         closed.close()
         s.close()
-    assert max(waited) < 0.03, waited  # one slice (~2 ms) at most, and scheduling; not the 60 ms of bulk
+    # the closed loop's bins were decoded between slices of the bulk work, not after all of it
+    bulk_stream = eng.streams[eng.calls.index(max(eng.calls))]
+    last_slice = max(i for i, s in enumerate(eng.streams) if s == bulk_stream and eng.calls[i] > 1)
+    closed_decodes = [i for i, s in enumerate(eng.streams) if s not in (bulk_stream, eng.streams[0])]
+    assert len(closed_decodes) == 5 and max(closed_decodes) < last_slice, (closed_decodes, last_slice)
     assert [h.seq for h, _ in replies] == [0, 1, 2, 3]
     for i, (head, body) in enumerate(replies[:3]):
         got, ref = wire.decode_arrays(head, body), expected(big[i], np.concatenate(big[:i]) if i else ())
@@ -300,7 +183,7 @@ def test_one_bin_requests_never_wait_behind_bulk_work_and_streams_stay_in_order(
     _, body = replies[3]
     np.testing.assert_array_equal(wire.decode_arrays(replies[3][0], body)["velocity"],
                                   expected(after, np.concatenate(big)).velocity)
-    assert max(eng.calls) <= 60 and s.stats().bulk.slices >= 3 * 400 // 60
+    assert max(eng.calls) <= 60 and s.stats().bulk.slices >= 3 * 1000 // 60
 
 
 def test_a_bulk_request_that_fails_midway_leaves_its_stream_as_it_was_and_the_lane_is_bounded():
@@ -333,33 +216,3 @@ def test_a_bulk_request_that_fails_midway_leaves_its_stream_as_it_was_and_the_la
         loop.stop()
         c.close()
         s.close()
-
-
-# -- STATS ---------------------------------------------------------------------------------------------
-
-def test_stats_histograms_follow_the_ring_through_wraps():
-    """Folded a little at a time or not at all between wraps, the summaries equal those of the
-    window's exact values, up to a bucket (1/64) for the percentiles."""
-    rng = np.random.default_rng(5)
-    r = Recorder(64)
-    srv, que = [], []
-    for step in range(60):
-        n = int(rng.choice([1, 3, 40, 150]))
-        s_ns = rng.lognormal(11, 1, n).astype(np.int64)
-        q_ns = (s_ns * rng.uniform(0, 1, n)).astype(np.int64)
-        if step % 3:
-            for a, b in zip(s_ns, q_ns):
-                r.decoded(int(a), int(b))
-        else:
-            r.decoded_together(s_ns, q_ns)
-        srv += s_ns.tolist()
-        que += q_ns.tolist()
-        if step % 4 == 0:
-            continue  # no STATS this time: the next fold covers more (or rebuilds)
-        lat, queue = r.latency(), r.latency(queue=True)
-        w, wq = np.array(srv[-64:]), np.array(que[-64:])
-        assert lat.n == len(w) and lat.max == w.max() / 1e3 and lat.mean == pytest.approx(w.mean() / 1e3)
-        assert queue.max == wq.max() / 1e3 and r._summaries()[2].max == (w - wq).max() / 1e3
-        for p, got in ((50, lat.p50), (99, lat.p99)):
-            exact = np.sort(w)[max(0, int(np.ceil(p / 100 * len(w))) - 1)] / 1e3
-            assert got == pytest.approx(exact, rel=1 / 64), p

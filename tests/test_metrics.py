@@ -4,8 +4,16 @@ import pytest
 
 from swapvae.schemas import ReadoutConfig
 from swapvae.schemas.session import Session
-from swapvae.training.metrics import (bits_per_spike, disentanglement_per_latent, disentanglement_score, label_variances, mean_std,
-                              reconstruction_rmse, temporal_scores, trial_average)
+from swapvae.training.metrics import (
+    bits_per_spike,
+    disentanglement_per_latent,
+    disentanglement_score,
+    label_variances,
+    mean_std,
+    reconstruction_rmse,
+    temporal_scores,
+    trial_average,
+)
 
 FAST_READOUT = ReadoutConfig(C_grid=(0.1, 1.0), cv_folds=3)
 
@@ -133,7 +141,8 @@ def test_both_readings_of_the_score_hand_computed():
     assert disentanglement_per_latent(z, yc, ys) == pytest.approx(0.8)
     # pure content + pure style latents: both readings give 1
     pure, yc, ys = _toy_cells([lambda c, s: c, lambda c, s: s])
-    assert disentanglement_score(pure, yc, ys) == pytest.approx(1) and disentanglement_per_latent(pure, yc, ys) == pytest.approx(1)
+    assert disentanglement_score(pure, yc, ys) == pytest.approx(1)
+    assert disentanglement_per_latent(pure, yc, ys) == pytest.approx(1)
     # every latent mixes both labels in the same proportion (content-dominated): the shares reading
     # says 0, the per-latent reading says each latent is mostly content (0.6)
     same, yc, ys = _toy_cells([lambda c, s: 2 * c + s, lambda c, s: -4 * c - 2 * s + 1])
@@ -149,6 +158,7 @@ def test_per_latent_reading_ignores_units_and_orders_like_the_shares_on_clean_ca
     blocks = np.hstack([np.stack([yc, yc ** 2], 1), np.stack([ys, np.sqrt(ys)], 1)]).astype(float)
     z = blocks + 0.01 * rng.normal(size=blocks.shape)
     assert disentanglement_per_latent(z, yc, ys) > 0.97
-    assert disentanglement_per_latent(z * [3, 0.1, 50, 1e-3], yc, ys) == pytest.approx(disentanglement_per_latent(z, yc, ys))
+    scaled = disentanglement_per_latent(z * [3, 0.1, 50, 1e-3], yc, ys)
+    assert scaled == pytest.approx(disentanglement_per_latent(z, yc, ys))
     mixed = np.stack([yc + ys, yc - ys], 1) + 0.01 * rng.normal(size=(len(yc), 2))
     assert disentanglement_per_latent(mixed, yc, ys) < 0.1

@@ -4,14 +4,14 @@ import json
 
 import numpy as np
 import pytest
-
+from conftest import CHEWIE  # noqa: E402  (tests/ is on sys.path)
 from nwb_files import new_file, session_to_nwb, write_nwb
-from swapvae.schemas.session import DataError, read_npz, write_npz
+
 from swapvae.cli import main as cli
+from swapvae.schemas.session import DataError, read_npz, write_npz
 from swapvae.training.data import load_session
 from swapvae.training.nwb import bin_spikes
 
-from conftest import CHEWIE  # noqa: E402  (tests/ is on sys.path)
 LABELS = {"target_column": "target", "velocity_series": "hand_velocity"}
 FAST = {"device": "cpu", "model": {"content_dim": 4, "style_dim": 4, "hidden": ["d", 16]},
         "optim": {"epochs": 2, "batch_size": 64, "cpu_threads": 1},
@@ -191,6 +191,7 @@ def _flags(options: dict) -> list[str]:
     return [a for k, v in options.items() for a in (flag[k], str(v))]
 
 
+@pytest.mark.slow
 def test_bar_chewie_nwb_trains_to_the_npz_metrics(chewie_nwb, tmp_path):
     """The default config on the .npz and on its NWB twin, same seed: the metrics agree within
     0.02 (the arrays are equal, so here, on one CPU thread where a seed gives the same bits,

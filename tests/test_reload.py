@@ -14,14 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fakes import FakeEngine, expected
+from test_server import Running
+from test_service import Service
+
 from swapvae.runtime import wire
 from swapvae.runtime.client import Client
 from swapvae.runtime.serve.server import Server
 from swapvae.schemas.protocol import InfoReply, MsgType, ReplyFlag
-from test_server import Running
-from test_service import Service
 
 
 def _decode(server, key, x, reset=False):
@@ -58,10 +58,11 @@ def test_a_failed_load_keeps_the_old_engine_and_a_good_one_switches_between_requ
     s = Server(FakeEngine(), bind=None, sub="inproc://rl3", pub="inproc://rl4", warmup=0, loader=loader)
     loop = Running(s)
     try:
-        for want_readout, failures in ((True, 1), (False, 0)):
+        for want_readout in (True, False):  # the first load fails, the second takes
             s.request_reload()
             deadline = time.monotonic() + 10
-            while s.recorder.reload_failures + s.recorder.reloads < 1 + (not want_readout) and time.monotonic() < deadline:
+            done = 1 + (not want_readout)
+            while s.recorder.reload_failures + s.recorder.reloads < done and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert s.recorder.reload_failures == 1 and s.recorder.reloads == int(not want_readout)
             assert s.bundle.layout.has_readout is want_readout

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from swapvae.schemas import SwapVAEConfig
 from swapvae.cli import main as cli
+from swapvae.schemas import SwapVAEConfig
 from swapvae.schemas.session import split_session
 from swapvae.training.data import load_session
-from swapvae.training.run import train_run
 from swapvae.training.report import FIGURES, _pca, example_neurons, write_report
+from swapvae.training.run import train_run
 from swapvae.training.rundir import RunDir
 
 PNG = b"\x89PNG\r\n\x1a\n"

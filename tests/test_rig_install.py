@@ -27,10 +27,11 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-
+from conftest import CHEWIE  # noqa: E402  (tests/ is on sys.path)
 from deploy_files import DEPLOY, Served, unit_command
 
-from conftest import CHEWIE  # noqa: E402  (tests/ is on sys.path)
+pytestmark = pytest.mark.slow  # a subprocess suite: make test-fast leaves it out
+
 # A small model, a few seconds on two cores: the bar is that the rig reproduces the offline
 # scores of whatever bundle it gets, not the model's accuracy.
 CHEWIE_CONFIG = {

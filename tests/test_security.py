@@ -12,14 +12,14 @@ import sys
 import numpy as np
 import pytest
 import zmq
+from test_c_client import CFLAGS, SRC, _zmq_header
+from test_service import ROOT, Service
 
+from swapvae.cli import main
 from swapvae.runtime import wire
 from swapvae.runtime.client import Client, ServiceTimeout
 from swapvae.runtime.security import CurveKeyError, load_secret
 from swapvae.schemas.protocol import MsgType
-from swapvae.cli import main
-from test_c_client import CFLAGS, SRC, _zmq_header
-from test_service import ROOT, Service
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,8 @@ def test_the_c_client_speaks_curve(secure, keys, tmp_path, tiny_bundle):
     if cc is None or not _zmq_header():
         pytest.skip("no C compiler or no libzmq headers (apt-get install libzmq3-dev)")
     exe = tmp_path / "svae_demo"
-    built = subprocess.run([cc, *CFLAGS, "-D_POSIX_C_SOURCE=200809L", "-o", str(exe), str(SRC / "svae_demo.c"), "-lzmq"],
+    built = subprocess.run([cc, *CFLAGS, "-D_POSIX_C_SOURCE=200809L", "-o", str(exe), str(SRC / "svae_demo.c"),
+                            "-lzmq"],
                            capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr
     stdin = " ".join(["1"] * 120) + "\n"

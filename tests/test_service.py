@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-
 from deploy_files import Served
+
 from swapvae.runtime import wire
 from swapvae.runtime.client import Client, ServiceError, ServiceTimeout
 from swapvae.runtime.output import FIELDS
@@ -84,7 +84,8 @@ def test_info_ping_and_decodes_equal_the_in_process_engine(service, tiny_bundle,
         manifest = json.loads((Path(tiny_bundle) / "manifest.json").read_text())
         assert info.manifest == manifest
         assert info.n_channels == engine.n_channels == manifest["n_channels"]
-        assert (info.history_bins, info.velocity_dim, info.has_readout) == (manifest["readout"]["history_bins"], 2, True)
+        assert (info.history_bins, info.velocity_dim, info.has_readout) == \
+            (manifest["readout"]["history_bins"], 2, True)
         ref = stream_of(engine, bins, reset_first=False)  # a new client is a new stream: no RESET needed
         for i, x in enumerate(bins):
             got = c.decode(x)
@@ -139,11 +140,13 @@ def test_malformed_requests_get_error_replies_and_the_server_keeps_serving(servi
     n = engine.n_channels
     good = wire.pack_request(MsgType.DECODE, 1, 2, bins[0])
     cases = {
-        "wrong channel count": ([wire.pack_request(MsgType.DECODE, 5, 0, bins[0][:-1])], ErrorCode.BAD_SHAPE, f"expects {n}"),
+        "wrong channel count": ([wire.pack_request(MsgType.DECODE, 5, 0, bins[0][:-1])], ErrorCode.BAD_SHAPE,
+                                f"expects {n}"),
         "wrong dtype": ([good[:6] + bytes([42]) + good[7:]], ErrorCode.BAD_DTYPE, "dtype code 42"),
         "float64 labelled float32": ([good[:32] + bins[0].astype(np.float64).tobytes()], ErrorCode.BAD_LENGTH,
                                      f"expected {4 * n}"),
-        "NaN": ([wire.pack_request(MsgType.DECODE, 5, 0, np.where(np.arange(n) == 3, np.nan, bins[0]).astype(np.float32))],
+        "NaN": ([wire.pack_request(MsgType.DECODE, 5, 0,
+                                   np.where(np.arange(n) == 3, np.nan, bins[0]).astype(np.float32))],
                 ErrorCode.BAD_VALUE, "NaN"),
         "negative": ([wire.pack_request(MsgType.DECODE, 5, 0, -bins[0] - 1)], ErrorCode.BAD_VALUE, "negative"),
         "truncated body": ([good[:-5]], ErrorCode.BAD_LENGTH, f"{4 * n - 5} bytes"),
@@ -295,7 +298,7 @@ def test_streaming_sub_to_pub(tiny_bundle, engine, bins):
             head, body = wire.parse_reply(sink.recv())
             got[head.seq] = (head, body)
         ref = stream_of(engine, bins)
-        for i, x in enumerate(bins, start=1):
+        for i in range(1, len(bins) + 1):
             head, body = got[i]
             # bins queued behind each other may share an engine call: equal up to float rounding
             a = wire.decode_arrays(head, body)
@@ -394,7 +397,8 @@ def _c_client(tmp_path_factory) -> Path | None:
     src = ROOT / "runtime" / "clients" / "c"
     exe = tmp_path_factory.mktemp("c_client") / "svae_demo"
     out = subprocess.run([cc, "-O2", "-Wall", "-Wextra", "-Werror", "-std=c99", "-D_POSIX_C_SOURCE=200809L",
-                          "-o", str(exe), str(src / "svae_demo.c"), "-lzmq"], capture_output=True, text=True, timeout=120)
+                          "-o", str(exe), str(src / "svae_demo.c"), "-lzmq"],
+                         capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
         if "zmq" in out.stderr and ("No such file" in out.stderr or "cannot find" in out.stderr):
             return None  # header or library missing: not a failure of the client

@@ -8,7 +8,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 from test_service import ROOT
+
+pytestmark = pytest.mark.slow  # a subprocess suite: make test-fast leaves it out
 
 
 def test_quick_soak(tiny_bundle, tmp_path):

@@ -29,7 +29,8 @@ def _moving(s):
 def test_learns_direction_and_exposes_a_representation(split):
     tr, te = split.train, split.test
     m, mt = _moving(tr), _moving(te)
-    dec = SupervisedDecoder(max_epochs=40, rep_dim=16).fit(tr.counts[m], tr.target[m], tr.trial[m], neurons=split.neurons)
+    dec = SupervisedDecoder(max_epochs=40, rep_dim=16).fit(tr.counts[m], tr.target[m], tr.trial[m],
+                                                           neurons=split.neurons)
     acc, dacc = dec.score(te.counts[mt], te.target[mt])
     assert acc > 0.5 and dacc >= acc  # chance is 1/8
     assert 1 <= dec.epochs_ <= 40 and len(dec.val_curve_) == 40

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from swapvae.schemas import SwapVAEConfig
 from swapvae.cli import main as cli
+from swapvae.schemas import SwapVAEConfig
 from swapvae.schemas.session import split_session
 from swapvae.training.estimator import SwapVAE, TrainingDiverged
 from swapvae.training.evaluate import evaluate
@@ -125,7 +125,8 @@ def test_checkpoint_roundtrip_is_safe_and_exact(split, tmp_path):
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(split, tmp_path, monkeypatch):
-    config = SwapVAEConfig.model_validate({"optim": {"epochs": 6, "batch_size": 64, "checkpoint_every": 2, "cpu_threads": 1}})
+    config = SwapVAEConfig.model_validate({"optim": {"epochs": 6, "batch_size": 64, "checkpoint_every": 2,
+                                                     "cpu_threads": 1}})
     real_loss, calls = SwapVAENet.loss, []
     steps_per_epoch = len(split.train.counts) // 64
 
@@ -144,6 +145,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(split, t
     assert all(torch.isfinite(v).all() for v in kept.model_.state_dict().values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_cli_train_and_evaluate(tmp_path, capsys):
     out = tmp_path / "run"
     cfg = tmp_path / "c.json"

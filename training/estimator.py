@@ -175,7 +175,7 @@ class SwapVAE(TransformerMixin, BaseEstimator):
 
     # -- training ------------------------------------------------------------------------------
     def fit(self, X, y=None, *, trial=None, bin_in_trial=None, neurons=None, bin_size_s: float = 0.1,
-            checkpoint: str | Path | None = None) -> "SwapVAE":
+            checkpoint: str | Path | None = None) -> SwapVAE:
         """Train on the bins ``X`` (raw counts over all channels, rows in time order).
 
         ``trial``: trial id of each row (all rows one trial if None); ``bin_in_trial``: each
@@ -349,7 +349,7 @@ class SwapVAE(TransformerMixin, BaseEstimator):
         return path
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu") -> "SwapVAE":
+    def load(cls, path: str | Path, device: str = "cpu") -> SwapVAE:
         """A fitted estimator from a checkpoint ``save`` wrote, its model on ``device``."""
         path = Path(path)
         if not path.is_file():

@@ -13,23 +13,49 @@ import os
 import platform
 import shutil
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from swapvae.runtime.reach import classes_of_angles
-from swapvae.schemas.manifest import (CORE_FIELDS, MANIFEST, BundleManifest, Direction, Evaluation, GraphSpec, Quantization,
-                              ReadoutSpec, TrainingInfo, graph_io)
 from swapvae.runtime.bundle import SIGNATURE, load_private_key, sign_manifest
+from swapvae.runtime.reach import classes_of_angles
+from swapvae.schemas.manifest import (
+    CORE_FIELDS,
+    MANIFEST,
+    BundleManifest,
+    Direction,
+    Evaluation,
+    GraphSpec,
+    Quantization,
+    ReadoutSpec,
+    TrainingInfo,
+    graph_io,
+)
 from swapvae.training.estimator import SwapVAE
+from swapvae.training.graphs import (
+    Affine,
+    ExportError,
+    build_graphs,
+    fold_input,
+    fold_sequential,
+    package_version,
+    quantize_int8,
+    readout_heads,
+)
 from swapvae.training.readout import Readout
-from swapvae.training.graphs import (Affine, ExportError, build_graphs, fold_input, fold_sequential, package_version,
-                             quantize_int8, readout_heads)
 from swapvae.training.rundir import RunDir
-from swapvae.training.verify import (TOL, CheckBins, check_bins, check_quantization, measure_quantization, reference,
-                             run_decode, verify_bundle)
+from swapvae.training.verify import (
+    TOL,
+    CheckBins,
+    check_bins,
+    check_quantization,
+    measure_quantization,
+    reference,
+    run_decode,
+    verify_bundle,
+)
 
 MIN_OPSET = 13  # Slice/Split/Squeeze/Softmax/ArgMax semantics used here
 WEIGHTS = ("fp32", "int8")
@@ -85,7 +111,8 @@ def manifest_core(est: SwapVAE, readout: Readout | None) -> dict:
             classes = classes_of_angles(readout.class_angles, cfg.readout.n_directions)
         except ValueError as e:
             raise ExportError(f"readout: {e}") from None
-        direction = Direction(classes=tuple(int(c) for c in classes), angles_rad=tuple(float(a) for a in readout.class_angles))
+        direction = Direction(classes=tuple(int(c) for c in classes),
+                              angles_rad=tuple(float(a) for a in readout.class_angles))
         spec = ReadoutSpec(history_bins=readout.history_bins, direction=direction).model_dump(mode="json")
     core = {"n_channels": est.n_features_in_, "neurons": [int(i) for i in est.neurons_], "bin_size_s": est.bin_size_s_,
             "input_unit": cfg.data.input_unit, "input_scale": est.input_scale,
@@ -97,7 +124,6 @@ def manifest_core(est: SwapVAE, readout: Readout | None) -> dict:
 
 def fold_model(est: SwapVAE) -> tuple[list[Affine], list[Affine]]:
     """The encoder and decoder as affine layers, the input selection and scale in the first."""
-    cfg = est.config
     enc = fold_sequential(est.model_.encoder.net)
     enc[0] = fold_input(enc[0], np.asarray(est.neurons_, dtype=np.int64), est.n_features_in_, est.input_scale)
     return enc, fold_sequential(est.model_.decoder.net)
@@ -133,9 +159,10 @@ def write_bundle(out: Path, graphs: dict[str, onnx.ModelProto], core: dict, info
             onnx.save_model(model, stage / f"{name}.onnx")
             files[f"{name}.onnx"] = sha256_file(stage / f"{name}.onnx")
         manifest = BundleManifest(
-            created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"), **core,
+            created_utc=datetime.now(UTC).isoformat(timespec="seconds"), **core,
             opset=opset, weights=weights, quantization=quant,
-            graphs={n: GraphSpec(file=f"{n}.onnx", inputs=i, outputs=o) for n, (i, o) in graph_io(readout_spec).items()},
+            graphs={n: GraphSpec(file=f"{n}.onnx", inputs=i, outputs=o)
+                    for n, (i, o) in graph_io(readout_spec).items()},
             files=files, training=info, versions=_versions())
         raw = manifest.model_dump_json(indent=2).encode()
         (stage / MANIFEST).write_bytes(raw)

@@ -213,12 +213,12 @@ class _Graphs:
         return np.asarray(d.classes, dtype=np.int64), np.asarray(d.angles_rad, dtype=np.float64)
 
     def model(self, g: _GraphBuilder, name: str, doc: str) -> onnx.ModelProto:
-        c, F, I, B = self.core, TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
+        c, F, I64, B = self.core, TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
         k, s, L, hist = c["content_dim"], c["style_dim"], self.latent_dim, self.history_bins
         n_cls = len(self.readout.direction.classes) if self.readout else 0
         outputs = {"latent": (F, ["batch", L]), "content": (F, ["batch", k]), "style_mean": (F, ["batch", s]),
                    "style_logvar": (F, ["batch", s]), "rates": (F, ["batch", len(c["neurons"])]),
-                   "angle": (F, ["batch"]), "direction": (I, ["batch"]), "proba": (F, ["batch", n_cls]),
+                   "angle": (F, ["batch"]), "direction": (I64, ["batch"]), "proba": (F, ["batch", n_cls]),
                    "velocity": (F, ["batch", 2]), "resultant": (F, ["batch", 2]), "count_min": (F, ["batch"]),
                    "count_sum": (F, ["batch"])}
         inputs = {"counts": (F, c["n_channels"]), "history": (F, (hist - 1) * L), "first": (B, 1),

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from swapvae.runtime.reach import classes_of_angles, reach_scores
 from swapvae.schemas import ReadoutConfig
 from swapvae.schemas.session import Session
-from swapvae.runtime.reach import classes_of_angles, reach_scores
 from swapvae.training.readout import fit_classifier
 
 TEMPORAL_BINS = 9  # the paper decodes time over the first 9 bins: the shortest trial has 9

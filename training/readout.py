@@ -59,7 +59,7 @@ class Readout:
         return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Readout":
+    def from_json(cls, d: dict) -> Readout:
         return cls(**{k: (np.asarray(v, dtype=np.float64) if k in _ARRAYS else v) for k, v in d.items()})
 
 

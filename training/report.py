@@ -23,8 +23,8 @@ import numpy as np
 
 from swapvae.runtime.reach import classes_of_angles, r2_scores
 from swapvae.schemas.session import Session, Split
-from swapvae.training.readout import Readout, fit_readout
 from swapvae.training.metrics import TEMPORAL_BINS, trial_average
+from swapvae.training.readout import Readout, fit_readout
 from swapvae.training.robustness import lost_channel_scores
 from swapvae.training.rundir import FIGURES_DIR, RunDir
 

@@ -7,7 +7,7 @@ in one run meets the same failures.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

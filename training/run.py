@@ -2,7 +2,6 @@
 and a config, and its metrics table."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from swapvae.schemas import SwapVAEConfig
@@ -55,7 +54,8 @@ def format_table(metrics: dict) -> str:
     """The metrics as a table: the product readout first, the paper's protocol and the raw-rate
     baselines under the same rules beside it."""
     if "reach_acc" not in metrics:
-        return f"reach readouts: {metrics.get('readout', 'none')}\ntraining time: {metrics.get('train_seconds', 0):.1f} s"
+        return (f"reach readouts: {metrics.get('readout', 'none')}\n"
+                f"training time: {metrics.get('train_seconds', 0):.1f} s")
     head = ("readout", "k", "acc", "delta-acc", "velocity R^2")
     rows = []
     for label, pre, suf, hist in ROWS:

@@ -49,7 +49,7 @@ class RunDir:
 
     @classmethod
     def create(cls, path: str | Path, config: SwapVAEConfig, data: str, session: str,
-               options: dict | None = None) -> "RunDir":
+               options: dict | None = None) -> RunDir:
         """A run directory for ``config`` trained on ``data`` (read with the ``load_session``
         keywords ``options``)."""
         run = cls(path)

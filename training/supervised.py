@@ -12,7 +12,7 @@ added to whichever bins are being fitted, built only from those bins.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -86,7 +86,7 @@ class SupervisedDecoder:
         return angle_from_proba(proba, self.class_angles)
 
     def fit(self, counts: np.ndarray, target: np.ndarray, trial: np.ndarray, *, neurons: np.ndarray | None = None,
-            augment: Augment | None = None) -> "SupervisedDecoder":
+            augment: Augment | None = None) -> SupervisedDecoder:
         counts, target, trial = np.asarray(counts, dtype=np.float32), np.asarray(target), np.asarray(trial)
         self.neurons_ = np.arange(counts.shape[1]) if neurons is None else np.asarray(neurons)
         x = counts[:, self.neurons_]

@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from swapvae.runtime.history import StreamHistory, causal_windows
 from swapvae.runtime.bundle import read_manifest
+from swapvae.runtime.history import StreamHistory, causal_windows
 from swapvae.runtime.reach import angular_error, classes_of_angles, resultant
 from swapvae.schemas.manifest import Quantization, graph_io
 from swapvae.schemas.session import Split
 from swapvae.training.estimator import SwapVAE
-from swapvae.training.readout import Readout
 from swapvae.training.graphs import ExportError
+from swapvae.training.readout import Readout
 
 TOL = 1e-4
 # How close an int8 decode graph must stay to the fp32 model on the run's test bins (errors
@@ -140,8 +140,10 @@ def measure_quantization(got: dict[str, np.ndarray], ref: dict[str, np.ndarray])
     angle_err = angular_error(got["angle"], ref["angle"]) if has_readout else np.zeros(1)
     return Quantization(scheme="int8 weights per output channel: encoder layer 1 on whole counts (clipped at 127), "
                                "decoder layers 2-3 dynamically quantized; the rest fp32", n_bins=len(ref["latent"]),
-                        latent_err=rel("latent"), rates_err=rel("rates"), proba_err=rel("proba") if has_readout else 0.0,
-                        direction_agreement=float(np.mean(got["direction"] == ref["direction"])) if has_readout else 1.0,
+                        latent_err=rel("latent"), rates_err=rel("rates"),
+                        proba_err=rel("proba") if has_readout else 0.0,
+                        direction_agreement=(float(np.mean(got["direction"] == ref["direction"])) if has_readout
+                                             else 1.0),
                         angle_err_p99_rad=float(np.percentile(angle_err, 99)))
 
 

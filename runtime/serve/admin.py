@@ -2,7 +2,8 @@
 
 ``verify`` loads a bundle as ``swapvae serve`` does (the same ``BundleDecoder``: hashes, the
 signature with ``--trust``, the ONNX Runtime session and its graph checks, then the server's
-own start-up, ``serving.prepare``: the probe decode and the warm-up) and describes what it holds. ``deploy/install-bundle.sh``
+own start-up, ``serving.prepare``: the probe decode and the warm-up) and describes what it
+holds. ``deploy/install-bundle.sh``
 runs it before it points ``current`` at a new bundle, so a bundle the server would refuse is
 never switched to. With ``--endpoint`` it also waits until the service there serves this very
 bundle (INFO's manifest carries the sha256 of every file), which is how the upgrade script

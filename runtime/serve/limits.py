@@ -65,7 +65,7 @@ class Limits:
     bulk_peer_bytes: int = BULK_PEER_BYTES
 
     @classmethod
-    def of(cls, n_channels: int, reply_bytes_per_bin: int, max_body_bytes: int = MAX_BODY_BYTES) -> "Limits":
+    def of(cls, n_channels: int, reply_bytes_per_bin: int, max_body_bytes: int = MAX_BODY_BYTES) -> Limits:
         bins = max_bins_for(n_channels, max_body_bytes)
         request = REQUEST_HEADER_SIZE + bins * 8 * n_channels
         reply = REPLY_HEADER_SIZE + bins * reply_bytes_per_bin

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 MIN_PERIOD_NS = 500_000  # shorter gaps leave the caches warm enough: nothing to gain
 MAX_PERIOD_NS = 2_000_000_000  # a longer gap is a pause, not a stream

@@ -66,7 +66,7 @@ class Replies:
         multi-bin ones included). None: no reply (a control request beyond its peer's rate,
         after the second's notice)."""
         if not t_read:
-            t_read = _clock()
+            t_read = t_start or _clock()
         if not t_start:
             t_start = t_read
         head = self.bundle.one_bin.match(frame)

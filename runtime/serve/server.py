@@ -69,8 +69,14 @@ from swapvae.runtime.history import StreamTable
 from swapvae.runtime.security import CurveServer, client_socket, is_local, secure_socket
 from swapvae.runtime.serve.coalescing import MAX_BATCH, Coalescer
 from swapvae.runtime.serve.lanes import SLICE_NS, BulkLane, ControlLane
-from swapvae.runtime.serve.limits import (CONTROL_COST, CONTROL_RATE, HANDSHAKE_MS, HEARTBEAT_MS, HEARTBEAT_TIMEOUT_MS,
-                                          ControlLimiter)
+from swapvae.runtime.serve.limits import (
+    CONTROL_COST,
+    CONTROL_RATE,
+    HANDSHAKE_MS,
+    HEARTBEAT_MS,
+    HEARTBEAT_TIMEOUT_MS,
+    ControlLimiter,
+)
 from swapvae.runtime.serve.recorder import Recorder
 from swapvae.runtime.serve.replies import Replies
 from swapvae.runtime.serve.serving import ServingBundle, prepare
@@ -121,7 +127,8 @@ class Server:
         self.replies = Replies(bundle, self.streams, self.recorder, self.limiter,
                                full_info=lambda key: self._full_info[key == STREAM_KEY], stats=self.stats)
         self.coalescer = Coalescer(self.replies, self.recorder)
-        self.bulk, self.controls = BulkLane(self.replies, self.recorder, slice_ns), ControlLane(self.replies, self.recorder)
+        self.bulk = BulkLane(self.replies, self.recorder, slice_ns)
+        self.controls = ControlLane(self.replies, self.recorder)
         self._install(bundle)
         self._stop = self._reloading = self._reload_asked = False
         self._reload_thread, self._reload_result, self._warms_before = None, None, 0
@@ -131,7 +138,8 @@ class Server:
     def _install(self, bundle: ServingBundle) -> None:
         """Take a prepared bundle into service: everything the hot path reads of it."""
         self.bundle = self.replies.bundle = bundle
-        self.engine, self.n_channels, self._one_bin, self.planner = bundle.engine, bundle.n_channels, bundle.one_bin, bundle.planner
+        self.engine, self.n_channels, self.planner = bundle.engine, bundle.n_channels, bundle.planner
+        self._one_bin = bundle.one_bin
 
     def _open(self, bind, sub, pub, context, sub_server_key) -> None:
         self._own_context = context is None
@@ -396,7 +404,7 @@ class Server:
         if self._own_context:
             self.context.term()
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -43,7 +43,7 @@ class ServingBundle:
     ns_per_bin: float  # a bin's cost in a multi-bin call (sizes the first bulk slices; 0: not measured)
     name: str  # which bundle, for the log: its directory and decode graph's sha256
 
-    def same_history(self, other: "ServingBundle") -> bool:
+    def same_history(self, other: ServingBundle) -> bool:
         """Whether streams' histories carry over to ``other``: the same window and latent sizes
         (the latents are the old model's; a retrained model of the same sizes reads them as its
         own until they leave the window, ``history_bins - 1`` bins later)."""

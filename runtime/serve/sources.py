@@ -115,7 +115,8 @@ class RouterSource:
 
     def envelope_error(self, frames: list) -> str:
         if frames[-1].__class__ is Refused:
-            return f"the routing envelope breaks the limits: {frames[-1].reason}; a message of {frames[-1].frames} frames"
+            refused = frames[-1]
+            return f"the routing envelope breaks the limits: {refused.reason}; a message of {refused.frames} frames"
         return f"a request is one frame after the envelope; got {len(frames) - self._cut(frames)} frames"
 
     def answer(self, frames: list, reply, copy: bool = True) -> None:

@@ -39,7 +39,8 @@ def verify(args: argparse.Namespace) -> int:
 
 
 def stats(args: argparse.Namespace) -> int:
-    from swapvae.runtime.serve.admin import format_stats, stats as ask
+    from swapvae.runtime.serve.admin import format_stats
+    from swapvae.runtime.serve.admin import stats as ask
 
     s = ask(args.endpoint, args.timeout_ms, **curve_kwargs(args))
     print(s.model_dump_json() if args.json else format_stats(s, args.endpoint))

@@ -9,7 +9,8 @@ def register(sub) -> None:
     x.add_argument("run_dir")
     x.add_argument("--out", required=True, help="bundle directory to write")
     x.add_argument("--opset", type=int, default=17)
-    x.add_argument("--sign", metavar="KEY", help="sign the manifest with this Ed25519 private key (swapvae keygen sign)")
+    x.add_argument("--sign", metavar="KEY",
+                   help="sign the manifest with this Ed25519 private key (swapvae keygen sign)")
     x.add_argument("--weights", choices=["fp32", "int8"], default="fp32",
                    help="int8: quantize the served graph (for large d; checked against fp32 on the test bins)")
     x.set_defaults(run=export)

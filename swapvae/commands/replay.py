@@ -35,7 +35,8 @@ def load_session_any(data: str, min_trials: int = 4, **options):
 
 def replay(args: argparse.Namespace) -> int:
     from swapvae.runtime.bundle import read_manifest
-    from swapvae.runtime.replay import replay as run, require_readout
+    from swapvae.runtime.replay import replay as run
+    from swapvae.runtime.replay import require_readout
 
     if args.plot:
         from swapvae.runtime.latency_plot import require_matplotlib
@@ -65,8 +66,8 @@ def replay(args: argparse.Namespace) -> int:
           f"{pace} ({r['bins_per_s']:.0f} bins/s)")
     print(f"reach acc {r['reach_acc']:.3f}, delta-acc {r['reach_delta_acc']:.3f} on the {r['n_scored']} moving bins; "
           f"velocity R^2 {r['velocity_r2']:.3f} (vx {r['velocity_r2_vx']:.3f}, vy {r['velocity_r2_vy']:.3f}) on all")
-    print(f"round trip  p50 {lat['p50']:7.1f}  p99 {lat['p99']:7.1f}  p99.9 {lat['p999']:7.1f}  max {lat['max']:7.1f} us")
-    print(f"server      p50 {srv['p50']:7.1f}  p99 {srv['p99']:7.1f}  p99.9 {srv['p999']:7.1f}  max {srv['max']:7.1f} us")
+    for name, p in (("round trip", lat), ("server", srv)):
+        print(f"{name:<10}  p50 {p['p50']:7.1f}  p99 {p['p99']:7.1f}  p99.9 {p['p999']:7.1f}  max {p['max']:7.1f} us")
     if args.plot:
         print(f"latency histogram: {args.plot}")
     return 0
