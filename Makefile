@@ -21,9 +21,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/swapvae train --data simulated --out $(RUN) --seed 0
+	$(VENV)/bin/swapvae train --data simulated --out $(RUN) --seed 0 --force
 	$(VENV)/bin/swapvae evaluate $(RUN)
-	$(VENV)/bin/swapvae export $(RUN) --out $(BUNDLE)
+	$(VENV)/bin/swapvae export $(RUN) --out $(BUNDLE) --force
 	@$(VENV)/bin/swapvae serve $(BUNDLE) --bind $(ENDPOINT) & pid=$$!; \
 	  $(VENV)/bin/swapvae replay $(BUNDLE) --data simulated --endpoint $(ENDPOINT); rc=$$?; \
 	  kill $$pid; wait $$pid; exit $$rc

@@ -1,12 +1,13 @@
 """Before/after latency of ``swapvae serve``: this tree's service against another checkout's, on
-the same bundle, measured in interleaved rounds beside an echo floor for each.
+the same model, measured in interleaved rounds beside an echo floor for each.
 
     git worktree add --detach /tmp/base BASE_COMMIT
     python benchmarks/latency_ab.py --base /tmp/base                # d = 174, simulated data
     python benchmarks/latency_ab.py --base /tmp/base --pin          # servers on CPU 1, client on CPU 0
 
 Both services run side by side from their own source trees (``python -m swapvae serve``, with
-the tree first on ``sys.path``) on one bundle built here (``_common.build_bundle``); each gets
+the tree first on ``sys.path``) on one run trained here (``_common.build_bundle``), which each
+tree exports with its own code (a manifest field retired since cannot be read back); each gets
 an echo server (``latency.py``'s floor) answering with its reply size. Every round measures
 each of the four, in a rotating order, with ``latency.py``'s request loop: back to back, and
 optionally paced at 1 kHz. All servers are started afresh ``--restarts`` times: two identical
@@ -92,6 +93,22 @@ def serve_cmd(tree: Path, bundle: Path) -> tuple[list[str], dict]:
             {**os.environ, "PYTHONPATH": str(tree)})
 
 
+def tree_bundle(name: str, tree: Path, run: Path, workdir: Path, shared: Path) -> Path:
+    """The run exported by ``tree``'s own code (a tree may not read a later export's manifest),
+    or the shared bundle where that tree cannot export it."""
+    import subprocess
+
+    out = workdir / f"bundle-{name}"
+    if not (out / "manifest.json").exists():
+        done = subprocess.run([sys.executable, "-m", "swapvae", "export", str(run), "--out", str(out)], cwd=tree,
+                              env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True)
+        if done.returncode:
+            print(f"  {name}: its export of {run} failed, serving the shared bundle: {done.stderr.strip()[-300:]}",
+                  file=sys.stderr)
+            return shared
+    return out
+
+
 class TreeProc(Proc):
     """``latency.Proc`` for a service run from another source tree."""
 
@@ -106,14 +123,14 @@ class TreeProc(Proc):
         self.endpoint = self._wait_ready(120.0)
 
 
-def measure(trees: list, bundle: Path, x: np.ndarray, cpu: int | None, args, samples: dict, restart: int) -> dict:
+def measure(trees: list, bundles: dict, x: np.ndarray, cpu: int | None, args, samples: dict, restart: int) -> dict:
     """Start each tree's service and an echo floor beside it, measure them in ``args.rounds``
     interleaved rounds (appended to ``samples``), stop them; the probes (closed) by name."""
     procs, probes = {}, {}
     me = str(Path(__file__).resolve().parent / "latency.py")
     try:
         for name, tree in trees:
-            procs[name] = TreeProc(name, tree, bundle, cpu)
+            procs[name] = TreeProc(name, tree, bundles[name], cpu)
             probes[name] = VersionedProbe(procs[name].endpoint, x)
             echo = f"echo {name}"
             procs[echo] = Proc(echo, [sys.executable, me, "--_serve", "echo", "--_reply-bytes",
@@ -162,13 +179,19 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        bundle = Path(args.bundle) if args.bundle else build_bundle(workdir, args.channels)[1]
-        x = np.random.default_rng(0).poisson(2.0, args.channels).astype(np.float32)
         also = [(n, Path(t).resolve()) for n, t in (a.split("=", 1) for a in args.also)]
         trees = [("before", base), *also, ("after", ROOT)]
+        if args.bundle:
+            bundle = Path(args.bundle)
+            bundles = {name: bundle for name, _ in trees}
+        else:  # one run, exported by each tree's own code
+            run, bundle = build_bundle(workdir, args.channels)
+            bundles = {name: bundle if tree == ROOT else tree_bundle(name, tree, run, workdir, bundle)
+                       for name, tree in trees}
+        x = np.random.default_rng(0).poisson(2.0, args.channels).astype(np.float32)
         samples: dict = {}
         for restart in range(args.restarts):  # fresh processes: where they land matters by several %
-            probes = measure(trees, bundle, x, cpu, args, samples, restart)
+            probes = measure(trees, bundles, x, cpu, args, samples, restart)
     names = list(samples)
     versions = {k: probes[k].version for k in names if not k.startswith("echo ")}
     result = {"d": args.channels, "bundle": str(bundle), "versions": versions,

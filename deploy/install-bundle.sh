@@ -33,8 +33,33 @@ WAIT=${SWAPVAE_CHECK_WAIT:-30}
 
 say() { echo "install-bundle.sh: $*"; }
 die() { echo "install-bundle.sh: $*" >&2; exit 1; }
-usage() { echo "usage: install-bundle.sh BUNDLE_DIR | --activate NAME | --list" >&2; exit 2; }
+help() {
+  cat <<'USAGE'
+usage: install-bundle.sh [--dry-run] BUNDLE_DIR    install a bundle and switch the service to it
+       install-bundle.sh [--dry-run] --activate NAME   serve an installed bundle again (roll back)
+       install-bundle.sh --list                    the installed bundles, the served one marked *
+  --dry-run   verify the bundle (read only) and print what would be copied, linked and reloaded;
+              change nothing
+  -h, --help  print this, change nothing
+Environment: SWAPVAE_ROOT (prefix of every path: the test mode, deploy/README.md), SWAPVAE_ENV,
+  SWAPVAE_BIN, SWAPVAE_SYSTEMCTL, SWAPVAE_SERVICE, SWAPVAE_CHECK_ENDPOINT, SWAPVAE_CHECK_WAIT
+USAGE
+}
+usage() { help >&2; exit 2; }
 
+# Options first, before anything is read or changed.
+DRY=false
+args=()
+for arg in "$@"; do
+  case $arg in
+    -h | --help) help; exit 0 ;;
+    --dry-run) DRY=true ;;
+    --list | --activate) args+=("$arg") ;;
+    -*) echo "install-bundle.sh: unknown option '$arg'" >&2; usage ;;
+    *) args+=("$arg") ;;
+  esac
+done
+set -- ${args[@]+"${args[@]}"}
 [ $# -ge 1 ] || usage
 [ -f "$ENV_FILE" ] || die "$ENV_FILE is missing (run install.sh first)"
 # serve.env is written for systemd and sh alike: read what the service reads.
@@ -107,7 +132,7 @@ reload() {  # $1: the bundle now linked, $2: the one before (may be empty)
 }
 
 # One install at a time.
-if command -v flock >/dev/null; then
+if ! $DRY && command -v flock >/dev/null; then
   exec 9>"$BUNDLES/.lock"
   flock -n 9 || die "another install-bundle.sh is running"
 fi
@@ -129,6 +154,10 @@ case $1 in
     "$SWAPVAE" verify "$BUNDLES/$name" "${verify_args[@]}" >/dev/null ||
       die "refused $name: it does not load (see above); current still points at $(served)"
     prev=$(readlink "$LINK" 2>/dev/null || true)
+    if $DRY; then
+      say "dry run: $name loads; would point current at it (now ${prev:-nothing}) and reload $SERVICE"
+      exit 0
+    fi
     swap "$name"
     say "current -> $name (was ${prev:-nothing})"
     reload "$name" "$prev"
@@ -148,6 +177,14 @@ stamped=${base:-bundle}-$(date -u +%Y%m%dT%H%M%SZ)
 name=$stamped
 n=1
 while [ -e "$BUNDLES/$name" ] || [ -L "$BUNDLES/$name" ]; do n=$((n + 1)); name=$stamped-$n; done
+
+if $DRY; then
+  "$SWAPVAE" verify "$src" "${verify_args[@]}" ||
+    die "refused $src: the server would not load it (see above); nothing changed"
+  say "dry run: would copy $src to $BUNDLES/$name, verify the copy, point current at it" \
+      "(now $(served)) and reload $SERVICE; nothing changed"
+  exit 0
+fi
 
 # Copy under a hidden name, make it readable by the service's user, and verify it there: an
 # interrupted or refused install never leaves a bundle under a real name.

@@ -54,8 +54,8 @@ def replay_bins(manifest: BundleManifest, session: Session) -> ReplayBins:
     require_readout(manifest)
     if session.n_neurons != manifest.n_channels:
         raise ValueError(f"{session.name} has {session.n_neurons} channels but the bundle expects "
-                         f"{manifest.n_channels} "
-                         f"(it was trained on {manifest.training.data or 'unknown data'}); pass --data")
+                         f"{manifest.n_channels}: replay the recording it was trained on "
+                         f"({manifest.training.data or 'unknown data'})")
     if not session.has_labels:
         raise ValueError(f"{session.name} has no reach labels (target, velocity): nothing to score a replay against")
     rule = manifest.training.evaluation

@@ -127,7 +127,8 @@ class TrainingInfo(_Frozen):
     config: dict[str, Any]
     evaluation: Evaluation
     metrics: dict[str, Any]
-    data: str | None = None
+    data: str | None = None  # the recording: a file's absolute path, or a built-in session's name
+    data_sha256: str | None = None  # the file's, so a replay can tell it from another one
     session: str | None = None
     epochs_done: int | None = None
 

@@ -12,6 +12,8 @@ velocity. Swap-VAE itself needs only counts and trials; the reach readouts need 
 """
 from __future__ import annotations
 
+import hashlib
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -140,6 +142,60 @@ def _integers(a, key: str, name: str) -> np.ndarray:
     return a.astype(np.int64)
 
 
+# -- which recording: what a run or a bundle records of its data, and the check when it is read again
+BUILT_IN = ("simulated", "synthetic")  # sessions built from a name, not read from a file
+
+
+def is_file_source(data: str | Path) -> bool:
+    """Whether ``data`` names a recording file (else a built-in session: simulated, synthetic)."""
+    return str(data).split(":")[0] not in BUILT_IN
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def source_of(data: str | Path) -> dict:
+    """What a run (run.json) and a bundle's manifest record of the data they were trained on:
+    ``data``, the absolute path of a file (so the run is read the same from any folder) or the
+    built-in session's name, and the file's ``data_sha256``."""
+    if not is_file_source(data):
+        return {"data": str(data), "data_sha256": None}
+    path = Path(data).resolve()
+    return {"data": str(path), "data_sha256": file_sha256(path)}
+
+
+def same_recording(data: str | Path | None, recorded: dict, where: str, other_session: bool = False) -> str:
+    """The recording to read for something trained on ``recorded`` (``source_of``'s keys):
+    ``data`` if given (refused when it is a file whose sha256 differs, unless
+    ``other_session``: then it is another session on purpose), else the recorded one (refused,
+    naming --data, when its file is gone). ``where``: the run or bundle, for the messages."""
+    saved, sha = recorded.get("data"), recorded.get("data_sha256")
+    if data is None:
+        if saved is None:
+            raise DataError(f"{where} does not say which data it was trained on: pass --data")
+        if is_file_source(saved) and not Path(saved).exists():
+            raise DataError(f"{where} was trained on {saved}, which is not there (moved, or another machine?): "
+                            f"pass --data FILE{f' (its sha256 must be {sha[:16]}...)' if sha else ''}")
+        data = saved
+    elif other_session:
+        return str(data)
+    if sha is not None and is_file_source(data):
+        if not Path(data).exists():
+            raise DataError(f"{data}: no such file")
+        if (got := file_sha256(data)) != sha:
+            raise DataError(f"{data} is not the recording {where} was trained on (sha256 {got[:16]}..., the run "
+                            f"recorded {sha[:16]}...): pass --other-session to use another session on purpose")
+    elif saved is not None and data != saved and not (is_file_source(data) and is_file_source(saved)):
+        raise DataError(f"{data} is not the data {where} was trained on ({saved}): pass --other-session to use "
+                        f"another session on purpose")
+    return str(data)
+
+
 def read_npz(path: str | Path, min_trials: int = 4) -> Session:
     """A session from a .npz file (docs/DATA.md); never unpickles."""
     path = Path(path)
@@ -149,6 +205,8 @@ def read_npz(path: str | Path, min_trials: int = 4) -> Session:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except ValueError as e:  # object arrays would need pickle: never for an untrusted file
+        if not zipfile.is_zipfile(path):  # numpy reads a file that is no zip archive as a pickle
+            raise DataError(f"{path}: not a .npz file (a .npz is a zip archive of arrays; docs/DATA.md)") from None
         raise DataError(f"{path}: cannot read without unpickling ({e})") from None
     except Exception as e:
         raise DataError(f"{path}: not a readable .npz file ({e})") from None

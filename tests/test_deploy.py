@@ -3,7 +3,10 @@
 
 The scripts run under a test root (SWAPVAE_ROOT), without root and without systemd; the
 service runs from the unit's own command line with serve.env's values, as systemd would run it.
-The runtime-only install itself is tests/test_rig_install.py.
+What a script does with --help, an unknown option or --dry-run is run for real, as root, in a
+mount namespace whose system directories are throwaway overlays (tests/sandbox.py): the test
+sees every change it would have made, and the machine none. The runtime-only install itself is
+tests/test_rig_install.py.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from deploy_files import DEPLOY, ENV, ROOT, UNIT, Served, expand, read_env_file, read_unit, unit_command
+from sandbox import loopback_only, system_untouched
 
 from swapvae.runtime.client import Client
 from swapvae.schemas.protocol import StatsReply
@@ -314,6 +318,89 @@ sys.exit(main(["replay", {str(tiny_bundle)!r}, "--data", "simulated", "--endpoin
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out.stderr
     assert out.stderr.count("\n") == 1 and "pip install matplotlib" in out.stderr and "[train]" in out.stderr
+
+
+# -- scripts that ask first ---------------------------------------------------------------------
+
+def _no_test_root() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith("SWAPVAE_")}
+
+
+@pytest.mark.parametrize("script, argv", [("install.sh", ["--help"]), ("install.sh", ["-h"]),
+                                          ("install.sh", ["--bogus"]), ("install.sh", ["/opt/x"]),
+                                          ("install-bundle.sh", ["--help"]), ("install-bundle.sh", ["--frob", "b"])])
+def test_scripts_answer_help_and_unknown_arguments_and_change_nothing(script, argv, tmp_path):
+    """Run for real, as root, without the test root: the user database (/etc/passwd, /etc/group,
+    /etc/shadow), /opt/swapvae, /etc/swapvae and the unit stay exactly as they were."""
+    out, changed = system_untouched([str(DEPLOY / script), *argv], tmp_path / "layers", env=_no_test_root(),
+                                    timeout=120)
+    assert changed == [], (changed, out.stdout, out.stderr)
+    asked = argv[0] in ("--help", "-h")
+    assert out.returncode == (0 if asked else 2), out.stderr
+    assert "usage:" in (out.stdout if asked else out.stderr) and "change nothing" in (out.stdout + out.stderr)
+
+
+def test_install_dry_run_prints_every_step_and_changes_nothing(tmp_path):
+    out, changed = system_untouched([str(DEPLOY / "install.sh"), "--dry-run"], tmp_path / "layers",
+                                    env={**_no_test_root(), "SWAPVAE_USER": "swapvae-dry-run-test"}, timeout=120)
+    assert out.returncode == 0 and changed == [], (changed, out.stderr)
+    steps = [line for line in out.stdout.splitlines() if "would run:" in line]
+    assert any("useradd" in s and "swapvae-dry-run-test" in s for s in steps), out.stdout
+    assert any("/opt/swapvae/venv" in s and "venv" in s for s in steps)
+    assert any("swapvae-serve.service" in s for s in steps) and "nothing was changed" in out.stdout
+
+
+def test_install_bundle_dry_run_verifies_and_changes_nothing(tiny_bundle, tmp_path):
+    root = tmp_path / "rig"
+    (root / "etc/swapvae").mkdir(parents=True)
+    (root / "opt/swapvae/bundles").mkdir(parents=True)
+    shutil.copy(ENV, root / "etc/swapvae/serve.env")
+    env = {**os.environ, "SWAPVAE_ROOT": str(root), "SWAPVAE_BIN": SWAPVAE, "SWAPVAE_SYSTEMCTL": ""}
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    out = subprocess.run([str(INSTALL_BUNDLE), "--dry-run", str(tiny_bundle)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "would copy" in out.stdout and "nothing changed" in out.stdout
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "manifest.json").write_text("{}")
+    out = subprocess.run([str(INSTALL_BUNDLE), "--dry-run", str(tmp_path / "broken")], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 1 and "refused" in out.stderr
+
+
+def test_the_containers_default_command_starts(tiny_bundle, tmp_path):
+    """The image's ENTRYPOINT and CMD, with /bundles and /keys pointing at a test bundle and
+    keys, in a network namespace of loopback alone (its 0.0.0.0 is loopback there): it starts,
+    and a client on the --allow list decodes."""
+    text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    argv = [*json.loads(text.split("\nENTRYPOINT ", 1)[1].split("\n")[0]),
+            *json.loads(text.split("\nCMD ", 1)[1].split("\n")[0])]
+    (tmp_path / "bundles").mkdir()
+    (tmp_path / "bundles" / "current").symlink_to(tiny_bundle)
+    keys = tmp_path / "keys"
+    (keys / "clients").mkdir(parents=True)
+    from swapvae.runtime.security import generate_curve_keys
+
+    generate_curve_keys(keys / "server")
+    generate_curve_keys(keys / "clients" / "rig")
+    argv = [a.replace("/bundles/", f"{tmp_path}/bundles/").replace("/keys/", f"{keys}/") for a in argv]
+    assert argv[0] == "swapvae" and "tcp://0.0.0.0:5555" in argv
+    code = f"""
+import sys
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from deploy_files import Served
+import numpy as np
+from swapvae.runtime.client import Client
+with Served({[SWAPVAE, *argv[1:]]!r}) as s:
+    with Client("tcp://127.0.0.1:5555", timeout_ms=5000, server_key={str(keys / "server.key")!r},
+                client_secret={str(keys / "clients" / "rig.key_secret")!r}) as c:
+        out = c.decode(np.ones(c.info().n_channels, np.float32), reset=True)
+        print("decoded", out.angle.shape)
+"""
+    out = subprocess.run(loopback_only([sys.executable, "-c", code]), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "decoded (1,)" in out.stdout
 
 
 # -- linters: the container file and the scripts ------------------------------------------------------

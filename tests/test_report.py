@@ -63,6 +63,8 @@ def test_errors_are_reported_without_traceback(tmp_path, swap_run, capsys):
     assert cli(["report", str(tmp_path / "bare")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
     assert cli(["report", str(swap_run), "--data", "synthetic:0", "--out", str(tmp_path / "x")]) == 2
+    assert "is not the data the run" in capsys.readouterr().err  # another session only when asked
+    assert cli(["report", str(swap_run), "--data", "synthetic:0", "--other-session", "--out", str(tmp_path / "x")]) == 2
     assert "channels" in capsys.readouterr().err
 
 

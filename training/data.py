@@ -42,7 +42,7 @@ def load_session(path: str | Path, min_trials: int = 4, seed: int = 0, *, bin_si
         return make_synthetic(*n, seed=seed_).session
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: no such file (use 'simulated' for the built-in session)")
+        raise DataError(f"{path}: no such file")
     if path.suffix == ".nwb":
         from swapvae.training.nwb import read_nwb
 

@@ -9,10 +9,7 @@ bundle behind. ``export_bundle`` reads as its steps.
 from __future__ import annotations
 
 import hashlib
-import os
 import platform
-import shutil
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -33,6 +30,7 @@ from swapvae.schemas.manifest import (
     TrainingInfo,
     graph_io,
 )
+from swapvae.schemas.session import source_of
 from swapvae.training.estimator import SwapVAE
 from swapvae.training.graphs import (
     Affine,
@@ -46,6 +44,7 @@ from swapvae.training.graphs import (
 )
 from swapvae.training.readout import Readout
 from swapvae.training.rundir import RunDir
+from swapvae.training.staging import refuse_existing, staged
 from swapvae.training.verify import (
     TOL,
     CheckBins,
@@ -63,15 +62,20 @@ WEIGHTS = ("fp32", "int8")
 
 # -- the export --------------------------------------------------------------------------------
 def export_bundle(run_dir: str | Path, out: str | Path, opset: int = 17, weights: str = "fp32",
-                  sign: str | Path | None = None) -> BundleManifest:
+                  sign: str | Path | None = None, data: str | None = None, other_session: bool = False,
+                  force: bool = False) -> BundleManifest:
     """Write ``run_dir`` as a bundle at ``out``, verified; return its manifest. ``weights="int8"``
     quantizes the served decode graph and fails unless it stays within INT8_LIMITS of fp32.
-    ``sign``: an Ed25519 private key file; the manifest is then signed (runtime/bundle.py)."""
+    ``sign``: an Ed25519 private key file; the manifest is then signed (runtime/bundle.py).
+    ``data``: where the run's recording is now (a run copied to another machine; its sha256
+    must match unless ``other_session``): the export checks the graphs on its test bins. An
+    existing ``out`` is refused unless ``force``, and then replaced once the new bundle is
+    verified."""
     key = load_private_key(sign) if sign is not None else None
     out = Path(out)
-    _check_request(out, opset, weights)
+    _check_request(out, opset, weights, force)
     run = RunDir(run_dir)
-    loaded = run.load()
+    loaded = run.load(data, other_session=other_session)
     est = loaded.estimator
     readout = run.readout() if loaded.session.has_labels else None
     core = manifest_core(est, readout)
@@ -80,16 +84,17 @@ def export_bundle(run_dir: str | Path, out: str | Path, opset: int = 17, weights
     quant = None
     if weights == "int8":
         graphs["decode"], quant = quantize_checked(graphs["decode"], est, readout, bins)
+    source = source_of(data) if data is not None else run.source()
     info = TrainingInfo(config=est.config_.model_dump(mode="json"), metrics=run.metrics(),
-                        data=run.source()["data"],
+                        data=source["data"], data_sha256=source.get("data_sha256"),
                         session=loaded.session.name, epochs_done=len(est.history_) or None,
                         evaluation=Evaluation(train_fraction=est.config_.data.train_fraction,
                                               speed_threshold=est.config_.readout.speed_threshold))
     return write_bundle(out, graphs, core, info, opset, weights, quant, key,
-                        verify=lambda stage: verify_bundle(stage, est, readout, bins, key))
+                        verify=lambda stage: verify_bundle(stage, est, readout, bins, key), force=force)
 
 
-def _check_request(out: Path, opset: int, weights: str) -> None:
+def _check_request(out: Path, opset: int, weights: str, force: bool) -> None:
     import onnxruntime
 
     if weights not in WEIGHTS:
@@ -98,8 +103,9 @@ def _check_request(out: Path, opset: int, weights: str) -> None:
     if not MIN_OPSET <= opset <= max_opset:
         raise ExportError(f"--opset {opset}: supported here are {MIN_OPSET}..{max_opset} "
                           f"(and what onnxruntime {onnxruntime.__version__} runs)")
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).exists():
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).exists():
         raise ExportError(f"{out} exists and is not a bundle directory; refusing to overwrite it")
+    refuse_existing(out, force, "bundle")
 
 
 def manifest_core(est: SwapVAE, readout: Readout | None) -> dict:
@@ -143,17 +149,13 @@ def quantize_checked(decode: onnx.ModelProto, est: SwapVAE, readout: Readout | N
 
 
 def write_bundle(out: Path, graphs: dict[str, onnx.ModelProto], core: dict, info: TrainingInfo, opset: int,
-                 weights: str, quant: Quantization | None, key, verify) -> BundleManifest:
+                 weights: str, quant: Quantization | None, key, verify, force: bool = False) -> BundleManifest:
     """Write the graphs and their manifest into a staging directory beside ``out``, run
-    ``verify(stage)``, and only then move it to ``out`` in one rename: a failed export leaves
-    no bundle behind, and a reader never sees half of one."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes it private; the bundle is for the rig to read
+    ``verify(stage)``, and only then move it to ``out`` in one rename (training.staging): a
+    failed export leaves no bundle behind, a reader never sees half of one, and the bundle that
+    was there stays until the new one is verified."""
     readout_spec = ReadoutSpec.model_validate(core["readout"]) if core["readout"] is not None else None
-    try:
+    with staged(out, force=force, what="bundle") as stage:
         files = {}
         for name, model in graphs.items():
             onnx.save_model(model, stage / f"{name}.onnx")
@@ -169,12 +171,6 @@ def write_bundle(out: Path, graphs: dict[str, onnx.ModelProto], core: dict, info
         if key is not None:
             (stage / SIGNATURE).write_bytes(sign_manifest(raw, key))
         verify(stage)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return manifest
 
 

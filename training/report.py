@@ -280,11 +280,12 @@ def _concat(split: Split) -> Session:
 
 
 def write_report(run_dir: str | Path, data: str | None = None, out: str | Path | None = None,
-                 options: dict | None = None) -> list[Path]:
-    """The figures of a run (on its own data unless ``data`` is given); those drawn by reach
-    direction only for a session with labels."""
+                 options: dict | None = None, other_session: bool = False) -> list[Path]:
+    """The figures of a run (on its own recording, found where the run says or at ``data``, or
+    on another session with ``other_session``); those drawn by reach direction only for a
+    session with labels."""
     run = RunDir(run_dir)
-    loaded = run.load(data, options=options)
+    loaded = run.load(data, options=options, other_session=other_session)
     est, split, cfg = loaded.estimator, loaded.split, loaded.config.readout
     out = Path(out) if out is not None else run.path / FIGURES_DIR
     out.mkdir(parents=True, exist_ok=True)

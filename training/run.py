@@ -10,31 +10,40 @@ from swapvae.training.data import load_session
 from swapvae.training.estimator import SwapVAE
 from swapvae.training.evaluate import evaluate
 from swapvae.training.rundir import RunDir
+from swapvae.training.staging import refuse_existing, staged
 
 
 def train_run(data: str, out: str | Path, config: SwapVAEConfig, progress: bool = True,
-              options: dict | None = None) -> dict:
+              options: dict | None = None, force: bool = False) -> dict:
     """Load (``options``: ``load_session``'s keywords for an NWB file), split, fit, evaluate;
-    write everything into ``out``; return the metrics."""
+    write everything into ``out``; return the metrics. ``out`` appears whole when training and
+    evaluation are done (training.staging); an existing ``out`` is refused unless ``force``,
+    and then replaced only then. Until then the run is in ``.OUT.partial`` beside it, which a
+    training that stops early leaves there with its last checkpoint."""
+    out = Path(out)
+    refuse_existing(out, force, "run")  # before anything is read or trained
     options = {k: v for k, v in (options or {}).items() if v is not None}
     session = load_session(data, min_trials=config.data.min_trials, **options)
     split = split_session(session, config.data.train_fraction, config.data.static_std)
-    run = RunDir.create(out, config, data, session.name, options)
-    est = SwapVAE(config=config, verbose=progress).fit(
-        split.train.counts, trial=split.train.trial, bin_in_trial=split.train.bin_in_trial, neurons=split.neurons,
-        bin_size_s=session.bin_size_s, checkpoint=run.checkpoint)
-    run.save_history(est.history_)
-    metrics, readout = evaluate(est, split, config.readout)
-    metrics["train_seconds"] = est.train_seconds_
-    if readout is not None:
-        run.save_readout(readout)
-    run.save_metrics(metrics)
+    with staged(out, force=force, what="run", keep_partial=True) as stage:
+        run = RunDir.create(stage, config, data, session.name, options)
+        est = SwapVAE(config=config, verbose=progress).fit(
+            split.train.counts, trial=split.train.trial, bin_in_trial=split.train.bin_in_trial, neurons=split.neurons,
+            bin_size_s=session.bin_size_s, checkpoint=run.checkpoint)
+        run.save_history(est.history_)
+        metrics, readout = evaluate(est, split, config.readout)
+        metrics["train_seconds"] = est.train_seconds_
+        if readout is not None:
+            run.save_readout(readout)
+        run.save_metrics(metrics)
     return metrics
 
 
-def evaluate_run(run_dir: str | Path, data: str | None = None, options: dict | None = None) -> dict:
-    """The run's metrics again (on its own data, or on ``data`` with the same split rule)."""
-    loaded = RunDir(run_dir).load(data, options=options)
+def evaluate_run(run_dir: str | Path, data: str | None = None, options: dict | None = None,
+                 other_session: bool = False) -> dict:
+    """The run's metrics again: on its own recording (found where the run says, or at ``data``:
+    the same file elsewhere), or on another session with the same split rule (``other_session``)."""
+    loaded = RunDir(run_dir).load(data, options=options, other_session=other_session)
     metrics, _ = evaluate(loaded.estimator, loaded.split, loaded.config.readout)
     metrics["train_seconds"] = loaded.estimator.train_seconds_
     return metrics

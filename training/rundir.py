@@ -5,11 +5,14 @@
     history.json    the loss terms per epoch, readable
     readout.json    the fitted readouts, plain arrays
     metrics.json    the evaluation
-    run.json        where the data came from (and how an NWB file was read), so later steps
-                    rebuild the same session and split
+    run.json        the data it was trained on (the file's absolute path and sha256, or a
+                    built-in session's name) and how an NWB file was read, so later steps
+                    rebuild the same session and split from any folder
 
-``swapvae train`` writes one; ``evaluate``, ``report`` and ``export`` reopen it with
-``RunDir(path).load()``: the estimator, its session and the split it was trained on.
+``swapvae train`` writes one (through a staging directory: training.staging); ``evaluate``,
+``report`` and ``export`` reopen it with ``RunDir(path).load()``: the estimator, its session
+and the split it was trained on. A run copied to another machine finds its recording again
+with ``load(data=...)``, which refuses a file whose sha256 differs unless ``other_session``.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from swapvae.schemas import SwapVAEConfig
-from swapvae.schemas.session import Session, Split, split_session
+from swapvae.schemas.session import Session, Split, same_recording, source_of, split_session
 from swapvae.training.data import NWB_OPTIONS, load_session
 from swapvae.training.estimator import SwapVAE
 from swapvae.training.readout import Readout
@@ -55,10 +58,10 @@ class RunDir:
         run = cls(path)
         run.path.mkdir(parents=True, exist_ok=True)
         (run.path / CONFIG).write_text(config.model_dump_json(indent=2))
-        source = {"data": str(data), "session": session}
+        source = {**source_of(data), "session": session}
         if options:
             source["options"] = dict(options)
-        (run.path / SOURCE).write_text(json.dumps(source))
+        (run.path / SOURCE).write_text(json.dumps(source, indent=2))
         return run
 
     def _need(self, name: str, hint: str) -> Path:
@@ -88,18 +91,22 @@ class RunDir:
         (self.path / METRICS).write_text(json.dumps(metrics, indent=2))
 
     def source(self) -> dict:
-        """``{"data": ..., "session": ..., "options": {...}}``: what the run was trained on, and
-        the ``load_session`` keywords it was read with (NWB files; absent otherwise)."""
+        """``{"data": ..., "data_sha256": ..., "session": ..., "options": {...}}``: what the run
+        was trained on (``schemas.session.source_of``), and the ``load_session`` keywords it was
+        read with (NWB files; absent otherwise)."""
         return json.loads(self._need(SOURCE, "pass the data explicitly").read_text())
 
     # -- reopening a run ------------------------------------------------------------------------
-    def load(self, data: str | None = None, device: str = "cpu", options: dict | None = None) -> LoadedRun:
-        """The estimator, the session (the run's own data unless ``data`` is given) and the
-        split the run's config makes of it. An NWB file is read with the run's own NWB options,
-        each replaced by one given in ``options``."""
+    def load(self, data: str | None = None, device: str = "cpu", options: dict | None = None,
+             other_session: bool = False) -> LoadedRun:
+        """The estimator, the session and the split the run's config makes of it. The session
+        is the run's own recording, read from where run.json says or from ``data`` (the same
+        file elsewhere: its sha256 must match), or another session when ``other_session``. An
+        NWB file is read with the run's own NWB options, each replaced by one given in
+        ``options``."""
         est = self.estimator(device)
         saved = self.source() if data is None or (self.path / SOURCE).is_file() else {}
-        data = data if data is not None else saved["data"]
+        data = same_recording(data, saved, f"the run {self.path}", other_session)
         options = {k: v for k, v in (options or {}).items() if v is not None}
         if str(data).endswith(".nwb"):
             options = {**{k: v for k, v in saved.get("options", {}).items() if k in NWB_OPTIONS}, **options}

@@ -38,10 +38,23 @@ class Replies:
 
     def __init__(self, bundle: ServingBundle, streams: StreamTable, recorder: Recorder, limiter: ControlLimiter,
                  full_info=lambda key: True, stats=None):
-        self.bundle, self.streams, self.recorder, self.limiter = bundle, streams, recorder, limiter
+        self.streams, self.recorder, self.limiter = streams, recorder, limiter
         self.full_info, self._stats = full_info, stats
+        self._stream, self._decoded = streams.get, recorder.decoded  # the fast path's calls, bound once
+        self.bundle = bundle
         self._rate_limited = ErrorBody(code=int(ErrorCode.RATE_LIMITED), error="RATE_LIMITED", message=(
             f"more than {limiter.rate * 1e9:g} control requests per second from this peer")).model_dump_json().encode()
+
+    @property
+    def bundle(self) -> ServingBundle:
+        """The bundle in service (set by the server on a reload)."""
+        return self._bundle
+
+    @bundle.setter
+    def bundle(self, b: ServingBundle) -> None:
+        self._bundle = b
+        self._engine_decode, self._counts = b.engine.decode_stream, b.one_bin.counts
+        self._write_one = b.writer.write_one
 
     # -- decodes ------------------------------------------------------------------------------
     def decode_one(self, frame, head: tuple[int, int, int], key: bytes, t_read: int,
@@ -49,17 +62,16 @@ class Replies:
         """The reply to a one-bin DECODE the fast path matched (``head``: its seq, t_client_ns
         and flags), read at ``t_read`` and taken up at ``t_start`` (0: at once)."""
         seq, t_client, reset = head  # reset: the flags byte, and RESET is the only bit it may hold here
-        b = self.bundle
-        stream = self.streams.get(key)
+        stream = self._stream(key)
         fresh = reset or not stream.n
         try:
-            out = b.engine.decode_stream(stream, b.one_bin.counts(frame), reset)
+            out = self._engine_decode(stream, self._counts(frame), reset)
         except Exception as e:  # noqa: BLE001 - the server outlives any engine failure
             return self.engine_error(e, seq, t_client)
         dt = _clock() - t_read
         queued = t_start - t_read if t_start else 0
-        self.recorder.decoded(dt, queued)
-        return b.writer.write_one(seq, t_client, dt, queued, fresh, out)
+        self._decoded(dt, queued)
+        return self._write_one(seq, t_client, dt, queued, fresh, out)
 
     def answer(self, frame, key: bytes = STREAM_KEY, t_read: int = 0, t_start: int = 0) -> bytes | bytearray | None:
         """The reply to one request frame of the stream ``key`` (any request, decoded at once,

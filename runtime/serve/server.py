@@ -126,6 +126,7 @@ class Server:
         self._full_info = {True: True, False: True}  # by "is the stream the SUB input": INFO's training details
         self.replies = Replies(bundle, self.streams, self.recorder, self.limiter,
                                full_info=lambda key: self._full_info[key == STREAM_KEY], stats=self.stats)
+        self._decode_one = self.replies.decode_one
         self.coalescer = Coalescer(self.replies, self.recorder)
         self.bulk = BulkLane(self.replies, self.recorder, slice_ns)
         self.controls = ControlLane(self.replies, self.recorder)
@@ -139,7 +140,7 @@ class Server:
         """Take a prepared bundle into service: everything the hot path reads of it."""
         self.bundle = self.replies.bundle = bundle
         self.engine, self.n_channels, self.planner = bundle.engine, bundle.n_channels, bundle.planner
-        self._one_bin = bundle.one_bin
+        self._match = bundle.one_bin.match
 
     def _open(self, bind, sub, pub, context, sub_server_key) -> None:
         self._own_context = context is None
@@ -274,7 +275,7 @@ class Server:
         elif src.get(_EVENTS) & _POLLIN:
             self._drain(src, [(frames, t_read, key, frame, head)])
         else:
-            src.answer(frames, self.replies.decode_one(frame, head, key, t_read))
+            src.answer(frames, self._decode_one(frame, head, key, t_read))
         planner.arrived(t_read)
 
     def _take(self, src, frames: list) -> tuple[bytes, object, tuple | None]:
@@ -286,7 +287,7 @@ class Server:
         key = frames[0] if src.keyed else STREAM_KEY
         if frame is None:
             return key, None, None
-        head = self._one_bin.match(frame)
+        head = self._match(frame)
         if head is not None and self.bulk.queues and key in self.bulk.queues:
             head = None  # behind its stream's bulk work, in order
         return key, frame, head

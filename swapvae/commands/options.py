@@ -24,6 +24,15 @@ def nwb_kwargs(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in NWB_OPTIONS if getattr(args, k, None) is not None}
 
 
+def add_data(p: argparse.ArgumentParser, what: str) -> None:
+    """``--data`` and ``--other-session`` for a command that reads a run's or a bundle's recording."""
+    p.add_argument("--data", metavar="FILE",
+                   help=f"the recording {what} was trained on, where it is now (default: where {what} says; its "
+                        f"sha256 must match), or another session with --other-session")
+    p.add_argument("--other-session", action="store_true",
+                   help="--data is another recording on purpose (same channels): no sha256 check")
+
+
 def add_curve_client(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-key", metavar="KEY",
                    help="CURVE: the service's public key (its NAME.key file or the Z85 text); with --client-secret")

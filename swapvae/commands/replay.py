@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from swapvae.commands.options import add_curve_client, add_nwb, curve_kwargs, nwb_kwargs
+from swapvae.commands.options import add_curve_client, add_data, add_nwb, curve_kwargs, nwb_kwargs
 
 
 def register(sub) -> None:
     r = sub.add_parser("replay", help="stream a recording's test bins through a running service")
     r.add_argument("bundle")
-    r.add_argument("--data", help="recording whose test bins to stream (default: the bundle's training data)")
+    add_data(r, "the bundle")
     r.add_argument("--endpoint", default="tcp://127.0.0.1:5555")
     r.add_argument("--rate", type=float, default=0.0, help="bins per second (0: back to back)")
     r.add_argument("--json", action="store_true")
@@ -37,6 +37,7 @@ def replay(args: argparse.Namespace) -> int:
     from swapvae.runtime.bundle import read_manifest
     from swapvae.runtime.replay import replay as run
     from swapvae.runtime.replay import require_readout
+    from swapvae.schemas.session import same_recording
 
     if args.plot:
         from swapvae.runtime.latency_plot import require_matplotlib
@@ -44,9 +45,9 @@ def replay(args: argparse.Namespace) -> int:
         require_matplotlib()  # before streaming anything
     manifest = read_manifest(args.bundle)
     require_readout(manifest)  # before loading any data
-    data = args.data or manifest.training.data
-    if data is None:
-        raise ValueError(f"{args.bundle}: the manifest does not say which data it was trained on; pass --data")
+    t = manifest.training
+    data = same_recording(args.data, {"data": t.data, "data_sha256": t.data_sha256}, f"the bundle {args.bundle}",
+                          args.other_session)
     r = run(args.bundle, load_session_any(data, **nwb_kwargs(args)), args.endpoint, args.rate,
             keep_times=bool(args.plot), **curve_kwargs(args))
     if args.plot:

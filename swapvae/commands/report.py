@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import argparse
 
-from swapvae.commands.options import add_nwb, nwb_kwargs
+from swapvae.commands.options import add_data, add_nwb, nwb_kwargs
 
 
 def register(sub) -> None:
     g = sub.add_parser("report", help="write PNG figures of what a run learned")
     g.add_argument("run_dir")
-    g.add_argument("--data", help="session to plot (default: the run's own data)")
+    add_data(g, "the run")
     g.add_argument("--out", help="figure directory (default: RUN_DIR/figures)")
     add_nwb(g, rerun=True)
     g.set_defaults(run=report)
@@ -18,7 +18,7 @@ def register(sub) -> None:
 def report(args: argparse.Namespace) -> int:
     from swapvae.training.report import write_report
 
-    written = write_report(args.run_dir, args.data, args.out, nwb_kwargs(args))
+    written = write_report(args.run_dir, args.data, args.out, nwb_kwargs(args), other_session=args.other_session)
     for path in written:
         print(path)
     if not any(p.name == "embedding.png" for p in written):

@@ -4,14 +4,16 @@ from __future__ import annotations
 import argparse
 import json
 
-from swapvae.commands.options import add_nwb, nwb_kwargs
+from swapvae.commands.options import add_data, add_nwb, nwb_kwargs
 
 
 def register(sub) -> None:
     t = sub.add_parser("train", help="fit Swap-VAE on a session, evaluate it, write a run directory")
     t.add_argument("--data", default="simulated",
                    help=".npz or .nwb recording, 'simulated' (default) or 'synthetic[:SEED[:SEQUENCES]]'")
-    t.add_argument("--out", required=True, help="run directory to write")
+    t.add_argument("--out", required=True, help="run directory to write (refused if it exists, unless --force)")
+    t.add_argument("--force", action="store_true",
+                   help="replace an existing --out, once the new run is complete (until then it is untouched)")
     t.add_argument("--config", help="JSON config (swapvae.schemas.SwapVAEConfig); defaults otherwise")
     t.add_argument("--seed", type=int, help="overrides the config's seed")
     t.add_argument("--device", help="overrides the config's device: auto, cpu, cuda or cuda:N")
@@ -23,7 +25,7 @@ def register(sub) -> None:
 
     e = sub.add_parser("evaluate", help="print the metrics table of a run")
     e.add_argument("run_dir")
-    e.add_argument("--data", help="re-evaluate on this session (default: the run's own data)")
+    add_data(e, "the run")
     e.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     add_nwb(e, rerun=True)
     e.set_defaults(run=evaluate)
@@ -50,7 +52,8 @@ def config_of(args: argparse.Namespace):
 def train(args: argparse.Namespace) -> int:
     from swapvae.training.run import format_table, train_run
 
-    metrics = train_run(args.data, args.out, config_of(args), progress=not args.quiet, options=nwb_kwargs(args))
+    metrics = train_run(args.data, args.out, config_of(args), progress=not args.quiet, options=nwb_kwargs(args),
+                        force=args.force)
     print(format_table(metrics))
     print(f"run written to {args.out}")
     return 0
@@ -59,6 +62,6 @@ def train(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     from swapvae.training.run import evaluate_run, format_table
 
-    metrics = evaluate_run(args.run_dir, args.data, nwb_kwargs(args))
+    metrics = evaluate_run(args.run_dir, args.data, nwb_kwargs(args), other_session=args.other_session)
     print(json.dumps(metrics) if args.json else format_table(metrics))
     return 0
