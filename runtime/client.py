@@ -88,6 +88,9 @@ class Client:
                  max_reply_bytes: int = MAX_REPLY_BYTES):
         if timeout_ms <= 0:
             raise ValueError("timeout_ms must be positive: a client without a timeout can hang forever")
+        from swapvae.runtime.security import check_endpoint
+
+        check_endpoint(endpoint, "the endpoint")
         if (server_key is None) != (client_secret is None):
             raise ValueError("CURVE needs both server_key (the server's public key) and client_secret "
                              "(this client's key pair, NAME.key_secret)")

@@ -8,7 +8,8 @@ delta-acc are scored on the bins whose hand speed exceeds the bundle's readout t
 velocity R^2 on all test bins. The scores therefore equal those of the same bundle decoded bin
 by bin in-process with the same resets (``offline_reach``), exactly, and those of the
 training-time evaluation (torch and a float64 readout) up to float rounding; the round trips
-measured here are what a closed loop would see.
+measured here are what a closed loop would see. A session without reach labels, or a bundle
+without a readout, is replayed all the same for its latency: nothing is then scored.
 
 Like all of ``runtime`` it needs numpy alone: the recording arrives as a ``schemas.session``
 Session (``swapvae replay`` reads a .npz with numpy, or builds the simulated session when the
@@ -34,36 +35,31 @@ from swapvae.schemas.session import Session, split_session
 class ReplayBins:
     counts: np.ndarray  # (n_bins, n_channels) float32, every test bin in order
     first: np.ndarray  # (n_bins,) bool: the first bin of a test trial (sent with RESET)
-    target: np.ndarray  # (n_bins,) direction class
-    velocity: np.ndarray  # (n_bins, 2) hand velocity
-    scored: np.ndarray  # (n_bins,) bool: hand speed above the readout threshold (acc, delta-acc)
+    target: np.ndarray | None  # (n_bins,) direction class; None: nothing to score (see ``unscored``)
+    velocity: np.ndarray | None  # (n_bins, 2) hand velocity
+    scored: np.ndarray | None  # (n_bins,) bool: hand speed above the readout threshold (acc, delta-acc)
     n_directions: int
     session: str
-
-
-def require_readout(manifest: BundleManifest) -> None:
-    """ValueError, saying why, for a bundle without a readout."""
-    if manifest.readout is None:
-        raise ValueError(f"the bundle was trained without reach labels ({manifest.training.data or 'its data'} had "
-                         f"none): it has no readout, so a replay has nothing to score; it serves latents and rates "
-                         f"only")
+    unscored: str | None = None  # why the replay measures latency alone
 
 
 def replay_bins(manifest: BundleManifest, session: Session) -> ReplayBins:
-    """The test bins of ``session`` under the split and scoring rule the bundle was evaluated with."""
-    require_readout(manifest)
+    """The test bins of ``session`` under the split and scoring rule the bundle was evaluated with
+    (its labels too, when the session has them and the bundle a readout to score)."""
     if session.n_neurons != manifest.n_channels:
         raise ValueError(f"{session.name} has {session.n_neurons} channels but the bundle expects "
                          f"{manifest.n_channels}: replay the recording it was trained on "
                          f"({manifest.training.data or 'unknown data'})")
-    if not session.has_labels:
-        raise ValueError(f"{session.name} has no reach labels (target, velocity): nothing to score a replay against")
     rule = manifest.training.evaluation
     test = split_session(session, rule.train_fraction).test
     first = np.r_[True, test.trial[1:] != test.trial[:-1]]  # the trial boundaries of causal_windows
-    return ReplayBins(np.ascontiguousarray(test.counts, np.float32), first, test.target,
-                      np.asarray(test.velocity, np.float64), test.speed > rule.speed_threshold,
-                      len(manifest.readout.direction.classes), session.name)
+    counts = np.ascontiguousarray(test.counts, np.float32)
+    if manifest.readout is None or not session.has_labels:
+        why = ("the bundle has no readout (trained without reach labels)" if manifest.readout is None else
+               f"{session.name} has no reach labels (target, velocity)")
+        return ReplayBins(counts, first, None, None, None, 0, session.name, f"nothing scored: {why}")
+    return ReplayBins(counts, first, test.target, np.asarray(test.velocity, np.float64),
+                      test.speed > rule.speed_threshold, len(manifest.readout.direction.classes), session.name)
 
 
 def scores(angle: np.ndarray, velocity: np.ndarray, bins: ReplayBins) -> dict:
@@ -82,6 +78,8 @@ def offline_reach(bundle: str | Path, session: Session) -> dict:
 
     dec = BundleDecoder(bundle)
     bins = replay_bins(dec.manifest, session)
+    if bins.unscored:
+        raise ValueError(bins.unscored)
     n = len(bins.counts)
     angle, velocity = np.empty(n, np.float32), np.empty((n, bins.velocity.shape[1]), np.float32)
     for i, (x, first) in enumerate(zip(bins.counts, bins.first)):
@@ -119,7 +117,7 @@ def replay(bundle: str | Path, session: Session, endpoint: str, rate: float = 0.
         if info.manifest.get("files") != manifest.model_dump(mode="json")["files"]:
             raise ValueError(f"the service at {endpoint} serves a different bundle than {bundle} "
                              f"(its files' sha256 differ)")
-        n = len(bins.counts)
+        n, scoring = len(bins.counts), bins.unscored is None
         angle, velocity = np.empty(n, np.float32), np.empty((n, info.velocity_dim), np.float32)
         rtt, server, queue = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
         period = 1.0 / rate if rate > 0 else 0.0
@@ -137,10 +135,13 @@ def replay(bundle: str | Path, session: Session, endpoint: str, rate: float = 0.
             if out.reset_applied != first:  # e.g. evicted by other clients beyond --max-streams
                 raise RuntimeError(f"the service lost this stream's history at bin {i} (evicted?): the windows "
                                    f"would differ from the offline evaluation's")
-            angle[i], velocity[i] = out.angle[0], out.velocity[0]
+            if scoring:
+                angle[i], velocity[i] = out.angle[0], out.velocity[0]
             rtt[i], server[i], queue[i] = out.rtt_ns, out.server_ns, out.queue_ns
         elapsed = time.perf_counter() - start
-    r = {**scores(angle, velocity, bins), "latency_us": percentiles_us(rtt), "server_us": percentiles_us(server),
+    scored = scores(angle, velocity, bins) if scoring else {"scores": bins.unscored, "n_bins": n,
+                                                             "n_trials": int(bins.first.sum())}
+    r = {**scored, "latency_us": percentiles_us(rtt), "server_us": percentiles_us(server),
          "queue_us": percentiles_us(queue), "bins_per_s": n / elapsed, "rate_hz": rate, "endpoint": endpoint,
          "session": bins.session}
     if keep_times:

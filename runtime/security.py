@@ -134,6 +134,19 @@ def client_socket(sock: zmq.Socket, server_public: bytes, public: bytes, secret:
 
 # -- endpoints -------------------------------------------------------------------------------------
 
+TRANSPORTS = ("tcp", "ipc", "inproc")  # the ZeroMQ transports the service and its clients use
+
+
+def check_endpoint(endpoint: str, what: str = "endpoint") -> str:
+    """``endpoint`` if it is TRANSPORT://ADDRESS with a transport of ``TRANSPORTS``, else a
+    ValueError naming ``what`` (a flag) and showing the form."""
+    transport, sep, address = str(endpoint).partition("://")
+    if not sep or transport not in TRANSPORTS or not address:
+        raise ValueError(f"{what} {endpoint!r} is not a ZeroMQ endpoint: write TRANSPORT://ADDRESS, e.g. "
+                         f"tcp://127.0.0.1:5555 (transports: {', '.join(TRANSPORTS)})")
+    return endpoint
+
+
 def is_local(endpoint: str) -> bool:
     """Whether an endpoint reaches this machine only: ipc:// and inproc://, or TCP on a loopback
     address (127.0.0.0/8, ::1, localhost). Anything else (``*``, an interface or host name, another

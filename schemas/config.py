@@ -37,6 +37,9 @@ class DataConfig(_Section):
     train_fraction: float = Field(0.8, gt=0.0, lt=1.0, description="chronological split by trial")
     static_std: float = Field(1e-3, ge=0.0, description="drop neurons whose train-bin std is <= this")
     min_trials: int = Field(4, ge=2, description="refuse sessions with fewer trials")
+    # Spike counts are whole numbers: fractional input is refused as the recording readers refuse
+    # it. False fits rates or smoothed counts (the Poisson loss does not need whole numbers).
+    whole_counts: bool = Field(True, description="refuse fractional counts")
     # Model input and Poisson target: rates in Hz, as the reference code; the unit sets the
     # balance against the fixed KL and alignment weights, and counts decoded worse.
     input_unit: Literal["counts", "hz"] = "hz"

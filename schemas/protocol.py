@@ -310,6 +310,7 @@ class StatsReply(_Body):
     auth_denied: int = Field(0, description="CURVE handshakes refused (a key not on the allow-list)")
     reloads: int = Field(0, description="bundles taken into service on SIGHUP")
     reload_failures: int = Field(0, description="SIGHUP reloads refused (the old bundle kept serving)")
+    reload_error: str | None = Field(None, description="why the last reload was refused; None after one that took")
     limits: dict[str, int] = Field(default_factory=dict, description="byte limits and queue depths in force")
     busy_poll: bool
     provider: str

@@ -36,6 +36,7 @@ class Session:
     velocity: np.ndarray | None = None  # (n_bins, 2) hand velocity
     bin_size_s: float = 0.1
     name: str = "session"
+    velocity_unit: str | None = None  # e.g. "cm/s", where the recording says (NWB does; a .npz may)
 
     @property
     def n_bins(self) -> int:
@@ -114,7 +115,9 @@ def validate(arrays: dict[str, np.ndarray], name: str, min_trials: int = 4) -> S
     bin_size = float(arrays["bin_size_s"]) if "bin_size_s" in arrays else 0.1
     if not (bin_size > 0 and np.isfinite(bin_size)):
         raise DataError(f"{name}: bin_size_s must be a positive number, got {bin_size}")
-    return Session(counts.astype(np.float32), trial, ints["bin_in_trial"], target, velocity, bin_size, name)
+    unit = arrays.get("velocity_unit")
+    unit = str(np.asarray(unit)) if unit is not None and np.asarray(unit).dtype.kind == "U" else None
+    return Session(counts.astype(np.float32), trial, ints["bin_in_trial"], target, velocity, bin_size, name, unit)
 
 
 def _check_counts(counts: np.ndarray, name: str) -> None:
@@ -219,6 +222,8 @@ def write_npz(session: Session, path: str | Path) -> Path:
               "bin_size_s": np.float64(session.bin_size_s)}
     if session.has_labels:
         arrays.update(target=session.target, velocity=session.velocity)
+        if session.velocity_unit:
+            arrays["velocity_unit"] = np.array(session.velocity_unit)
     np.savez(path, **arrays)
     return Path(path)
 

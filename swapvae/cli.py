@@ -4,10 +4,13 @@ imports its side of the library only when run, training commands from ``swapvae.
 so ``swapvae serve`` and ``replay`` on a rig PC never import torch or scikit-learn.
 
 What the user sees of a failure is one line on stderr and exit status 2: a missing extra
-names the pip command, a user error (a bad file, a refused request) names the problem."""
+names the pip command, a user error (a bad file, a refused request) names the problem. Ctrl-C
+ends a command with one line and status 130 (a training says where its partial run is); a
+reader that closes the pipe early (``swapvae verify B --json | head``) ends it quietly, 141."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from swapvae.commands import MODULES
@@ -42,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # user-facing errors: no traceback
         print(f"swapvae {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"swapvae {args.command}: interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader has gone: nothing more to say, and no traceback at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

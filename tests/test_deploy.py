@@ -269,6 +269,34 @@ def test_stats_prints_the_services_counters(served_root):
     assert s.by_type.get("PING", 0) >= 1 and s.provider == "cpu"
 
 
+def test_stats_watch_refreshes_with_rates_and_drops(served_root):
+    _, served = served_root
+    import threading
+
+    import numpy as np
+
+    stop = threading.Event()
+
+    def load():  # a client decoding meanwhile: the rates are not zero
+        with Client(served.endpoint, timeout_ms=2000) as c:
+            x = np.ones(c.info().n_channels, np.float32)
+            while not stop.is_set():
+                c.decode(x)
+    t = threading.Thread(target=load, daemon=True)
+    t.start()
+    try:
+        out = _swapvae("stats", served.endpoint, "--watch", "0.3", "--count", "3")
+    finally:
+        stop.set()
+        t.join(5)
+    assert out.returncode == 0, out.stderr
+    frames = [f for f in out.stdout.split("\n\n") if f.strip()]
+    assert len(frames) == 3 and all("p99.9" in f and "bins/s" in f and "dropped" in f for f in frames)
+    rates = [float(f.split("requests/s, ")[1].split(" bins/s")[0]) for f in frames]
+    assert max(rates) > 0
+    assert _swapvae("stats", served.endpoint, "--watch", "0").returncode == 2
+
+
 def test_stats_without_a_service_says_so_in_one_line():
     import socket
 

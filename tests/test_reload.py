@@ -46,6 +46,36 @@ def test_reload_keeps_streams_of_the_same_sizes_and_resets_them_otherwise():
         s.close()
 
 
+class WiderEngine(FakeEngine):
+    n_channels = 7
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_a_reload_to_another_channel_count_is_refused_unless_allowed(allowed, capsys):
+    """A SIGHUP from a 6- to a 7-channel bundle: refused (the log and STATS say why, clients keep
+    their 6-channel decodes) unless the server was started with --allow-channel-change."""
+    engines = iter([WiderEngine()])
+    s = Server(FakeEngine(), bind=None, sub="inproc://ch1", pub="inproc://ch2", warmup=0,
+               loader=lambda: next(engines), allow_channel_change=allowed)
+    loop = Running(s)
+    try:
+        s.request_reload()
+        deadline = time.monotonic() + 10
+        while s.recorder.reload_failures + s.recorder.reloads < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        st = s.stats()
+    finally:
+        loop.stop()
+        s.close()
+    err = capsys.readouterr().err
+    if allowed:
+        assert (st.reloads, st.reload_failures, st.reload_error, s.n_channels) == (1, 0, None, 7)
+    else:
+        assert (st.reloads, st.reload_failures, s.n_channels) == (0, 1, 6)
+        assert "takes 7 channels and this one 6" in st.reload_error and "--allow-channel-change" in st.reload_error
+        assert "reload refused, still serving" in err and "takes 7 channels" in err
+
+
 def test_a_failed_load_keeps_the_old_engine_and_a_good_one_switches_between_requests():
     engines = iter([RuntimeError("bad bundle"), FakeEngine(readout=False)])
 

@@ -1,4 +1,6 @@
-"""``swapvae report``: every figure is written as a real PNG, for Swap-VAE and for a VAE run."""
+"""``swapvae report``: every figure is written as a real PNG (or PDF, SVG), for Swap-VAE and for a
+VAE run, and for a session without labels the ones that need none; what a paper reader checks:
+a cyclic direction map labelled in degrees, a held-out curve, units, legends."""
 
 import numpy as np
 import pytest
@@ -37,18 +39,79 @@ def _is_png(path):
     return path.read_bytes()[:8] == PNG and path.stat().st_size > 5000  # a drawn figure, not an empty canvas
 
 
+def _pngs(names):
+    return sorted(f"{n}.png" for n in names)
+
+
 def test_cli_writes_every_figure(swap_run, capsys):
     assert cli(["report", str(swap_run)]) == 0
     out = swap_run / "figures"
-    assert sorted(p.name for p in out.iterdir()) == sorted(FIGURES)
-    assert all(_is_png(out / name) for name in FIGURES)
+    assert sorted(p.name for p in out.iterdir()) == _pngs(FIGURES)
+    assert all(_is_png(out / name) for name in _pngs(FIGURES))
     assert str(out / "embedding.png") in capsys.readouterr().out
+
+
+def test_format_and_print_resolution(swap_run, tmp_path):
+    assert cli(["report", str(swap_run), "--out", str(tmp_path / "svg"), "--format", "svg"]) == 0
+    assert sorted(p.suffix for p in (tmp_path / "svg").iterdir()) == [".svg"] * len(FIGURES)
+    assert (tmp_path / "svg" / "embedding.svg").read_text().lstrip().startswith("<?xml")
+    assert cli(["report", str(swap_run), "--out", str(tmp_path / "pdf"), "--format", "pdf"]) == 0
+    assert (tmp_path / "pdf" / "confusion.pdf").read_bytes()[:5] == b"%PDF-"
+    from PIL import Image
+
+    low, high = (cli(["report", str(swap_run), "--out", str(tmp_path / str(d)), "--dpi", str(d)]) for d in (100, 300))
+    assert low == high == 0
+    w = [Image.open(tmp_path / str(d) / "velocity.png").size[0] for d in (100, 300)]
+    assert w[1] == pytest.approx(3 * w[0], rel=0.02)
+    with pytest.raises(SystemExit):  # argparse names the choices
+        cli(["report", str(swap_run), "--format", "jpg"])
+    with pytest.raises(ValueError, match="--dpi 5"):
+        write_report(swap_run, out=tmp_path / "x", dpi=5)
+
+
+def test_figures_a_paper_reader_accepts(swap_run):
+    """Directions from a cyclic map, labelled in degrees; the held-out curve beside the training
+    one, with the NLL's omitted constant said; the velocity's unit where the recording has one."""
+    from dataclasses import replace
+
+    from swapvae.training.report import direction_colors, plot_embedding, plot_training_curves, plot_velocity
+
+    c = direction_colors(8)[:, :3]
+    d = lambda i, j: np.linalg.norm(c[i] - c[j])  # noqa: E731
+    assert d(0, 1) < d(0, 4) and d(0, 7) < d(0, 4) and d(3, 4) < d(3, 7)  # neighbours alike, 315 deg next to 0
+    loaded = RunDir(swap_run).load()
+    est, split = loaded.estimator, loaded.split
+    fig = plot_embedding(est, split)
+    labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    assert labels[:3] == ["0\N{DEGREE SIGN}", "45\N{DEGREE SIGN}", "90\N{DEGREE SIGN}"]
+    fig = plot_training_curves(est.history_)
+    lines = [line.get_label() for ax in fig.axes for line in ax.get_lines()]
+    assert "held-out bins (test trials)" in lines and "training bins" in lines
+    assert "without its constant" in fig._suptitle.get_text()
+    test = replace(split.test, velocity_unit="cm/s")
+    fig = plot_velocity(RunDir(swap_run).readout(), est.transform(test.counts), test)
+    assert fig.axes[0].get_ylabel() == "vx (cm/s)"
+    fig = plot_velocity(RunDir(swap_run).readout(), est.transform(split.test.counts), split.test)
+    assert fig.axes[0].get_ylabel() == "vx (unit not recorded)"
+
+
+def test_a_session_without_labels_gets_the_figures_that_need_none(tmp_path):
+    from swapvae.schemas.session import write_npz
+    from swapvae.training.simulate import simulate_reaching
+
+    s = simulate_reaching(n_neurons=30, n_trials=40, seed=2)
+    data = write_npz(type(s)(s.counts, s.trial, s.bin_in_trial, bin_size_s=s.bin_size_s, name="unlabelled"),
+                     tmp_path / "unlabelled.npz")
+    run = _run(tmp_path / "run", TINY, data=str(data))
+    written = write_report(run, out=tmp_path / "figs")
+    assert sorted(p.name for p in written) == _pngs(["training_curves", "embedding", "reconstruction"])
+    assert all(_is_png(p) for p in written)
 
 
 def test_vae_run_has_no_generation_figure(tmp_path):
     run = _run(tmp_path / "vae", {**TINY, "variant": "vae", "model": {"hidden": ["d", 16]}})
     written = write_report(run, out=tmp_path / "figs")
-    assert sorted(p.name for p in written) == sorted(set(FIGURES) - {"generation.png"})
+    assert sorted(p.name for p in written) == _pngs(set(FIGURES) - {"generation"})
     assert all(_is_png(p) for p in written)
 
 
@@ -94,7 +157,7 @@ def test_confusion_counts_every_moving_test_bin_once(swap_run):
 
     matplotlib.axes.Axes.imshow = spy
     try:
-        plot_confusion(readout, est.transform(split.test.counts), split.test, cfg, swap_run / "c.png")
+        plot_confusion(readout, est.transform(split.test.counts), split.test, cfg)
     finally:
         matplotlib.axes.Axes.imshow = real
     share = calls["share"]

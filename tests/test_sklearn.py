@@ -32,9 +32,11 @@ def data():
     return s.counts, s.target, s.trial
 
 
+@pytest.mark.filterwarnings("ignore:SwapVAE.fit ignores y")  # the checks call fit(X, y) without trial ids
 def test_scikit_learn_estimator_checks():
-    # the default architecture (latent 64 + 64), two epochs
-    est = SwapVAE(device="cpu", cpu_threads=1, epochs=2, batch_size=32)
+    # the default architecture (latent 64 + 64), two epochs; the checks feed random reals, which
+    # the default refuses as not spike counts (data.whole_counts): they run with rates allowed
+    est = SwapVAE(device="cpu", cpu_threads=1, epochs=2, batch_size=32, whole_counts=False)
     results = check_estimator(est, expected_failed_checks=EXPECTED_FAILED_CHECKS, on_skip=None,
                               on_fail=None)
     status = Counter(r["status"] for r in results)
@@ -43,6 +45,28 @@ def test_scikit_learn_estimator_checks():
     assert set(EXPECTED_FAILED_CHECKS) <= {r["check_name"] for r in results}  # no stale entry
     assert status["passed"] >= 40, status
     print(f"\nscikit-learn estimator checks: {dict(status)}")  # pytest -s shows it
+
+
+def test_the_estimator_refuses_what_a_recording_reader_refuses(data):
+    counts, _, trial = data
+    with pytest.raises(ValueError, match=r"whole numbers .* whole_counts=False"):
+        SwapVAE(**TINY).fit(counts + 0.5, trial=trial)
+    SwapVAE(**TINY, whole_counts=False).fit(counts + 0.5, trial=trial)  # rates, asked for
+    with pytest.raises(ValueError, match="trial ids must not decrease"):
+        SwapVAE(**TINY).fit(counts[::-1], trial=trial[::-1])
+
+
+def test_trial_ids_where_scikit_learn_puts_y_warn_and_say_trial(data):
+    counts, target, trial = data
+    with pytest.warns(UserWarning, match="ignores y .* trial="):
+        by_position = SwapVAE(**TINY, seed=0).fit(counts, trial)
+    one_trial = SwapVAE(**TINY, seed=0).fit(counts)
+    np.testing.assert_array_equal(by_position.transform(counts), one_trial.transform(counts))  # y was ignored
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SwapVAE(**TINY).fit(counts, target, trial=trial)  # a Pipeline's target beside trial=: no warning
 
 
 def test_flat_parameters_are_the_config_fields():

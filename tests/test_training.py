@@ -204,3 +204,15 @@ def test_device_names_resolve_or_say_what_torch_sees(monkeypatch):
 def test_cli_refuses_a_bad_device_without_traceback(tmp_path, capsys):
     assert cli(["train", "--data", "simulated", "--out", str(tmp_path / "r"), "--device", "gpu:1"]) == 2
     assert "'cuda:N'" in capsys.readouterr().err
+
+
+def test_held_out_bins_are_scored_in_the_history_and_change_nothing_in_training(split):
+    config = SwapVAEConfig.model_validate({**FAST, "optim": {**FAST["optim"], "cpu_threads": 1}})
+    plain = _fit(split, config)
+    watched = _fit(split, config, held_out=split.test.counts)
+    assert not _same_bits(plain, watched)  # the same random draws, the same weights
+    scored = [h for h in watched.history_ if "rec_held_out" in h]
+    assert scored and scored[-1]["epoch"] == config.optim.epochs
+    assert all(np.isfinite([h["rec_train"], h["rec_held_out"]]).all() for h in scored)
+    assert scored[-1]["rec_train"] < scored[0]["rec_train"]  # it learns the training bins
+    assert not any("rec_held_out" in h for h in plain.history_)

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from swapvae.schemas import SwapVAEConfig
 from swapvae.schemas.session import static_filter
 from swapvae.training.data import jitter_pairs
-from swapvae.training.model import SwapVAENet
+from swapvae.training.model import SwapVAENet, poisson_nll
 
 SPACES = ("full", "content", "style")
 
@@ -53,7 +54,7 @@ PARAMS: dict[str, tuple[str | None, str]] = {
     "kl_weight": ("loss", "kl_weight"), "align_weight": ("loss", "align_weight"), "swap": ("loss", "swap"),
     "content_dim": ("model", "content_dim"), "style_dim": ("model", "style_dim"), "hidden": ("model", "hidden"),
     "input_unit": ("data", "input_unit"), "jitter": ("data", "jitter"), "dropout_max": ("data", "dropout_max"),
-    "static_std": ("data", "static_std"),
+    "static_std": ("data", "static_std"), "whole_counts": ("data", "whole_counts"),
 }
 
 # scikit-learn's estimator checks that cannot apply to this model, each with the reason: pass
@@ -106,7 +107,7 @@ class SwapVAE(TransformerMixin, BaseEstimator):
     def __init__(self, *, config=None, variant=None, seed=None, device=None, epochs=None, lr=None,
                  batch_size=None, weight_decay=None, cpu_threads=None, kl_weight=None, align_weight=None,
                  swap=None, content_dim=None, style_dim=None, hidden=None, input_unit=None, jitter=None,
-                 dropout_max=None, static_std=None, verbose=False):
+                 dropout_max=None, static_std=None, whole_counts=None, verbose=False):
         self.config = config
         self.variant = variant
         self.seed = seed
@@ -126,6 +127,7 @@ class SwapVAE(TransformerMixin, BaseEstimator):
         self.jitter = jitter
         self.dropout_max = dropout_max
         self.static_std = static_std
+        self.whole_counts = whole_counts
         self.verbose = verbose
 
     def get_config(self) -> SwapVAEConfig:
@@ -175,20 +177,40 @@ class SwapVAE(TransformerMixin, BaseEstimator):
 
     # -- training ------------------------------------------------------------------------------
     def fit(self, X, y=None, *, trial=None, bin_in_trial=None, neurons=None, bin_size_s: float = 0.1,
-            checkpoint: str | Path | None = None) -> SwapVAE:
+            checkpoint: str | Path | None = None, held_out=None) -> SwapVAE:
         """Train on the bins ``X`` (raw counts over all channels, rows in time order).
 
-        ``trial``: trial id of each row (all rows one trial if None); ``bin_in_trial``: each
-        row's position in its trial (counted in row order if None); ``y``: ignored.
+        ``trial``: trial id of each row, a keyword (all rows are one trial if None); trials are
+        contiguous and in time order, so the ids never decrease along the rows. ``bin_in_trial``:
+        each row's position in its trial (counted in row order if None). ``y`` is ignored: it is
+        the place scikit-learn gives a Pipeline's target, so trial ids passed there, as in
+        ``fit(X, trial)``, would be ignored; that case warns and says ``trial=``.
         ``neurons``: the channels to keep (the static filter's choice on X if None);
         ``bin_size_s``: the bin width, for input in Hz; ``checkpoint``: a file to save to every
-        ``optim.checkpoint_every`` epochs and at the end."""
+        ``optim.checkpoint_every`` epochs and at the end. Counts must be whole numbers unless
+        ``data.whole_counts`` is off. ``held_out``: bins (raw counts) that the history scores
+        every ``epochs // 100`` epochs beside a fixed set of training bins (``rec_train``, ``rec_held_out``:
+        the Poisson NLL per bin of the denoised rates, its constant omitted); they play no part
+        in training, which draws the same random numbers with them or without."""
         cfg = self.get_config()
+        if y is not None and trial is None:
+            warnings.warn(f"{type(self).__name__}.fit ignores y (a Pipeline's target); trial ids go in as the keyword "
+                          f"trial= (in a Pipeline: vae__trial=). Fitting with all rows one trial.", UserWarning,
+                          stacklevel=2)
         counts = self._counts(X, reset=True)
+        if cfg.data.whole_counts and not np.array_equal(counts, np.round(counts)):
+            r, c = np.argwhere(counts != np.round(counts))[0]
+            raise ValueError(f"counts must be whole numbers (spike counts), found {counts[r, c]} at row {r}, channel "
+                             f"{c}; for rates or smoothed counts set whole_counts=False (data.whole_counts)")
         n = len(counts)
         trial = np.zeros(n, dtype=np.int64) if trial is None else np.asarray(trial)
         if trial.shape != (n,):
             raise ValueError(f"trial must hold one id per row of X ({n}), got shape {trial.shape}")
+        back = np.flatnonzero(np.diff(trial) < 0)
+        if back.size:  # the in-trial view pairs count on this order, as the recording readers do
+            raise ValueError(f"trial ids must not decrease along the rows (rows in time order, each trial "
+                             f"contiguous); trial {trial[back[0]]} is followed by {trial[back[0] + 1]} at row "
+                             f"{back[0] + 1}")
         bin_in_trial = positions_in_trials(trial) if bin_in_trial is None else np.asarray(bin_in_trial)
         if bin_in_trial.shape != (n,):
             raise ValueError(f"bin_in_trial must hold one position per row of X ({n}), got shape {bin_in_trial.shape}")
@@ -215,7 +237,8 @@ class SwapVAE(TransformerMixin, BaseEstimator):
         try:
             if device.type == "cpu":
                 torch.set_num_threads(cfg.optim.cpu_threads or self._calibrate_threads(x, pairs, threads))
-            self._train(x, pairs, gen, opt, steps_per_epoch, checkpoint)
+            monitor = None if held_out is None else self._monitor(x, self._inputs_of(held_out, device))
+            self._train(x, pairs, gen, opt, steps_per_epoch, checkpoint, monitor)
         finally:
             torch.set_num_threads(threads)
         self.model_.eval()
@@ -251,7 +274,26 @@ class SwapVAE(TransformerMixin, BaseEstimator):
         with torch.random.fork_rng(devices=[]):
             return choose_threads(lambda: self._step(scratch, opt, x, pairs, gen), (cores, 1))
 
-    def _train(self, x, pairs, gen, opt, steps_per_epoch, checkpoint) -> None:
+    def _inputs_of(self, X, device: torch.device) -> torch.Tensor:
+        return self._model_input(self._counts(X, reset=False), device)
+
+    def _monitor(self, x: torch.Tensor, held_out: torch.Tensor, n: int = 2048):
+        """Per-bin Poisson NLL of the denoised rates g([c, mu]) of up to ``n`` fixed training
+        bins and of ``held_out``, in eval mode: no randomness drawn, nothing learned."""
+        train = x[torch.linspace(0, len(x) - 1, min(n, len(x)), device=x.device).long()]
+        eps = self.config_.loss.eps
+
+        @torch.no_grad()
+        def measure() -> dict[str, float]:
+            self.model_.eval()
+            try:
+                return {f"rec_{name}": poisson_nll(b, self.model_(b), eps).item()
+                        for name, b in (("train", train), ("held_out", held_out))}
+            finally:
+                self.model_.train()
+        return measure
+
+    def _train(self, x, pairs, gen, opt, steps_per_epoch, checkpoint, monitor=None) -> None:
         cfg, device = self.config_, x.device
         bar = _progress(cfg.optim.epochs, self.verbose)
         terms = ("loss", "rec", "kl", "align")
@@ -263,6 +305,8 @@ class SwapVAE(TransformerMixin, BaseEstimator):
                 out = self._step(self.model_, opt, x, pairs, gen)
                 sums += torch.stack([out[k].detach() for k in terms])
             epoch_terms = dict(zip(terms, (sums / steps_per_epoch).tolist()))
+            if monitor is not None and (epoch % max(1, cfg.optim.epochs // 100) == 0 or epoch == cfg.optim.epochs):
+                epoch_terms.update(monitor())  # about 100 points a curve: a few % of the training time
             if not all(math.isfinite(v) for v in epoch_terms.values()):
                 # The epoch's weights are suspect; the checkpoint on disk is from a finite epoch.
                 saved = (f"the last good checkpoint is {checkpoint}" if checkpoint is not None and checkpoint.exists()
@@ -313,9 +357,15 @@ class SwapVAE(TransformerMixin, BaseEstimator):
 
     def inverse_transform(self, X) -> np.ndarray:
         """Expected spike counts per bin over every recorded channel, from latents [c, s] (what
-        ``transform`` gives): the decoder's rates in counts, and the channels the static filter
-        dropped at their mean over the training bins."""
-        rates = self.decode(X) / np.float32(self.input_scale)
+        ``transform`` gives), or from contents c alone (``transform(X, space="content")``; the
+        style then at its prior's mean, 0): the decoder's rates in counts, and the channels the
+        static filter dropped at their mean over the training bins."""
+        check_is_fitted(self)
+        z = check_array(X, dtype=np.float32)
+        k, s = self.config_.model.content_dim, self.config_.model.style_dim
+        if z.shape[1] == k and k:
+            z = np.hstack([z, np.zeros((len(z), s), np.float32)])
+        rates = self.decode(z) / np.float32(self.input_scale)
         out = np.repeat(self.channel_mean_[None, :].astype(np.float32), len(rates), axis=0)
         out[:, self.neurons_] = rates
         return out
@@ -327,6 +377,27 @@ class SwapVAE(TransformerMixin, BaseEstimator):
         x = self._inputs(X)
         self.model_.eval()
         return self.model_(x).cpu().numpy()
+
+    # -- to the rig ------------------------------------------------------------------------------
+    def export(self, bundle_dir: str | Path, readout=None, X=None, trial=None, *, opset: int = 17,
+               weights: str = "fp32", sign: str | Path | None = None, force: bool = False):
+        """Write the fitted model as a bundle the runtime serves (``swapvae export`` without a
+        run directory), checked as that command checks it: the ONNX graphs and the runtime's
+        engine must reproduce this model on bins ``X`` (raw counts in time order, ``trial``
+        each one's trial; default: 64 bins drawn from the training bins' channel means) within
+        1e-4, or nothing is written. ``readout``: the product readout
+        (``swapvae.training.readout.fit_readout(...).readout``); without it the bundle serves
+        latents and rates only. An existing ``bundle_dir`` is refused unless ``force``. Returns
+        the manifest."""
+        from swapvae.training.export import export_estimator, training_info
+        from swapvae.training.verify import check_bins_of
+
+        check_is_fitted(self)
+        if X is None:
+            X = np.random.default_rng(self.config_.seed).poisson(self.channel_mean_, (64, self.n_features_in_))
+            trial = None
+        bins = check_bins_of(self._counts(X, reset=False), trial)
+        return export_estimator(self, bundle_dir, readout, bins, training_info(self), opset, weights, sign, force)
 
     # -- persistence (no pickled objects: tensors and plain JSON only) -----------------------
     def save(self, path: str | Path) -> Path:
@@ -354,9 +425,20 @@ class SwapVAE(TransformerMixin, BaseEstimator):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such checkpoint file")
-        state = torch.load(path, map_location=device, weights_only=True)
-        meta = json.loads(state["meta"])
-        est = cls(config=SwapVAEConfig.model_validate(meta["config"]))
+        not_ours = f"{path}: not a checkpoint written by SwapVAE.save"
+        try:  # weights_only: tensors and plain values; anything else is refused, never unpickled
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's notes on pickle protocols: not the user's concern
+                state = torch.load(path, map_location=device, weights_only=True)
+        except Exception:  # noqa: BLE001 - torch's message advises weights_only=False, which is unsafe here
+            raise ValueError(f"{not_ours}: it is not a file of tensors and plain values (refused without "
+                             f"unpickling it)") from None
+        try:
+            meta = json.loads(state["meta"])
+            config = meta["config"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{not_ours}: no readable {e} entry") from None
+        est = cls(config=SwapVAEConfig.model_validate(config))
         est.config_ = est.config
         est.neurons_ = state["neurons"].numpy()
         est.n_features_in_, est.bin_size_s_ = meta["n_channels"], meta["bin_size_s"]

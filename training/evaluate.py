@@ -12,6 +12,7 @@ import numpy as np
 from swapvae.runtime.reach import r2_scores, reach_scores
 from swapvae.schemas import ReadoutConfig
 from swapvae.schemas.session import Session, Split
+from swapvae.training.metrics import bits_per_spike
 from swapvae.training.readout import Readout, ReadoutFit, fit_classifier, fit_readout
 
 
@@ -55,9 +56,15 @@ def evaluate(estimator, split: Split, cfg: ReadoutConfig) -> tuple[dict, Readout
     reach_acc, reach_delta_acc, velocity_r2*   the product readout (history_bins, readout_C, velocity_alpha)
     *_per_bin                                  the paper's per-bin protocol (k = 1)
     reach_acc_content / _style                 per-bin readouts of each block (the paper's disentanglement check)
-    raw_*                                      the same rules on raw rates (raw_history_bins)"""
+    raw_*                                      the same rules on raw rates (raw_history_bins)
+    bits_per_spike                             the test bins' reconstruction (labels not needed)"""
+    neurons = estimator.neurons_
+    rates = estimator.reconstruct(split.test.counts) / estimator.input_scale  # counts per bin
+    unlabelled = {"bits_per_spike": bits_per_spike(rates, split.test.counts[:, neurons],
+                                                   split.train.counts[:, neurons].mean(axis=0)),
+                  "n_test_bins_all": split.test.n_bins}
     if not split.train.has_labels:
-        return {"readout": "skipped: the session has no reach labels (target, velocity)"}, None
+        return {"readout": "skipped: the session has no reach labels (target, velocity)", **unlabelled}, None
     metrics, fit = representation_metrics(estimator.transform, split, estimator.neurons_, cfg,
                                           estimator.config_.seed)
     if estimator.config_.model.content_dim:
@@ -67,7 +74,7 @@ def evaluate(estimator, split: Split, cfg: ReadoutConfig) -> tuple[dict, Readout
             metrics[f"reach_acc_{space}"], metrics[f"reach_delta_acc_{space}"] = acc, dacc
     metrics.update(raw_rate_baseline(split, estimator.neurons_, cfg, estimator.config_.seed)[0])
     metrics["n_test_bins"] = int((split.test.speed > cfg.speed_threshold).sum())
-    metrics["n_test_bins_all"] = split.test.n_bins
+    metrics.update(unlabelled)
     return metrics, fit.readout
 
 

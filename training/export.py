@@ -71,27 +71,42 @@ def export_bundle(run_dir: str | Path, out: str | Path, opset: int = 17, weights
     must match unless ``other_session``): the export checks the graphs on its test bins. An
     existing ``out`` is refused unless ``force``, and then replaced once the new bundle is
     verified."""
-    key = load_private_key(sign) if sign is not None else None
     out = Path(out)
-    _check_request(out, opset, weights, force)
+    _check_request(out, opset, weights, force)  # before the run is read
     run = RunDir(run_dir)
     loaded = run.load(data, other_session=other_session)
     est = loaded.estimator
     readout = run.readout() if loaded.session.has_labels else None
+    source = source_of(data) if data is not None else run.source()
+    info = training_info(est, metrics=run.metrics(), data=source["data"], data_sha256=source.get("data_sha256"),
+                         session=loaded.session.name)
+    return export_estimator(est, out, readout, check_bins(loaded.split), info, opset, weights, sign, force)
+
+
+def export_estimator(est: SwapVAE, out: str | Path, readout: Readout | None, bins: CheckBins, info: TrainingInfo,
+                     opset: int = 17, weights: str = "fp32", sign: str | Path | None = None,
+                     force: bool = False) -> BundleManifest:
+    """Write a fitted estimator (and the product ``readout``, or None: latents and rates only)
+    as a bundle at ``out``, proved on ``bins`` as ``export_bundle`` does; ``info``: the
+    manifest's training section (``training_info``). ``SwapVAE.export`` is this from Python."""
+    key = load_private_key(sign) if sign is not None else None
+    out = Path(out)
+    _check_request(out, opset, weights, force)
     core = manifest_core(est, readout)
     graphs = build_graphs(*fold_model(est), readout_heads(readout) if readout else None, core, opset, weights)
-    bins = check_bins(loaded.split)
     quant = None
     if weights == "int8":
         graphs["decode"], quant = quantize_checked(graphs["decode"], est, readout, bins)
-    source = source_of(data) if data is not None else run.source()
-    info = TrainingInfo(config=est.config_.model_dump(mode="json"), metrics=run.metrics(),
-                        data=source["data"], data_sha256=source.get("data_sha256"),
-                        session=loaded.session.name, epochs_done=len(est.history_) or None,
-                        evaluation=Evaluation(train_fraction=est.config_.data.train_fraction,
-                                              speed_threshold=est.config_.readout.speed_threshold))
     return write_bundle(out, graphs, core, info, opset, weights, quant, key,
                         verify=lambda stage: verify_bundle(stage, est, readout, bins, key), force=force)
+
+
+def training_info(est: SwapVAE, metrics: dict | None = None, **where) -> TrainingInfo:
+    """The manifest's training section for ``est``; ``where``: data, data_sha256, session."""
+    cfg = est.config_
+    evaluation = Evaluation(train_fraction=cfg.data.train_fraction, speed_threshold=cfg.readout.speed_threshold)
+    return TrainingInfo(config=cfg.model_dump(mode="json"), metrics=metrics or {},
+                        epochs_done=len(est.history_) or None, evaluation=evaluation, **where)
 
 
 def _check_request(out: Path, opset: int, weights: str, force: bool) -> None:

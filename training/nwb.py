@@ -83,7 +83,11 @@ def session_arrays(nwb, where: str, bin_size_s: float, target_column: str | None
     if target_column is not None:
         arrays["target"] = np.repeat(trial_column(nwb, where, target_column)[rows][kept], n_bins)
         centres = np.repeat(starts, n_bins) + (bin_in_trial + 0.5) * bin_size_s
-        arrays["velocity"] = sample_series(find_series(nwb, where, velocity_series), centres, bin_size_s)
+        found = find_series(nwb, where, velocity_series)
+        arrays["velocity"] = sample_series(found, centres, bin_size_s)
+        unit = getattr(found[1], "unit", None)
+        if unit and unit != "unknown":
+            arrays["velocity_unit"] = np.array(str(unit))
     return arrays
 
 

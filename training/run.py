@@ -29,7 +29,7 @@ def train_run(data: str, out: str | Path, config: SwapVAEConfig, progress: bool 
         run = RunDir.create(stage, config, data, session.name, options)
         est = SwapVAE(config=config, verbose=progress).fit(
             split.train.counts, trial=split.train.trial, bin_in_trial=split.train.bin_in_trial, neurons=split.neurons,
-            bin_size_s=session.bin_size_s, checkpoint=run.checkpoint)
+            bin_size_s=session.bin_size_s, checkpoint=run.checkpoint, held_out=split.test.counts)
         run.save_history(est.history_)
         metrics, readout = evaluate(est, split, config.readout)
         metrics["train_seconds"] = est.train_seconds_
@@ -43,7 +43,9 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, options: dict | N
                  other_session: bool = False) -> dict:
     """The run's metrics again: on its own recording (found where the run says, or at ``data``:
     the same file elsewhere), or on another session with the same split rule (``other_session``)."""
-    loaded = RunDir(run_dir).load(data, options=options, other_session=other_session)
+    run = RunDir(run_dir)
+    loaded = run.load(data, options=options, other_session=other_session)
+    run.require_labels(loaded)
     metrics, _ = evaluate(loaded.estimator, loaded.split, loaded.config.readout)
     metrics["train_seconds"] = loaded.estimator.train_seconds_
     return metrics
@@ -62,8 +64,10 @@ ROWS = (  # label, metrics key prefix, suffix, history key
 def format_table(metrics: dict) -> str:
     """The metrics as a table: the product readout first, the paper's protocol and the raw-rate
     baselines under the same rules beside it."""
+    bps = (f"held-out reconstruction: {metrics['bits_per_spike']:.3f} bits per spike over a mean-rate model "
+           f"(test bins)\n" if "bits_per_spike" in metrics else "")
     if "reach_acc" not in metrics:
-        return (f"reach readouts: {metrics.get('readout', 'none')}\n"
+        return (f"reach readouts: {metrics.get('readout', 'none')}\n{bps}"
                 f"training time: {metrics.get('train_seconds', 0):.1f} s")
     head = ("readout", "k", "acc", "delta-acc", "velocity R^2")
     rows = []
@@ -75,6 +79,8 @@ def format_table(metrics: dict) -> str:
                      f"{metrics[f'{pre}reach_delta_acc{suf}']:.3f}", "" if vel is None else f"{vel:.3f}"))
     w = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
     lines = ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)) for r in [head, *rows]]
+    if bps:
+        lines.append(bps.rstrip())
     lines.append(f"direction on {metrics.get('n_test_bins', '?')} moving test bins, velocity on all "
                  f"{metrics.get('n_test_bins_all', '?')}; raw-rate velocity with history is the Wiener filter; "
                  f"training time {metrics.get('train_seconds', float('nan')):.1f} s")

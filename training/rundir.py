@@ -64,6 +64,14 @@ class RunDir:
         (run.path / SOURCE).write_text(json.dumps(source, indent=2))
         return run
 
+    def require_labels(self, loaded: LoadedRun) -> None:
+        """ValueError when this run has readouts (it was trained with reach labels) but the
+        session it was loaded with has none, saying how an NWB file gets them."""
+        if (self.path / READOUT).is_file() and not loaded.session.has_labels:
+            raise ValueError(f"{loaded.session.name} has no reach labels (target, velocity), so the run's readouts "
+                             f"cannot be scored on it; an NWB file is read with them by --target-column and "
+                             f"--velocity-series")
+
     def _need(self, name: str, hint: str) -> Path:
         path = self.path / name
         if not path.is_file():

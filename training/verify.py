@@ -42,13 +42,19 @@ class CheckBins:
 
 
 def check_bins(split: Split) -> CheckBins:
-    """The run's test bins, plus an empty bin and a loud one as trials of their own (the
-    extremes a rig can send)."""
-    test = split.test
-    extremes = np.stack([np.zeros(test.n_neurons), 3 * test.counts.max(axis=0)])
-    last = int(test.trial.max())
-    return CheckBins(np.ascontiguousarray(np.concatenate([test.counts, extremes]), dtype=np.float32),
-                     np.r_[test.trial, last + 1, last + 2])
+    """The run's test bins, plus an empty bin and a loud one as trials of their own."""
+    return check_bins_of(split.test.counts, split.test.trial)
+
+
+def check_bins_of(counts: np.ndarray, trial: np.ndarray | None = None) -> CheckBins:
+    """``counts`` (bins in order, ``trial`` each one's trial; one trial if None), plus an empty
+    bin and a loud one as trials of their own (the extremes a rig can send)."""
+    counts = np.asarray(counts, np.float32)
+    trial = np.zeros(len(counts), np.int64) if trial is None else np.asarray(trial)
+    extremes = np.stack([np.zeros(counts.shape[1]), 3 * counts.max(axis=0)])
+    last = int(trial.max())
+    return CheckBins(np.ascontiguousarray(np.concatenate([counts, extremes]), dtype=np.float32),
+                     np.r_[trial, last + 1, last + 2])
 
 
 def reference(est: SwapVAE, readout: Readout | None, bins: CheckBins) -> dict[str, np.ndarray]:

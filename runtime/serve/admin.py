@@ -133,6 +133,16 @@ def _counts(d: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "none"
 
 
+def format_rates(prev: StatsReply, cur: StatsReply) -> str:
+    """What changed between two STATS replies, per second: the lines ``stats --watch`` adds."""
+    dt = max(cur.uptime_s - prev.uptime_s, 1e-9)
+    was = prev.dropped.model_dump()
+    drops = {k: v - was[k] for k, v in cur.dropped.model_dump().items() if v != was[k]}
+    errors = {k: v - prev.errors.get(k, 0) for k, v in cur.errors.items() if v != prev.errors.get(k, 0)}
+    return (f"  now       {(cur.requests - prev.requests) / dt:.1f} requests/s, {(cur.bins - prev.bins) / dt:.1f} "
+            f"bins/s; over the last {dt:.1f} s: errors {_counts(errors)}, dropped {_counts(drops)}")
+
+
 def format_stats(s: StatsReply, endpoint: str) -> str:
     lines = [f"{endpoint}: up {_uptime(s.uptime_s)}, provider {s.provider}"
              f"{', busy-poll' if s.busy_poll else ''}, protocol v{s.protocol_version}"]

@@ -110,6 +110,7 @@ class Recorder:
         self.auth_denied = 0
         self.reloads = 0
         self.reload_failures = 0
+        self.reload_error: str | None = None  # why the last reload was refused
 
     def decoded(self, ns: int, queue_ns: int = 0) -> None:
         """A one-bin decode answered by an engine call of its own: ``ns`` in the server, of
@@ -198,4 +199,5 @@ class Recorder:
                           latency_us=latency, queue_us=queue, work_us=work, window=self.window,
                           dropped=self.drops.model_copy(), bulk=bulk or Bulk(), subscribers=self.subscribers,
                           auth_denied=self.auth_denied, reloads=self.reloads, reload_failures=self.reload_failures,
+                          reload_error=self.reload_error,
                           limits=dict(limits or {}), busy_poll=busy_poll, provider=provider)

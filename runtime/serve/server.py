@@ -66,7 +66,7 @@ import zmq
 
 from swapvae.runtime import wire
 from swapvae.runtime.history import StreamTable
-from swapvae.runtime.security import CurveServer, client_socket, is_local, secure_socket
+from swapvae.runtime.security import CurveServer, check_endpoint, client_socket, is_local, secure_socket
 from swapvae.runtime.serve.coalescing import MAX_BATCH, Coalescer
 from swapvae.runtime.serve.lanes import SLICE_NS, BulkLane, ControlLane
 from swapvae.runtime.serve.limits import (
@@ -103,11 +103,14 @@ class Server:
                  max_streams: int = MAX_STREAMS, context: zmq.Context | None = None,
                  curve: CurveServer | None = None, insecure: bool = False, sub_server_key: bytes | None = None,
                  max_body_bytes: int = MAX_BODY_BYTES, control_rate: float = CONTROL_RATE,
-                 slice_ns: int = SLICE_NS, loader=None):
+                 slice_ns: int = SLICE_NS, loader=None, allow_channel_change: bool = False):
         if (sub is None) != (pub is None):
             raise ValueError("streaming needs both --sub (where bins come from) and --pub (where decodes go)")
         if bind is None and sub is None:
             raise ValueError("nothing to serve: give a ROUTER endpoint, or --sub and --pub")
+        for endpoint, flag in ((bind, "--bind"), (sub, "--sub"), (pub, "--pub")):
+            if endpoint is not None:
+                check_endpoint(endpoint, flag)
         exposed = [ep for ep in (bind, pub) if ep is not None and not is_local(ep)]
         if exposed and curve is None and not insecure:
             raise ValueError(f"{', '.join(exposed)} can be reached from other machines: serve with CURVE "
@@ -119,6 +122,7 @@ class Server:
             raise ValueError("a CURVE key for the --sub publisher needs this server's own keys (--curve-secret)")
         self.busy_poll, self.provider, self.streaming = busy_poll, provider, sub is not None
         self.curve, self._loader, self._options = curve, loader, (warmup, prewarm, max_body_bytes)
+        self.allow_channel_change = allow_channel_change
         self.recorder = Recorder(window)
         self.limiter = ControlLimiter(control_rate, max(1, int(control_rate)))  # bursts of a second's worth
         bundle = prepare(engine, MAX_BATCH, warmup, prewarm, self.streaming, max_body_bytes)
@@ -356,11 +360,14 @@ class Server:
             self._reload_thread.join()
             self._reload_thread = None
             sys.setswitchinterval(self._switch)
-            if isinstance(result, Exception):
-                self.recorder.reload_failures += 1
-                print(f"reload refused, still serving {self.bundle.name}: {result}", file=sys.stderr, flush=True)
-            else:
+            try:
+                if isinstance(result, Exception):
+                    raise result
                 self.reload(result)
+            except Exception as e:  # noqa: BLE001 - the old bundle keeps serving, whatever the reason
+                self.recorder.reload_failures += 1
+                self.recorder.reload_error = str(e)
+                print(f"reload refused, still serving {self.bundle.name}: {e}", file=sys.stderr, flush=True)
         if self._reload_asked and self._reload_thread is None:
             self._reload_asked = False
             if self._loader is None:
@@ -383,6 +390,10 @@ class Server:
         """Serve ``new`` (an engine, or a ``ServingBundle``) from now on; streams as the module doc says."""
         bundle = new if isinstance(new, ServingBundle) else prepare(new, MAX_BATCH, *self._options[:2], self.streaming,
                                                                    self._options[2])
+        if bundle.n_channels != self.n_channels and not self.allow_channel_change:
+            raise ValueError(f"the new bundle takes {bundle.n_channels} channels and this one {self.n_channels}: every "
+                             f"client still sending {self.n_channels} would get BAD_SHAPE (serve with "
+                             f"--allow-channel-change to switch anyway)")
         old, self._warms_before = self.bundle, self._warms_before + self.planner.warms
         self._install(bundle)
         kept = old.same_history(bundle)
@@ -395,6 +406,7 @@ class Server:
                 if s is not None:
                     self._limit(s, rcv, snd)
         self.recorder.reloads += 1
+        self.recorder.reload_error = None
         print(f"reloaded: now serving {bundle.name} (streams {'kept' if kept else 'reset'})",
               file=sys.stderr, flush=True)
 

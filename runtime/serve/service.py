@@ -28,7 +28,7 @@ def serve(bundle: str | Path, *, bind: str | None = "tcp://127.0.0.1:5555", sub:
           trust: list[str] | None = None, max_streams: int | None = None, curve_secret: str | None = None,
           allow: str | None = None, insecure: bool = False, sub_server_key: str | None = None,
           core: int | None = None, max_request_bytes: int | None = None, slice_us: float | None = None,
-          control_rate: float | None = None) -> StatsReply:
+          control_rate: float | None = None, allow_channel_change: bool = False) -> StatsReply:
     """Serve ``bundle`` until SIGINT or SIGTERM (the module doc says how); print one ready line
     (``ready router=... channels=N pid=P``, which scripts wait for) and return the final STATS."""
     if core is not None:
@@ -38,8 +38,12 @@ def serve(bundle: str | Path, *, bind: str | None = "tcp://127.0.0.1:5555", sub:
 
     from swapvae.runtime.bundle import load_public_key
     from swapvae.runtime.engine import BundleDecoder
-    from swapvae.runtime.security import CurveServer, key_or_file
+    from swapvae.runtime.security import CurveServer, check_endpoint, key_or_file
     from swapvae.runtime.serve.server import MAX_STREAMS, Server
+
+    for endpoint, flag in ((bind, "--bind"), (sub, "--sub"), (pub, "--pub")):  # before the bundle loads
+        if endpoint is not None:
+            check_endpoint(endpoint, flag)
 
     if bool(curve_secret) != bool(allow):
         raise ValueError("CURVE needs both --curve-secret (this server's key pair) and --allow (clients' public keys)")
@@ -60,7 +64,8 @@ def serve(bundle: str | Path, *, bind: str | None = "tcp://127.0.0.1:5555", sub:
         options["slice_ns"] = int(slice_us * 1000)
     server = Server(load(), bind=bind, sub=sub, pub=pub, busy_poll=busy_poll, provider=provider, prewarm=prewarm,
                     max_streams=MAX_STREAMS if max_streams is None else max_streams, curve=curve, insecure=insecure,
-                    loader=load, sub_server_key=key_or_file(sub_server_key) if sub_server_key else None, **options)
+                    loader=load, sub_server_key=key_or_file(sub_server_key) if sub_server_key else None,
+                    allow_channel_change=allow_channel_change, **options)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: server.stop())
     signal.signal(signal.SIGHUP, lambda *_: server.request_reload())

@@ -24,6 +24,9 @@ def register(sub) -> None:
                     help="the service's ROUTER endpoint (default tcp://127.0.0.1:5555)")
     st.add_argument("--json", action="store_true", help="the reply as one JSON object")
     st.add_argument("--timeout-ms", type=int, default=1000, help="give up after this long (1000)")
+    st.add_argument("--watch", type=float, nargs="?", const=1.0, metavar="SECONDS",
+                    help="ask again every SECONDS (1), showing rates and what was dropped since; Ctrl-C ends it")
+    st.add_argument("--count", type=int, metavar="N", help="with --watch: stop after N refreshes")
     add_curve_client(st)
     st.set_defaults(run=stats)
 
@@ -43,5 +46,34 @@ def stats(args: argparse.Namespace) -> int:
     from swapvae.runtime.serve.admin import stats as ask
 
     s = ask(args.endpoint, args.timeout_ms, **curve_kwargs(args))
-    print(s.model_dump_json() if args.json else format_stats(s, args.endpoint))
+    if args.watch is None:
+        print(s.model_dump_json() if args.json else format_stats(s, args.endpoint))
+        return 0
+    return watch(args, s)
+
+
+def watch(args: argparse.Namespace, s) -> int:
+    """Refresh the table every ``--watch`` seconds, with the rates since the last one, until
+    Ctrl-C (or ``--count`` refreshes); on a terminal in place, else one table after another."""
+    import sys
+    import time
+
+    from swapvae.runtime.serve.admin import format_rates, format_stats
+    from swapvae.runtime.serve.admin import stats as ask
+
+    if args.watch <= 0:
+        raise ValueError(f"--watch {args.watch:g}: the interval must be > 0 seconds")
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+    shown = 0
+    try:
+        while args.count is None or shown < args.count:
+            time.sleep(args.watch)
+            prev, s = s, ask(args.endpoint, args.timeout_ms, **curve_kwargs(args))
+            if args.json:
+                print(s.model_dump_json(), flush=True)
+            else:
+                print(f"{clear}{format_stats(s, args.endpoint)}\n{format_rates(prev, s)}\n", flush=True)
+            shown += 1
+    except KeyboardInterrupt:
+        pass
     return 0

@@ -36,7 +36,6 @@ def load_session_any(data: str, min_trials: int = 4, **options):
 def replay(args: argparse.Namespace) -> int:
     from swapvae.runtime.bundle import read_manifest
     from swapvae.runtime.replay import replay as run
-    from swapvae.runtime.replay import require_readout
     from swapvae.schemas.session import same_recording
 
     if args.plot:
@@ -44,7 +43,6 @@ def replay(args: argparse.Namespace) -> int:
 
         require_matplotlib()  # before streaming anything
     manifest = read_manifest(args.bundle)
-    require_readout(manifest)  # before loading any data
     t = manifest.training
     data = same_recording(args.data, {"data": t.data, "data_sha256": t.data_sha256}, f"the bundle {args.bundle}",
                           args.other_session)
@@ -65,8 +63,12 @@ def replay(args: argparse.Namespace) -> int:
     pace = f"at {r['rate_hz']:g} Hz" if r["rate_hz"] else "back to back"
     print(f"replayed {r['n_bins']} test bins ({r['n_trials']} trials) of {r['session']} through {r['endpoint']} "
           f"{pace} ({r['bins_per_s']:.0f} bins/s)")
-    print(f"reach acc {r['reach_acc']:.3f}, delta-acc {r['reach_delta_acc']:.3f} on the {r['n_scored']} moving bins; "
-          f"velocity R^2 {r['velocity_r2']:.3f} (vx {r['velocity_r2_vx']:.3f}, vy {r['velocity_r2_vy']:.3f}) on all")
+    if "scores" in r:
+        print(f"latency only: {r['scores']}")
+    else:
+        print(f"reach acc {r['reach_acc']:.3f}, delta-acc {r['reach_delta_acc']:.3f} on the {r['n_scored']} moving "
+              f"bins; velocity R^2 {r['velocity_r2']:.3f} (vx {r['velocity_r2_vx']:.3f}, vy {r['velocity_r2_vy']:.3f}) "
+              f"on all")
     for name, p in (("round trip", lat), ("server", srv)):
         print(f"{name:<10}  p50 {p['p50']:7.1f}  p99 {p['p99']:7.1f}  p99.9 {p['p999']:7.1f}  max {p['max']:7.1f} us")
     if args.plot:

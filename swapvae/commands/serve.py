@@ -36,6 +36,9 @@ def register(sub) -> None:
                         "(default 500)")
     s.add_argument("--control-rate", type=float, metavar="PER_S",
                    help="INFO, STATS and PING per second per peer (default 50); beyond: RATE_LIMITED")
+    s.add_argument("--allow-channel-change", action="store_true",
+                   help="let a reload (SIGHUP) switch to a bundle that takes another number of channels (clients "
+                        "still sending the old count then get BAD_SHAPE); refused otherwise")
     s.set_defaults(run=serve)
 
 
@@ -46,7 +49,7 @@ def serve(args: argparse.Namespace) -> int:
             prewarm=not args.no_prewarm, provider=args.provider, trust=args.trust, max_streams=args.max_streams,
             curve_secret=args.curve_secret, allow=args.allow, insecure=args.insecure,
             sub_server_key=args.sub_server_key, core=args.core, max_request_bytes=args.max_request_bytes,
-            slice_us=args.slice_us, control_rate=args.control_rate)
+            slice_us=args.slice_us, control_rate=args.control_rate, allow_channel_change=args.allow_channel_change)
     print(f"stopped after {s.requests} requests ({s.bins} bins decoded, {sum(s.errors.values())} errors)",
           file=sys.stderr, flush=True)
     return 0

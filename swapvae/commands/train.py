@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from swapvae.commands.options import add_data, add_nwb, nwb_kwargs
 
@@ -51,9 +52,15 @@ def config_of(args: argparse.Namespace):
 
 def train(args: argparse.Namespace) -> int:
     from swapvae.training.run import format_table, train_run
+    from swapvae.training.staging import partial_dir
 
-    metrics = train_run(args.data, args.out, config_of(args), progress=not args.quiet, options=nwb_kwargs(args),
-                        force=args.force)
+    try:
+        metrics = train_run(args.data, args.out, config_of(args), progress=not args.quiet,
+                            options=nwb_kwargs(args), force=args.force)
+    except KeyboardInterrupt:
+        partial = partial_dir(Path(args.out))
+        where = f"; the run so far, with its last checkpoint, is in {partial}" if partial.exists() else ""
+        raise KeyboardInterrupt(f"{args.out} was left as it was{where}") from None
     print(format_table(metrics))
     print(f"run written to {args.out}")
     return 0

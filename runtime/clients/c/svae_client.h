@@ -67,11 +67,31 @@ static inline int svae_little_endian(void) {
     return *(const uint8_t *)&one == 1;
 }
 
+/* A monotonic clock in nanoseconds, for t_client_ns and the receive deadline. Define
+ * SVAE_NOW_NS() (an expression of type uint64_t) to use your own, e.g. the rig's timebase.
+ * Otherwise: QueryPerformanceCounter on Windows, clock_gettime(CLOCK_MONOTONIC) where POSIX
+ * declares it (glibc in strict C99 needs _POSIX_C_SOURCE=200809L: the CMake target and the
+ * pkg-config file add it), or a clear compile error. */
+#if defined(SVAE_NOW_NS)
+static inline uint64_t svae_now_ns(void) { return (uint64_t)(SVAE_NOW_NS()); }
+#elif defined(_WIN32)
+#include <windows.h>
+static inline uint64_t svae_now_ns(void) {
+    LARGE_INTEGER freq, count;
+    QueryPerformanceFrequency(&freq);
+    QueryPerformanceCounter(&count);
+    return (uint64_t)(count.QuadPart / freq.QuadPart) * 1000000000u +
+           (uint64_t)(count.QuadPart % freq.QuadPart) * 1000000000u / (uint64_t)freq.QuadPart;
+}
+#elif defined(CLOCK_MONOTONIC)
 static inline uint64_t svae_now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
+#else
+#error "svae_client.h: no monotonic clock declared here; compile with -D_POSIX_C_SOURCE=200809L, or define SVAE_NOW_NS()"
+#endif
 
 /* Replies libzmq may queue for this socket: SVAE_RECV_BUDGET bytes of the largest reply (at least 2). */
 #ifndef SVAE_RECV_BUDGET
