@@ -58,8 +58,11 @@ def replay_bins(manifest: BundleManifest, session: Session) -> ReplayBins:
         why = ("the bundle has no readout (trained without reach labels)" if manifest.readout is None else
                f"{session.name} has no reach labels (target, velocity)")
         return ReplayBins(counts, first, None, None, None, 0, session.name, f"nothing scored: {why}")
+    # the recording's number of directions, which the readout's classes (those its labelled
+    # trials held: a few calibration trials may miss some) need not all be
+    n_dir = manifest.training.config.get("readout", {}).get("n_directions") or len(manifest.readout.direction.classes)
     return ReplayBins(counts, first, test.target, np.asarray(test.velocity, np.float64),
-                      test.speed > rule.speed_threshold, len(manifest.readout.direction.classes), session.name)
+                      test.speed > rule.speed_threshold, int(n_dir), session.name)
 
 
 def scores(angle: np.ndarray, velocity: np.ndarray, bins: ReplayBins) -> dict:

@@ -54,9 +54,16 @@ class ModelConfig(_Section):
     style_dim: int = Field(64, ge=1)
     # Encoder hidden widths; "d" means the number of input neurons (released code: [d, 128]).
     hidden: tuple[int | Literal["d"], ...] = ("d", 128)
+    # In a model shared across sessions (training.sessions) each session's read-in maps its own
+    # channels to this width, which "d" then means: the core's width does not depend on a session.
+    shared_width: int = Field(192, ge=1, description="what 'd' in hidden means for a core shared across sessions")
 
     def hidden_sizes(self, n_neurons: int) -> list[int]:
         return [n_neurons if h == "d" else int(h) for h in self.hidden]
+
+    def shared_hidden(self) -> tuple[int, ...]:
+        """The widths of a core shared across sessions: "d" is ``shared_width``."""
+        return tuple(self.shared_width if h == "d" else int(h) for h in self.hidden)
 
     @model_validator(mode="after")
     def _positive_hidden(self) -> ModelConfig:
@@ -106,12 +113,26 @@ class ReadoutConfig(_Section):
     # Velocity: ridge regression on a window of its own length (k from history_grid), alpha by the same folds.
     alpha_grid: tuple[float, ...] = Field((0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5), min_length=1)
     cv_folds: int = Field(5, ge=2, description="folds grouped by training trial")
+    # A new day's calibration block: the readout sees only the first N training trials' labels
+    # (None: all of them). 0: no labels at all, the reference sessions' readout (swapvae calibrate).
+    labelled_trials: int | None = Field(None, ge=0, description="readouts fitted on the first N training trials")
 
     @model_validator(mode="after")
     def _grids(self) -> ReadoutConfig:
         if min(self.history_grid) < 1 or min(self.C_grid) <= 0 or min(self.alpha_grid) <= 0:
             raise ValueError("readout grids must be positive (history_grid in bins >= 1)")
         return self
+
+
+class CalibrateConfig(_Section):
+    """Fitting a new session onto a core trained across sessions (``swapvae calibrate``): a fresh
+    read-in and read-out trained on its unlabelled bins with the Swap-VAE loss, then the readout
+    on its first ``readout.labelled_trials`` trials (none: the reference sessions' readout)."""
+    epochs: int = Field(300, ge=1, description="epochs of the new read-in and read-out on the new session's bins")
+    lr: float = Field(1e-3, gt=0.0)
+    # 0: the core is frozen (its BatchNorm statistics too); > 0: it is fine-tuned at this rate
+    # (1e-4 tied with the frozen core on validation: docs/RECIPE.md).
+    core_lr: float = Field(0.0, ge=0.0)
 
 
 class SwapVAEConfig(_Section):
@@ -124,6 +145,7 @@ class SwapVAEConfig(_Section):
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
     readout: ReadoutConfig = ReadoutConfig()
+    calibrate: CalibrateConfig = CalibrateConfig()
 
     @field_validator("device")
     @classmethod

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow  # the first block trains two small models
 
 
 def test_the_readme_has_its_python_blocks():
-    assert len(BLOCKS) == 3
+    assert len(BLOCKS) == 4
 
 
 @pytest.fixture(scope="module")

@@ -108,7 +108,7 @@ def test_an_interrupted_training_leaves_the_old_run_as_it_was(lab, tmp_path, mon
     files = {p.name: p.read_bytes() for p in run.iterdir()}
     real = estimator.SwapVAE._train
 
-    def interrupted(self, x, pairs, gen, opt, steps_per_epoch, checkpoint, *rest):
+    def interrupted(self, step, steps_per_epoch, checkpoint, *rest):
         self.save(checkpoint)  # a checkpoint, then Ctrl-C
         raise KeyboardInterrupt
     monkeypatch.setattr(estimator.SwapVAE, "_train", interrupted)

@@ -53,6 +53,7 @@ PARAMS: dict[str, tuple[str | None, str]] = {
     "weight_decay": ("optim", "weight_decay"), "cpu_threads": ("optim", "cpu_threads"),
     "kl_weight": ("loss", "kl_weight"), "align_weight": ("loss", "align_weight"), "swap": ("loss", "swap"),
     "content_dim": ("model", "content_dim"), "style_dim": ("model", "style_dim"), "hidden": ("model", "hidden"),
+    "shared_width": ("model", "shared_width"), "calibrate_epochs": ("calibrate", "epochs"),
     "input_unit": ("data", "input_unit"), "jitter": ("data", "jitter"), "dropout_max": ("data", "dropout_max"),
     "static_std": ("data", "static_std"), "whole_counts": ("data", "whole_counts"),
 }
@@ -86,6 +87,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def is_sessions(X) -> bool:
+    """Whether ``X`` is several sessions' bins (a list of 2-D arrays) rather than one session's."""
+    return isinstance(X, (list, tuple)) and len(X) > 0 and all(np.ndim(x) == 2 for x in X)
+
+
 def positions_in_trials(trial: np.ndarray) -> np.ndarray:
     """Each row's position among the rows of its trial, counted in row order."""
     order = np.argsort(trial, kind="stable")
@@ -106,8 +112,9 @@ class SwapVAE(TransformerMixin, BaseEstimator):
 
     def __init__(self, *, config=None, variant=None, seed=None, device=None, epochs=None, lr=None,
                  batch_size=None, weight_decay=None, cpu_threads=None, kl_weight=None, align_weight=None,
-                 swap=None, content_dim=None, style_dim=None, hidden=None, input_unit=None, jitter=None,
-                 dropout_max=None, static_std=None, whole_counts=None, verbose=False):
+                 swap=None, content_dim=None, style_dim=None, hidden=None, shared_width=None,
+                 calibrate_epochs=None, input_unit=None, jitter=None, dropout_max=None, static_std=None,
+                 whole_counts=None, verbose=False):
         self.config = config
         self.variant = variant
         self.seed = seed
@@ -123,6 +130,8 @@ class SwapVAE(TransformerMixin, BaseEstimator):
         self.content_dim = content_dim
         self.style_dim = style_dim
         self.hidden = hidden
+        self.shared_width = shared_width
+        self.calibrate_epochs = calibrate_epochs
         self.input_unit = input_unit
         self.jitter = jitter
         self.dropout_max = dropout_max
@@ -170,6 +179,9 @@ class SwapVAE(TransformerMixin, BaseEstimator):
     def _inputs(self, X) -> torch.Tensor:
         """Model input of new bins X, on the model's device."""
         check_is_fitted(self)
+        if hasattr(self, "sessions_"):
+            raise ValueError(f"this model was fitted on {len(self.sessions_)} sessions: use one session's, "
+                             f"sessions_[i].transform(X) (the same for the other methods)")
         return self._model_input(self._counts(X, reset=False), next(self.model_.parameters()).device)
 
     def _model_input(self, counts: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -193,31 +205,16 @@ class SwapVAE(TransformerMixin, BaseEstimator):
         the Poisson NLL per bin of the denoised rates, its constant omitted); they play no part
         in training, which draws the same random numbers with them or without."""
         cfg = self.get_config()
+        if is_sessions(X):  # several sessions: one shared core (training.sessions)
+            from swapvae.training.sessions import fit_sessions
+
+            return fit_sessions(self, cfg, X, trial, bin_in_trial, neurons, bin_size_s, checkpoint, held_out)
         if y is not None and trial is None:
             warnings.warn(f"{type(self).__name__}.fit ignores y (a Pipeline's target); trial ids go in as the keyword "
                           f"trial= (in a Pipeline: vae__trial=). Fitting with all rows one trial.", UserWarning,
                           stacklevel=2)
         counts = self._counts(X, reset=True)
-        if cfg.data.whole_counts and not np.array_equal(counts, np.round(counts)):
-            r, c = np.argwhere(counts != np.round(counts))[0]
-            raise ValueError(f"counts must be whole numbers (spike counts), found {counts[r, c]} at row {r}, channel "
-                             f"{c}; for rates or smoothed counts set whole_counts=False (data.whole_counts)")
-        n = len(counts)
-        trial = np.zeros(n, dtype=np.int64) if trial is None else np.asarray(trial)
-        if trial.shape != (n,):
-            raise ValueError(f"trial must hold one id per row of X ({n}), got shape {trial.shape}")
-        back = np.flatnonzero(np.diff(trial) < 0)
-        if back.size:  # the in-trial view pairs count on this order, as the recording readers do
-            raise ValueError(f"trial ids must not decrease along the rows (rows in time order, each trial "
-                             f"contiguous); trial {trial[back[0]]} is followed by {trial[back[0] + 1]} at row "
-                             f"{back[0] + 1}")
-        bin_in_trial = positions_in_trials(trial) if bin_in_trial is None else np.asarray(bin_in_trial)
-        if bin_in_trial.shape != (n,):
-            raise ValueError(f"bin_in_trial must hold one position per row of X ({n}), got shape {bin_in_trial.shape}")
-        keep = np.asarray(neurons) if neurons is not None else static_filter(counts, cfg.data.static_std)
-        if keep.size == 0:
-            raise ValueError(f"every channel of X is static (std <= data.static_std = {cfg.data.static_std}): "
-                             f"nothing to learn from")
+        trial, bin_in_trial, keep = self._checked(counts, trial, bin_in_trial, neurons, cfg)
         device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.config_, self.bin_size_s_, self.neurons_ = cfg, float(bin_size_s), keep
@@ -225,41 +222,87 @@ class SwapVAE(TransformerMixin, BaseEstimator):
         self.model_ = build_model(cfg, len(keep)).to(device)
         x = self._model_input(counts, device)
         pairs = torch.as_tensor(jitter_pairs(trial, bin_in_trial, cfg.data.jitter), device=device)
+        monitor = None if held_out is None else self._monitor(x, self._inputs_of(held_out, device))
+        self._optimise(lambda model, opt, gen: self._step(model, opt, x, pairs, gen), self._adam,
+                       max(1, len(x) // cfg.optim.batch_size), checkpoint, monitor)
+        return self
+
+    def _checked(self, counts: np.ndarray, trial, bin_in_trial, neurons, cfg: SwapVAEConfig, what: str = "X"):
+        """(trial, bin_in_trial, kept channels) of validated ``counts`` (rows of one session),
+        or ValueError naming the problem."""
+        if cfg.data.whole_counts and not np.array_equal(counts, np.round(counts)):
+            r, c = np.argwhere(counts != np.round(counts))[0]
+            raise ValueError(f"counts must be whole numbers (spike counts), found {counts[r, c]} at row {r}, channel "
+                             f"{c} of {what}; for rates or smoothed counts set whole_counts=False (data.whole_counts)")
+        n = len(counts)
+        trial = np.zeros(n, dtype=np.int64) if trial is None else np.asarray(trial)
+        if trial.shape != (n,):
+            raise ValueError(f"trial must hold one id per row of {what} ({n}), got shape {trial.shape}")
+        back = np.flatnonzero(np.diff(trial) < 0)
+        if back.size:  # the in-trial view pairs count on this order, as the recording readers do
+            raise ValueError(f"trial ids must not decrease along the rows (rows in time order, each trial "
+                             f"contiguous); trial {trial[back[0]]} is followed by {trial[back[0] + 1]} at row "
+                             f"{back[0] + 1} of {what}")
+        bin_in_trial = positions_in_trials(trial) if bin_in_trial is None else np.asarray(bin_in_trial)
+        if bin_in_trial.shape != (n,):
+            raise ValueError(f"bin_in_trial must hold one position per row of {what} ({n}), got shape "
+                             f"{bin_in_trial.shape}")
+        keep = np.asarray(neurons) if neurons is not None else static_filter(counts, cfg.data.static_std)
+        if keep.size == 0:
+            raise ValueError(f"every channel of {what} is static (std <= data.static_std = {cfg.data.static_std}): "
+                             f"nothing to learn from")
+        return trial, bin_in_trial, keep
+
+    def _adam(self, model: torch.nn.Module, lr: float | None = None):
+        """Adam on the parameters that learn (fused: one kernel for all of them instead of a
+        Python loop of small ops per step)."""
+        cfg = self.config_
+        return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr or cfg.optim.lr,
+                                weight_decay=cfg.optim.weight_decay, fused=True)
+
+    def _optimise(self, step, make_opt, steps_per_epoch: int, checkpoint=None, monitor=None) -> None:
+        """Train ``model_`` for ``optim.epochs`` epochs of ``step(model, opt, gen)`` (one
+        optimiser step, returning the loss terms), on the thread count chosen once; save to
+        ``checkpoint`` as the loop says and at the end."""
+        cfg = self.config_
+        device = next(self.model_.parameters()).device
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        # fused: one kernel for all parameters instead of a Python loop of small ops per step
-        opt = torch.optim.Adam(self.model_.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                               fused=True)
-        steps_per_epoch = max(1, len(x) // cfg.optim.batch_size)
+        opt = make_opt(self.model_)
         checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.history_ = []
         self.train_seconds_ = float("nan")
         threads = torch.get_num_threads()
         try:
             if device.type == "cpu":
-                torch.set_num_threads(cfg.optim.cpu_threads or self._calibrate_threads(x, pairs, threads))
-            monitor = None if held_out is None else self._monitor(x, self._inputs_of(held_out, device))
-            self._train(x, pairs, gen, opt, steps_per_epoch, checkpoint, monitor)
+                torch.set_num_threads(cfg.optim.cpu_threads or self._calibrate_threads(step, make_opt, threads))
+            self._train(lambda: step(self.model_, opt, gen), steps_per_epoch, checkpoint, monitor)
         finally:
             torch.set_num_threads(threads)
         self.model_.eval()
         if checkpoint is not None:
             self.save(checkpoint)
-        return self
+
+    def _views(self, x: torch.Tensor, pairs: torch.Tensor, gen: torch.Generator, n: int):
+        """The two views of ``n`` in-trial pairs drawn from ``pairs`` (rows of ``x``), neuron
+        dropout applied (the dropped bin is the view and its target)."""
+        p = self.config_.data.dropout_max
+        idx = pairs[torch.randint(len(pairs), (n,), generator=gen, device=x.device)]
+        x1, x2 = x[idx.T.reshape(-1)].chunk(2)  # one gather for both views
+        if p > 0:
+            x1, x2 = _neuron_dropout(x1, p, gen), _neuron_dropout(x2, p, gen)
+        return x1, x2
 
     def _step(self, model: SwapVAENet, opt, x: torch.Tensor, pairs: torch.Tensor, gen: torch.Generator) -> dict:
         """One optimiser step on a batch of in-trial view pairs; returns the loss terms."""
         cfg = self.config_
-        idx = pairs[torch.randint(len(pairs), (cfg.optim.batch_size,), generator=gen, device=x.device)]
-        x1, x2 = x[idx.T.reshape(-1)].chunk(2)  # one gather for both views
-        if cfg.data.dropout_max > 0:  # the dropped bin is the view and its target
-            x1, x2 = _neuron_dropout(x1, cfg.data.dropout_max, gen), _neuron_dropout(x2, cfg.data.dropout_max, gen)
+        x1, x2 = self._views(x, pairs, gen, cfg.optim.batch_size)
         out = model.loss(x1, x2, cfg.loss.swap, cfg.loss.kl_weight, cfg.loss.align_weight, cfg.loss.eps)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
         return out
 
-    def _calibrate_threads(self, x: torch.Tensor, pairs: torch.Tensor, cores: int) -> int:
+    def _calibrate_threads(self, step, make_opt, cores: int) -> int:
         """Training's CPU thread count when ``optim.cpu_threads`` is 0: one per core or one,
         whichever runs a training step faster here and now (one thread wins beside other busy
         processes, whose cores OpenMP's barriers wait for). Timed on a scratch copy of the
@@ -269,10 +312,17 @@ class SwapVAE(TransformerMixin, BaseEstimator):
         if cores < 2:
             return 1
         scratch = copy.deepcopy(self.model_)
-        opt = torch.optim.Adam(scratch.parameters(), lr=self.config_.optim.lr, fused=True)
-        gen = torch.Generator(device=x.device).manual_seed(0)
+        opt = make_opt(scratch)
+        gen = torch.Generator(device=next(scratch.parameters()).device).manual_seed(0)
         with torch.random.fork_rng(devices=[]):
-            return choose_threads(lambda: self._step(scratch, opt, x, pairs, gen), (cores, 1))
+            return choose_threads(lambda: step(scratch, opt, gen), (cores, 1))
+
+    def _train_mode(self) -> None:
+        """``model_`` learning, but for modules kept as they are (a frozen core: its BatchNorm
+        statistics too)."""
+        self.model_.train()
+        for m in getattr(self, "frozen_", ()):
+            m.eval()
 
     def _inputs_of(self, X, device: torch.device) -> torch.Tensor:
         return self._model_input(self._counts(X, reset=False), device)
@@ -290,19 +340,19 @@ class SwapVAE(TransformerMixin, BaseEstimator):
                 return {f"rec_{name}": poisson_nll(b, self.model_(b), eps).item()
                         for name, b in (("train", train), ("held_out", held_out))}
             finally:
-                self.model_.train()
+                self._train_mode()
         return measure
 
-    def _train(self, x, pairs, gen, opt, steps_per_epoch, checkpoint, monitor=None) -> None:
-        cfg, device = self.config_, x.device
+    def _train(self, step, steps_per_epoch, checkpoint, monitor=None) -> None:
+        cfg, device = self.config_, next(self.model_.parameters()).device
         bar = _progress(cfg.optim.epochs, self.verbose)
         terms = ("loss", "rec", "kl", "align")
         start = time.perf_counter()
-        self.model_.train()
+        self._train_mode()
         for epoch in range(1, cfg.optim.epochs + 1):
             sums = torch.zeros(len(terms), device=device)
             for _ in range(steps_per_epoch):
-                out = self._step(self.model_, opt, x, pairs, gen)
+                out = step()
                 sums += torch.stack([out[k].detach() for k in terms])
             epoch_terms = dict(zip(terms, (sums / steps_per_epoch).tolist()))
             if monitor is not None and (epoch % max(1, cfg.optim.epochs // 100) == 0 or epoch == cfg.optim.epochs):
@@ -378,6 +428,18 @@ class SwapVAE(TransformerMixin, BaseEstimator):
         self.model_.eval()
         return self.model_(x).cpu().numpy()
 
+    # -- across sessions (training.sessions) --------------------------------------------------------
+    def calibrate(self, X, trial=None, *, bin_in_trial=None, neurons=None, bin_size_s: float | None = None,
+                  checkpoint: str | Path | None = None, held_out=None) -> SwapVAE:
+        """A fitted estimator for a new session's bins ``X`` (its own channels): this model's
+        core, frozen unless ``calibrate.core_lr`` (config), with a new read-in and read-out
+        trained on ``X`` without labels. This model must have been fitted on several sessions
+        (``fit([X_a, X_b, ...])``); it is left as it was. Arguments as ``fit``'s."""
+        from swapvae.training.sessions import calibrate
+
+        check_is_fitted(self)
+        return calibrate(self, X, trial, bin_in_trial, neurons, bin_size_s, checkpoint, held_out)
+
     # -- to the rig ------------------------------------------------------------------------------
     def export(self, bundle_dir: str | Path, readout=None, X=None, trial=None, *, opset: int = 17,
                weights: str = "fp32", sign: str | Path | None = None, force: bool = False):
@@ -406,14 +468,19 @@ class SwapVAE(TransformerMixin, BaseEstimator):
         check_is_fitted(self)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {
-            "state_dict": {k: v.detach().cpu() for k, v in self.model_.state_dict().items()},
-            "neurons": torch.as_tensor(self.neurons_, dtype=torch.int64),
-            "channel_mean": torch.as_tensor(self.channel_mean_, dtype=torch.float32),
-            "meta": json.dumps({"config": self.config_.model_dump(mode="json"), "n_channels": self.n_features_in_,
-                                "bin_size_s": self.bin_size_s_, "history": self.history_,
-                                "train_seconds": self.train_seconds_}),
-        }
+        meta = {"config": self.config_.model_dump(mode="json"), "bin_size_s": self.bin_size_s_,
+                "history": self.history_, "train_seconds": self.train_seconds_}
+        state = {"state_dict": {k: v.detach().cpu() for k, v in self.model_.state_dict().items()}}
+        views = getattr(self, "sessions_", None) or [self]
+        for i, v in enumerate(views):  # one session, or each of a shared core's (suffixed by index)
+            tag = f"_{i}" if hasattr(self, "sessions_") else ""
+            state[f"neurons{tag}"] = torch.as_tensor(v.neurons_, dtype=torch.int64)
+            state[f"channel_mean{tag}"] = torch.as_tensor(v.channel_mean_, dtype=torch.float32)
+        if hasattr(self, "sessions_"):
+            meta["sessions"] = [v.n_features_in_ for v in views]
+        else:
+            meta["n_channels"] = self.n_features_in_
+        state["meta"] = json.dumps(meta)
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, path)
@@ -440,6 +507,24 @@ class SwapVAE(TransformerMixin, BaseEstimator):
             raise ValueError(f"{not_ours}: no readable {e} entry") from None
         est = cls(config=SwapVAEConfig.model_validate(config))
         est.config_ = est.config
+        if "sessions" in meta:  # a shared core and its sessions' read-ins and read-outs
+            from swapvae.training.model import SharedCore
+            from swapvae.training.sessions import session_view
+
+            cfg, n = est.config_, len(meta["sessions"])
+            neurons = [state[f"neurons_{i}"].numpy() for i in range(n)]
+            est.model_ = SharedCore([len(k) for k in neurons], list(cfg.model.shared_hidden()), cfg.model.content_dim,
+                                    cfg.model.style_dim)
+            est.model_.load_state_dict(state["state_dict"])
+            est.model_.to(device).eval()
+            est.bin_size_s_, est.history_ = meta["bin_size_s"], meta["history"]
+            est.train_seconds_ = meta["train_seconds"]
+            est.sessions_ = []
+            for i, keep in enumerate(neurons):
+                view = session_view(cls, cfg, est.model_, i, state[f"channel_mean_{i}"].numpy(), keep, est.bin_size_s_)
+                view.history_, view.train_seconds_ = est.history_, est.train_seconds_
+                est.sessions_.append(view)
+            return est
         est.neurons_ = state["neurons"].numpy()
         est.n_features_in_, est.bin_size_s_ = meta["n_channels"], meta["bin_size_s"]
         est.channel_mean_ = state["channel_mean"].numpy()

@@ -154,19 +154,65 @@ def _pad_lags(coef: np.ndarray, k: int, width: int) -> np.ndarray:
     return np.pad(coef, ((0, 0), (0, width - coef.shape[1]))) if coef.shape[1] < width else coef
 
 
-@threadpool_limits.wrap(limits=1)  # these fits are small: BLAS threads only add wake-ups, and spin badly on a busy CPU
+@dataclass
+class Labelled:
+    """What a readout is fitted on: the per-bin latents of labelled training bins (and of their
+    silenced copies), in time order, with their trials and labels. ``concat`` pools sessions'
+    (in a latent space they share), their trials kept apart."""
+    z: np.ndarray  # (n, d)
+    copies: list[np.ndarray]  # each (n, d)
+    trial: np.ndarray
+    target: np.ndarray
+    velocity: np.ndarray
+    moving: np.ndarray  # bins scored for direction (hand speed above the threshold)
+
+    @classmethod
+    def concat(cls, parts: list[Labelled]) -> Labelled:
+        shift, trials = 0, []
+        for p in parts:  # each session's trials after the last one's: distinct ids, still in order
+            trials.append(p.trial - p.trial.min() + shift)
+            shift = int(trials[-1].max()) + 1
+        cat = lambda f: np.concatenate([getattr(p, f) for p in parts])  # noqa: E731
+        n_copies = min(len(p.copies) for p in parts)
+        return cls(cat("z"), [np.concatenate([p.copies[i] for p in parts]) for i in range(n_copies)],
+                   np.concatenate(trials), cat("target"), cat("velocity"), cat("moving"))
+
+
+def first_trials(session: Session, n: int | None) -> Session:
+    """The bins of the first ``n`` trials (a new day's calibration block); all for None."""
+    if n is None:
+        return session
+    if n < 2:
+        raise ValueError(f"a readout fitted on {n} labelled trial(s): it needs at least 2 (cross-validation groups "
+                         f"by trial); with none, use the reference sessions' readout")
+    return session.select_bins(np.isin(session.trial, session.trials[:n]))
+
+
+def labelled(represent, train: Session, neurons: np.ndarray, cfg: ReadoutConfig, seed: int = 0) -> Labelled:
+    """The latents ``represent(counts) -> (bins, d)`` of ``train`` and of its silenced copies."""
+    return Labelled(represent(train.counts), [represent(c) for c in silenced_copies(train, neurons, cfg, seed)],
+                    train.trial, train.target, train.velocity, train.speed > cfg.speed_threshold)
+
+
 def fit_readout(represent, train: Session, neurons: np.ndarray, cfg: ReadoutConfig, seed: int = 0,
                 history_grid: tuple[int, ...] | None = None) -> ReadoutFit:
     """The product readout of the representation ``represent(counts) -> (bins, d)`` of the
-    training bins (in order). Direction: (k, C) by grouped CV on the moving bins, the training
-    rows padded with ``silenced_copies`` of them (a trial's copies in its fold, only clean bins
-    scored). Velocity: (k, alpha) by the same kind of CV on all clean bins. The readout's window
-    is the longer of the two k; the other head gets zero weights on the older lags."""
+    training bins (in order; the first ``cfg.labelled_trials`` trials when set)."""
+    train = first_trials(train, cfg.labelled_trials)
+    return fit_readout_on(labelled(represent, train, neurons, cfg, seed), cfg, history_grid)
+
+
+@threadpool_limits.wrap(limits=1)  # these fits are small: BLAS threads only add wake-ups, and spin badly on a busy CPU
+def fit_readout_on(rows: Labelled, cfg: ReadoutConfig, history_grid: tuple[int, ...] | None = None) -> ReadoutFit:
+    """The product readout fitted on ``rows``. Direction: (k, C) by grouped CV on the moving
+    bins, the training rows padded with the silenced copies (a trial's copies in its fold, only
+    clean bins scored). Velocity: (k, alpha) by the same kind of CV on all clean bins. The
+    readout's window is the longer of the two k; the other head gets zero weights on the older
+    lags."""
     grid = tuple(sorted(history_grid or cfg.history_grid))
-    z = represent(train.counts)
-    copies = [represent(c) for c in silenced_copies(train, neurons, cfg, seed)]
-    moving = train.speed > cfg.speed_threshold
-    target, groups = train.target[moving], train.trial[moving]
+    z, copies, moving = rows.z, rows.copies, rows.moving
+    train = rows  # trial, velocity: as a session's
+    target, groups = rows.target[moving], rows.trial[moving]
     n_views = 1 + len(copies)
     rows_target, rows_groups = np.tile(target, n_views), np.tile(groups, n_views)
     clean = np.r_[np.ones(len(target), bool), np.zeros(len(copies) * len(target), bool)]

@@ -12,6 +12,8 @@
     confusion            decoded vs true direction on the moving test bins (product readout)
     velocity             decoded vs true hand velocity over the first test trials
     lost_channels        direction accuracy with 10-40% of the channels silenced, beside raw rates
+    calibration          (a calibrated run, ``swapvae calibrate``) acc and delta-acc against the
+                         number N of labelled trials its readout learns from, beside raw rates
 
 Reach direction is circular: its classes are coloured from a cyclic map (neighbouring
 directions in neighbouring hues, 315 deg next to 0) and labelled in degrees. PCA is fitted on
@@ -304,6 +306,44 @@ def plot_lost_channels(est, readout: Readout, split: Split, cfg, draws: int = 5)
     return fig
 
 
+def plot_calibration(run: RunDir, est, split: Split, grid=(0, 5, 10, 20, None)):
+    """A calibrated run's readout from its first N labelled training trials (0: the reference
+    sessions' readout, where the reference run is at hand), and raw rates with the same trials,
+    scored on the test trials, against N (None: all)."""
+    from swapvae.training.calibration import calibrated_readout
+    from swapvae.training.evaluate import score
+    from swapvae.training.readout import first_trials, fit_readout_on, labelled
+
+    plt = _plt()
+    cfg = est.config_
+    reference_run = RunDir(run.source()["calibrated_from"])
+    reference = reference_run.reference() if (reference_run.path / "reference.npz").is_file() else None
+    n_all = len(split.train.trials)
+    ns = [n for n in grid if (n != 0 or (reference is not None and cfg.calibrate.core_lr == 0))
+          and (n is None or n <= n_all)]
+    raw = lambda c: c[:, est.neurons_] / split.train.bin_size_s  # noqa: E731
+    raw_cfg = cfg.readout.model_copy(update={"scaling": "feature"})
+    z_test = est.transform(split.test.counts)
+    rows = {"this model": [], "raw rates": []}
+    for n in ns:
+        fit = calibrated_readout(est, split.train, n, reference, cfg)
+        rows["this model"].append(score(fit.readout, z_test, split.test, cfg.readout))
+        if n != 0:
+            rr = fit_readout_on(labelled(raw, first_trials(split.train, n), est.neurons_, raw_cfg, cfg.seed), raw_cfg)
+            rows["raw rates"].append(score(rr.readout, raw(split.test.counts), split.test, raw_cfg))
+    x = [n_all if n is None else n for n in ns]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for (name, scores), color in zip(rows.items(), ("C0", "0.4")):
+        xs = x if name == "this model" else [v for v, n in zip(x, ns) if n != 0]
+        ax.plot(xs, [s["reach_acc"] for s in scores], "o-", color=color, label=f"{name}: acc")
+        ax.plot(xs, [s["reach_delta_acc"] for s in scores], "s--", color=color, label=f"{name}: delta-acc")
+    ax.set(xlabel=f"labelled training trials N (all = {n_all}; 0: the reference sessions' readout)",
+           ylabel="share of moving test bins", ylim=(0, 1),
+           title=f"{split.train.name}: readout from the first N labelled trials")
+    ax.legend(fontsize=8)
+    return fig
+
+
 def _concat(split: Split) -> Session:
     a, b = split.train, split.test
     cat = lambda x, y: np.concatenate([x, y])  # noqa: E731
@@ -351,4 +391,6 @@ def write_report(run_dir: str | Path, data: str | None = None, out: str | Path |
     draw("confusion", plot_confusion, readout, z_test, split.test, cfg)
     draw("velocity", plot_velocity, readout, z_test, split.test)
     draw("lost_channels", plot_lost_channels, est, readout, split, cfg)
+    if "calibrated_from" in run.source():
+        draw("calibration", plot_calibration, run, est, split)
     return written

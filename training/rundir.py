@@ -9,6 +9,13 @@
                     built-in session's name) and how an NWB file was read, so later steps
                     rebuild the same session and split from any folder
 
+A run trained with a shared core (``swapvae train --shared``) holds several sessions: run.json
+lists them, metrics.json has each one's metrics under ``sessions``, ``readout-I.json`` is
+session I's readout, and ``reference.npz`` the sessions' labelled training bins as latents of
+the shared space (a new day's readout without labels, ``swapvae calibrate --labelled-trials
+0``). A calibrated run (``swapvae calibrate``) is an ordinary one whose run.json also names the
+run it was calibrated from.
+
 ``swapvae train`` writes one (through a staging directory: training.staging); ``evaluate``,
 ``report`` and ``export`` reopen it with ``RunDir(path).load()``: the estimator, its session
 and the split it was trained on. A run copied to another machine finds its recording again
@@ -20,6 +27,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from swapvae.schemas import SwapVAEConfig
 from swapvae.schemas.session import Session, Split, same_recording, source_of, split_session
 from swapvae.training.data import NWB_OPTIONS, load_session
@@ -27,6 +36,7 @@ from swapvae.training.estimator import SwapVAE
 from swapvae.training.readout import Readout
 
 CONFIG, CHECKPOINT, HISTORY = "config.json", "checkpoint.pt", "history.json"
+REFERENCE = "reference.npz"
 READOUT, METRICS, SOURCE = "readout.json", "metrics.json", "run.json"
 FIGURES_DIR = "figures"
 
@@ -49,6 +59,42 @@ class RunDir:
     @property
     def checkpoint(self) -> Path:
         return self.path / CHECKPOINT
+
+    @classmethod
+    def create_shared(cls, path: str | Path, config: SwapVAEConfig, datas: list[str], sessions: list[str],
+                      options: dict | None = None) -> RunDir:
+        """A run directory for a model shared across the sessions ``datas``."""
+        run = cls(path)
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.save_config(config)
+        source = {"shared": True, "sessions": [{**source_of(d), "session": s} for d, s in zip(datas, sessions)]}
+        if options:
+            source["options"] = dict(options)
+        (run.path / SOURCE).write_text(json.dumps(source, indent=2))
+        return run
+
+    @property
+    def shared(self) -> bool:
+        """Whether this run holds a core shared across sessions (``swapvae train --shared``)."""
+        return (self.path / SOURCE).is_file() and bool(self.source().get("shared"))
+
+    def save_source(self, source: dict) -> None:
+        (self.path / SOURCE).write_text(json.dumps(source, indent=2))
+
+    def save_config(self, config: SwapVAEConfig) -> None:
+        (self.path / CONFIG).write_text(config.model_dump_json(indent=2))
+
+    def save_reference(self, rows) -> None:
+        """The sessions' labelled training bins as latents (``training.readout.Labelled``)."""
+        np.savez(self.path / REFERENCE, z=rows.z, copies=np.stack(rows.copies), trial=rows.trial, target=rows.target,
+                 velocity=rows.velocity, moving=rows.moving)
+
+    def reference(self):
+        from swapvae.training.readout import Labelled
+
+        with np.load(self._need(REFERENCE, "was it trained with --shared on labelled sessions?"),
+                     allow_pickle=False) as f:
+            return Labelled(f["z"], list(f["copies"]), f["trial"], f["target"], f["velocity"], f["moving"])
 
     @classmethod
     def create(cls, path: str | Path, config: SwapVAEConfig, data: str, session: str,
@@ -85,11 +131,13 @@ class RunDir:
     def save_history(self, history: list[dict]) -> None:
         (self.path / HISTORY).write_text(json.dumps(history))
 
-    def readout(self) -> Readout:
-        return Readout.from_json(json.loads(self._need(READOUT, "was the run evaluated?").read_text()))
+    def readout(self, session: int | None = None) -> Readout:
+        name = READOUT if session is None else f"readout-{session}.json"
+        return Readout.from_json(json.loads(self._need(name, "was the run evaluated?").read_text()))
 
-    def save_readout(self, readout: Readout) -> None:
-        (self.path / READOUT).write_text(json.dumps(readout.to_json()))
+    def save_readout(self, readout: Readout, session: int | None = None) -> None:
+        name = READOUT if session is None else f"readout-{session}.json"
+        (self.path / name).write_text(json.dumps(readout.to_json()))
 
     def metrics(self) -> dict:
         path = self.path / METRICS
@@ -112,6 +160,9 @@ class RunDir:
         file elsewhere: its sha256 must match), or another session when ``other_session``. An
         NWB file is read with the run's own NWB options, each replaced by one given in
         ``options``."""
+        if self.shared:
+            raise ValueError(f"{self.path} holds a core shared across {len(self.source()['sessions'])} sessions: "
+                             f"metrics.json has each one's metrics; swapvae calibrate fits a new session onto it")
         est = self.estimator(device)
         saved = self.source() if data is None or (self.path / SOURCE).is_file() else {}
         data = same_recording(data, saved, f"the run {self.path}", other_session)

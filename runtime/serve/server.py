@@ -320,8 +320,9 @@ class Server:
     def _route(self, src, frames: list, frame, key: bytes, t_read: int) -> None:
         """Where a message off the fast path goes: a one-bin DECODE is answered now; a
         multi-bin one (or any decode of a stream with decodes in the bulk lane) joins the bulk
-        lane; a control request beyond its peer's notice is dropped; anything else (controls,
-        refused envelopes, frames too short for a header) waits in the control lane."""
+        lane; a control request with a valid header beyond its peer's notice is dropped (one with
+        a bad header gets its error, as section 6 orders them); anything else (controls, refused
+        envelopes, frames too short for a header) waits in the control lane."""
         peeked = wire.peek(frame) if frame is not None else None
         if peeked is None:
             self.controls.add(src, frames, frame, key, t_read)
@@ -335,8 +336,9 @@ class Server:
                 reply = self._to_bulk(src, frames, frame, key, t_read)
             if reply is not None:
                 src.answer(frames, reply)
-        elif msg_type in CONTROL_COST and self.limiter.silenced(key, t_read, CONTROL_COST[msg_type]):
-            self.recorder.drops.rate_limited += 1  # a flood beyond its notice: dropped as it is read
+        elif (msg_type in CONTROL_COST and wire.valid_header(frame)
+              and self.limiter.silenced(key, t_read, CONTROL_COST[msg_type])):
+            self.recorder.drops.rate_limited += 1  # a valid control flood beyond its notice: dropped as it is read
         else:
             self.controls.add(src, frames, frame, key, t_read)
 

@@ -10,8 +10,12 @@ from swapvae.commands.options import add_data, add_nwb, nwb_kwargs
 
 def register(sub) -> None:
     t = sub.add_parser("train", help="fit Swap-VAE on a session, evaluate it, write a run directory")
-    t.add_argument("--data", default="simulated",
-                   help=".npz or .nwb recording, 'simulated' (default) or 'synthetic[:SEED[:SEQUENCES]]'")
+    t.add_argument("--data", nargs="+", default=["simulated"], metavar="DATA",
+                   help=".npz or .nwb recording, 'simulated' (default) or 'synthetic[:SEED[:SEQUENCES]]'; several "
+                        "with --shared")
+    t.add_argument("--shared", action="store_true",
+                   help="one model across the --data sessions: a read-in and read-out per session around a shared "
+                        "core (swapvae calibrate then fits a new session onto it)")
     t.add_argument("--out", required=True, help="run directory to write (refused if it exists, unless --force)")
     t.add_argument("--force", action="store_true",
                    help="replace an existing --out, once the new run is complete (until then it is untouched)")
@@ -54,9 +58,18 @@ def train(args: argparse.Namespace) -> int:
     from swapvae.training.run import format_table, train_run
     from swapvae.training.staging import partial_dir
 
+    if len(args.data) > 1 and not args.shared:
+        raise ValueError(f"{len(args.data)} --data sessions: --shared trains one model across them (independent "
+                         f"runs of several sessions: one swapvae train each)")
     try:
-        metrics = train_run(args.data, args.out, config_of(args), progress=not args.quiet,
-                            options=nwb_kwargs(args), force=args.force)
+        if args.shared:
+            from swapvae.training.run import train_shared_run
+
+            metrics = train_shared_run(args.data, args.out, config_of(args), progress=not args.quiet,
+                                       options=nwb_kwargs(args), force=args.force)
+        else:
+            metrics = train_run(args.data[0], args.out, config_of(args), progress=not args.quiet,
+                                options=nwb_kwargs(args), force=args.force)
     except KeyboardInterrupt:
         partial = partial_dir(Path(args.out))
         where = f"; the run so far, with its last checkpoint, is in {partial}" if partial.exists() else ""
