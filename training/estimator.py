@@ -189,7 +189,7 @@ class SwapVAE(TransformerMixin, BaseEstimator):
 
     # -- training ------------------------------------------------------------------------------
     def fit(self, X, y=None, *, trial=None, bin_in_trial=None, neurons=None, bin_size_s: float = 0.1,
-            checkpoint: str | Path | None = None, held_out=None) -> SwapVAE:
+            checkpoint: str | Path | None = None, held_out=None, resume: str | Path | None = None) -> SwapVAE:
         """Train on the bins ``X`` (raw counts over all channels, rows in time order).
 
         ``trial``: trial id of each row, a keyword (all rows are one trial if None); trials are
@@ -203,10 +203,16 @@ class SwapVAE(TransformerMixin, BaseEstimator):
         ``data.whole_counts`` is off. ``held_out``: bins (raw counts) that the history scores
         every ``epochs // 100`` epochs beside a fixed set of training bins (``rec_train``, ``rec_held_out``:
         the Poisson NLL per bin of the denoised rates, its constant omitted); they play no part
-        in training, which draws the same random numbers with them or without."""
+        in training, which draws the same random numbers with them or without. ``resume``: a
+        checkpoint that a fit of the same config and data wrote before it stopped; training
+        goes on from its epoch, with its optimizer and random-number states, to the result an
+        uninterrupted fit gives (bit-equal at the thread count it recorded)."""
         cfg = self.get_config()
         if is_sessions(X):  # several sessions: one shared core (training.sessions)
             from swapvae.training.sessions import fit_sessions
+
+            if resume is not None:
+                raise ValueError("resume continues a single-session fit; a shared core's training restarts")
 
             return fit_sessions(self, cfg, X, trial, bin_in_trial, neurons, bin_size_s, checkpoint, held_out)
         if y is not None and trial is None:
@@ -223,9 +229,28 @@ class SwapVAE(TransformerMixin, BaseEstimator):
         x = self._model_input(counts, device)
         pairs = torch.as_tensor(jitter_pairs(trial, bin_in_trial, cfg.data.jitter), device=device)
         monitor = None if held_out is None else self._monitor(x, self._inputs_of(held_out, device))
+        state = None if resume is None else self._resumable(resume)
         self._optimise(lambda model, opt, gen: self._step(model, opt, x, pairs, gen), self._adam,
-                       max(1, len(x) // cfg.optim.batch_size), checkpoint, monitor)
+                       max(1, len(x) // cfg.optim.batch_size), checkpoint, monitor, state)
         return self
+
+    def _resumable(self, path: str | Path) -> dict:
+        """The training state in checkpoint ``path``, checked against this fit's config and kept
+        channels (ValueError naming what differs). On the CPU, where random-number states live."""
+        state = _read_checkpoint(Path(path), "cpu")
+        meta = json.loads(state["meta"])
+        if "training" not in meta:
+            raise ValueError(f"{path}: no training state to resume from (a finished training's checkpoint, or one "
+                             f"written before checkpoints held it)")
+        if meta["config"] != self.config_.model_dump(mode="json"):
+            theirs, ours = SwapVAEConfig.model_validate(meta["config"]), self.config_
+            diff = sorted(k for k in ours.model_dump() if getattr(theirs, k) != getattr(ours, k))
+            raise ValueError(f"{path} was written with another config (differs in: {', '.join(diff)}): resume with "
+                             f"the config it was trained with")
+        if not np.array_equal(state["neurons"].numpy(), self.neurons_):
+            raise ValueError(f"{path} was trained on other channels ({len(state['neurons'])} kept, not "
+                             f"{len(self.neurons_)}): resume on the data it was trained on")
+        return {**state, **meta["training"], "history": meta["history"]}
 
     def _checked(self, counts: np.ndarray, trial, bin_in_trial, neurons, cfg: SwapVAEConfig, what: str = "X"):
         """(trial, bin_in_trial, kept channels) of validated ``counts`` (rows of one session),
@@ -260,10 +285,12 @@ class SwapVAE(TransformerMixin, BaseEstimator):
         return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr or cfg.optim.lr,
                                 weight_decay=cfg.optim.weight_decay, fused=True)
 
-    def _optimise(self, step, make_opt, steps_per_epoch: int, checkpoint=None, monitor=None) -> None:
+    def _optimise(self, step, make_opt, steps_per_epoch: int, checkpoint=None, monitor=None,
+                  resume: dict | None = None) -> None:
         """Train ``model_`` for ``optim.epochs`` epochs of ``step(model, opt, gen)`` (one
         optimiser step, returning the loss terms), on the thread count chosen once; save to
-        ``checkpoint`` as the loop says and at the end."""
+        ``checkpoint`` as the loop says (with the state to resume from) and at the end.
+        ``resume``: a checkpoint's training state (``_resumable``), to go on from."""
         cfg = self.config_
         device = next(self.model_.parameters()).device
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -272,10 +299,27 @@ class SwapVAE(TransformerMixin, BaseEstimator):
         self.history_ = []
         self.train_seconds_ = float("nan")
         threads = torch.get_num_threads()
+        first, spent = 1, 0.0
+        if resume is not None:
+            self.model_.load_state_dict(resume["state_dict"])
+            opt.load_state_dict(resume["optimizer"])
+            gen.set_state(resume["generator"])
+            torch.set_rng_state(resume["rng"])
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(resume["cuda_rng"], device)
+            self.history_ = resume["history"]
+            first, spent = resume["epoch"] + 1, resume["seconds"]
+
+        def training_state(epoch: int, seconds: float) -> dict:
+            return {"optimizer": opt.state_dict(), "generator": gen.get_state(), "rng": torch.get_rng_state(),
+                    **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+                    "meta": {"epoch": epoch, "seconds": seconds, "threads": torch.get_num_threads()}}
         try:
-            if device.type == "cpu":
-                torch.set_num_threads(cfg.optim.cpu_threads or self._calibrate_threads(step, make_opt, threads))
-            self._train(lambda: step(self.model_, opt, gen), steps_per_epoch, checkpoint, monitor)
+            if device.type == "cpu":  # a resumed fit keeps the count it recorded: the same bits
+                torch.set_num_threads(cfg.optim.cpu_threads or (resume or {}).get("threads")
+                                      or self._calibrate_threads(step, make_opt, threads))
+            self._train(lambda: step(self.model_, opt, gen), steps_per_epoch, checkpoint, monitor, first,
+                        spent, training_state)
         finally:
             torch.set_num_threads(threads)
         self.model_.eval()
@@ -343,13 +387,14 @@ class SwapVAE(TransformerMixin, BaseEstimator):
                 self._train_mode()
         return measure
 
-    def _train(self, step, steps_per_epoch, checkpoint, monitor=None) -> None:
+    def _train(self, step, steps_per_epoch, checkpoint, monitor=None, first: int = 1, spent: float = 0.0,
+               training_state=None) -> None:
         cfg, device = self.config_, next(self.model_.parameters()).device
-        bar = _progress(cfg.optim.epochs, self.verbose)
+        bar = _progress(cfg.optim.epochs, self.verbose, first - 1)
         terms = ("loss", "rec", "kl", "align")
-        start = time.perf_counter()
+        start = time.perf_counter() - spent
         self._train_mode()
-        for epoch in range(1, cfg.optim.epochs + 1):
+        for epoch in range(first, cfg.optim.epochs + 1):
             sums = torch.zeros(len(terms), device=device)
             for _ in range(steps_per_epoch):
                 out = step()
@@ -368,7 +413,8 @@ class SwapVAE(TransformerMixin, BaseEstimator):
                 bar.set_postfix_str(_fmt(epoch_terms), refresh=False)
                 bar.update()
             if checkpoint is not None and epoch % cfg.optim.checkpoint_every == 0 and epoch < cfg.optim.epochs:
-                self.save(checkpoint)  # the final one is saved below, with the training time
+                # the final one is saved below, with the training time and without the state to resume from
+                self.save(checkpoint, training_state(epoch, time.perf_counter() - start) if training_state else None)
         if bar is not None:
             bar.close()
         self.train_seconds_ = time.perf_counter() - start
@@ -462,9 +508,10 @@ class SwapVAE(TransformerMixin, BaseEstimator):
         return export_estimator(self, bundle_dir, readout, bins, training_info(self), opset, weights, sign, force)
 
     # -- persistence (no pickled objects: tensors and plain JSON only) -----------------------
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, training: dict | None = None) -> Path:
         """Write the fitted model to ``path`` atomically: a crash mid-write never clobbers the
-        last good checkpoint."""
+        last good checkpoint. ``training``: the state a fit resumes from (optimizer, random
+        number generators, epoch), written by the training loop."""
         check_is_fitted(self)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -480,6 +527,10 @@ class SwapVAE(TransformerMixin, BaseEstimator):
             meta["sessions"] = [v.n_features_in_ for v in views]
         else:
             meta["n_channels"] = self.n_features_in_
+        if training is not None:
+            training = dict(training)
+            meta["training"] = training.pop("meta")
+            state.update(training)
         state["meta"] = json.dumps(meta)
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -490,21 +541,9 @@ class SwapVAE(TransformerMixin, BaseEstimator):
     def load(cls, path: str | Path, device: str = "cpu") -> SwapVAE:
         """A fitted estimator from a checkpoint ``save`` wrote, its model on ``device``."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such checkpoint file")
-        not_ours = f"{path}: not a checkpoint written by SwapVAE.save"
-        try:  # weights_only: tensors and plain values; anything else is refused, never unpickled
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch's notes on pickle protocols: not the user's concern
-                state = torch.load(path, map_location=device, weights_only=True)
-        except Exception:  # noqa: BLE001 - torch's message advises weights_only=False, which is unsafe here
-            raise ValueError(f"{not_ours}: it is not a file of tensors and plain values (refused without "
-                             f"unpickling it)") from None
-        try:
-            meta = json.loads(state["meta"])
-            config = meta["config"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{not_ours}: no readable {e} entry") from None
+        state = _read_checkpoint(path, device)
+        meta = json.loads(state["meta"])
+        config = meta["config"]
         est = cls(config=SwapVAEConfig.model_validate(config))
         est.config_ = est.config
         if "sessions" in meta:  # a shared core and its sessions' read-ins and read-outs
@@ -569,9 +608,29 @@ def _fmt(terms: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in terms.items())
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, done: int = 0):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="train", unit="epoch", dynamic_ncols=True)
+    return tqdm(total=total, initial=done, desc="train", unit="epoch", dynamic_ncols=True)
+
+
+def _read_checkpoint(path: Path, device) -> dict:
+    """The entries of a checkpoint ``SwapVAE.save`` wrote (its meta JSON readable, with a
+    config), loaded without unpickling anything; ValueError (or FileNotFoundError) naming why not."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    not_ours = f"{path}: not a checkpoint written by SwapVAE.save"
+    try:  # weights_only: tensors and plain values; anything else is refused, never unpickled
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: not the user's concern
+            state = torch.load(path, map_location=device, weights_only=True)
+    except Exception:  # noqa: BLE001 - torch's message advises weights_only=False, which is unsafe here
+        raise ValueError(f"{not_ours}: it is not a file of tensors and plain values (refused without "
+                         f"unpickling it)") from None
+    try:
+        json.loads(state["meta"])["config"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{not_ours}: no readable {e} entry") from None
+    return state

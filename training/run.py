@@ -1,6 +1,7 @@
 """``swapvae train``, ``swapvae calibrate`` and ``swapvae evaluate``: run directories
-(training.rundir) from a session and a config, from several sessions sharing one core, or from a
-new session calibrated onto such a core; and their metrics tables."""
+(training.rundir) from a session and a config (or a training that stopped, resumed), from
+several sessions sharing one core, or from a new session calibrated onto such a core; and their
+metrics tables."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +14,7 @@ from swapvae.training.estimator import SwapVAE
 from swapvae.training.evaluate import evaluate
 from swapvae.training.readout import ReadoutFit
 from swapvae.training.rundir import RunDir
-from swapvae.training.staging import refuse_existing, staged
+from swapvae.training.staging import partial_dir, refuse_existing, staged
 
 
 def train_run(data: str, out: str | Path, config: SwapVAEConfig, progress: bool = True,
@@ -33,12 +34,40 @@ def train_run(data: str, out: str | Path, config: SwapVAEConfig, progress: bool 
         est = SwapVAE(config=config, verbose=progress).fit(
             split.train.counts, trial=split.train.trial, bin_in_trial=split.train.bin_in_trial, neurons=split.neurons,
             bin_size_s=session.bin_size_s, checkpoint=run.checkpoint, held_out=split.test.counts)
-        run.save_history(est.history_)
-        metrics, readout = evaluate(est, split, config.readout)
-        metrics["train_seconds"] = est.train_seconds_
-        if readout is not None:
-            run.save_readout(readout)
-        run.save_metrics(metrics)
+        return _finish(run, est, split, config)
+
+
+def resume_run(out: str | Path, progress: bool = True, data: str | None = None, force: bool = False) -> dict:
+    """A ``train_run`` into ``out`` that stopped early, continued from its last checkpoint (in
+    ``.OUT.partial``) to the run an uninterrupted one writes: the same config and recording
+    (``data``: where that recording is now, its sha256 checked), the same bits at the thread
+    count it recorded."""
+    out = Path(out)
+    run = RunDir(partial_dir(out))
+    if not run.checkpoint.is_file():
+        state = " (it is complete)" if out.is_dir() and RunDir(out).checkpoint.is_file() else ""
+        raise ValueError(f"nothing to resume for {out}{state}: {run.path} holds no checkpoint (a training into {out} "
+                         f"that stopped after its first checkpoint leaves one)")
+    if run.shared or "calibrated_from" in run.source():
+        raise ValueError(f"{run.path}: a run trained with --shared, or calibrated, is trained again, not resumed")
+    loaded = run.load(data)  # the recording checked as evaluate does, split as the run was
+    config, split, session = loaded.config, loaded.split, loaded.session
+    with staged(out, force=force, what="run", resume=True):
+        est = SwapVAE(config=config, verbose=progress).fit(
+            split.train.counts, trial=split.train.trial, bin_in_trial=split.train.bin_in_trial, neurons=split.neurons,
+            bin_size_s=session.bin_size_s, checkpoint=run.checkpoint, held_out=split.test.counts,
+            resume=run.checkpoint)
+        return _finish(run, est, split, config)
+
+
+def _finish(run: RunDir, est: SwapVAE, split, config: SwapVAEConfig) -> dict:
+    """A trained run's history, evaluation, readout and metrics, written into ``run``."""
+    run.save_history(est.history_)
+    metrics, readout = evaluate(est, split, config.readout)
+    metrics["train_seconds"] = est.train_seconds_
+    if readout is not None:
+        run.save_readout(readout)
+    run.save_metrics(metrics)
     return metrics
 
 

@@ -2,6 +2,8 @@
 
     config.json     the SwapVAEConfig, written first (a crashed run still says what it was)
     checkpoint.pt   weights, neuron selection and loss history: tensors and JSON, no pickles
+                    (while training: also the optimizer and random-number states and the
+                    epoch, which ``swapvae train --resume`` goes on from)
     history.json    the loss terms per epoch, readable
     readout.json    the fitted readouts, plain arrays
     metrics.json    the evaluation

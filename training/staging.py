@@ -8,7 +8,8 @@ only once the new one is complete.
 
 A run's staging directory has a fixed name (``.NAME.partial`` beside it) and is kept when
 training stops early, so its last checkpoint is not lost; the next training into the same
-destination starts it afresh. A bundle's is temporary and removed on failure.
+destination starts it afresh, unless it resumes it (``swapvae train --resume``). A bundle's is
+temporary and removed on failure.
 """
 from __future__ import annotations
 
@@ -34,14 +35,18 @@ def partial_dir(out: Path) -> Path:
 
 
 @contextmanager
-def staged(out: str | Path, *, force: bool, what: str, keep_partial: bool = False) -> Iterator[Path]:
+def staged(out: str | Path, *, force: bool, what: str, keep_partial: bool = False,
+           resume: bool = False) -> Iterator[Path]:
     """A staging directory for ``out``, moved into place when the block ends without an error.
     ``keep_partial``: the run's fixed ``partial_dir``, kept if the block fails (else a temporary
-    directory, removed). Readable by others as a plain ``mkdir`` would make it."""
+    directory, removed); ``resume``: that one as a run that stopped early left it. Readable by
+    others as a plain ``mkdir`` would make it."""
     out = Path(out)
     refuse_existing(out, force, what)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if keep_partial:
+    if resume:
+        stage = partial_dir(out)
+    elif keep_partial:
         stage = partial_dir(out)
         if stage.exists():  # a run into the same place that stopped early: start afresh
             shutil.rmtree(stage)
@@ -56,7 +61,7 @@ def staged(out: str | Path, *, force: bool, what: str, keep_partial: bool = Fals
         refuse_existing(out, force, what)  # still true at the end: something may have appeared meanwhile
         replace_dir(stage, out)
     except BaseException:
-        if not keep_partial:
+        if not (keep_partial or resume):
             shutil.rmtree(stage, ignore_errors=True)
         raise
 

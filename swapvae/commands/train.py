@@ -10,13 +10,16 @@ from swapvae.commands.options import add_data, add_nwb, nwb_kwargs
 
 def register(sub) -> None:
     t = sub.add_parser("train", help="fit Swap-VAE on a session, evaluate it, write a run directory")
-    t.add_argument("--data", nargs="+", default=["simulated"], metavar="DATA",
+    t.add_argument("--data", nargs="+", metavar="DATA",
                    help=".npz or .nwb recording, 'simulated' (default) or 'synthetic[:SEED[:SEQUENCES]]'; several "
-                        "with --shared")
+                        "with --shared; with --resume, where the run's recording is now (its sha256 must match)")
     t.add_argument("--shared", action="store_true",
                    help="one model across the --data sessions: a read-in and read-out per session around a shared "
                         "core (swapvae calibrate then fits a new session onto it)")
-    t.add_argument("--out", required=True, help="run directory to write (refused if it exists, unless --force)")
+    t.add_argument("--out", help="run directory to write (refused if it exists, unless --force)")
+    t.add_argument("--resume", metavar="RUN",
+                   help="continue a training into RUN (its --out) that stopped early, from its last checkpoint in "
+                        ".RUN.partial, as it was configured: the run an uninterrupted training writes")
     t.add_argument("--force", action="store_true",
                    help="replace an existing --out, once the new run is complete (until then it is untouched)")
     t.add_argument("--config", help="JSON config (swapvae.schemas.SwapVAEConfig); defaults otherwise")
@@ -54,28 +57,50 @@ def config_of(args: argparse.Namespace):
     return SwapVAEConfig.model_validate(raw)
 
 
+RESUME_FIXES = ("config", "seed", "device", "variant", "epochs", "shared", "out")
+
+
 def train(args: argparse.Namespace) -> int:
-    from swapvae.training.run import format_table, train_run
+    from swapvae.training.run import format_table, resume_run, train_run
     from swapvae.training.staging import partial_dir
 
-    if len(args.data) > 1 and not args.shared:
-        raise ValueError(f"{len(args.data)} --data sessions: --shared trains one model across them (independent "
+    if args.resume:
+        given = [f"--{k}" for k in RESUME_FIXES if getattr(args, k) not in (None, False)]
+        given += [f"--{k.replace('_', '-')}" for k, v in nwb_kwargs(args).items() if v is not None]
+        if given:
+            raise ValueError(f"--resume continues the run as it was configured: drop {', '.join(given)} (--data "
+                             f"says where its recording is now)")
+        if args.data and len(args.data) > 1:
+            raise ValueError("--resume continues a single-session run: one --data at most")
+        out = args.resume
+    elif not args.out:
+        raise ValueError("--out is required: the run directory to write (or --resume RUN)")
+    else:
+        out = args.out
+    data = args.data or ["simulated"]
+    if len(data) > 1 and not args.shared:
+        raise ValueError(f"{len(data)} --data sessions: --shared trains one model across them (independent "
                          f"runs of several sessions: one swapvae train each)")
     try:
-        if args.shared:
+        if args.resume:
+            metrics = resume_run(out, progress=not args.quiet, data=args.data[0] if args.data else None,
+                                 force=args.force)
+        elif args.shared:
             from swapvae.training.run import train_shared_run
 
-            metrics = train_shared_run(args.data, args.out, config_of(args), progress=not args.quiet,
+            metrics = train_shared_run(data, out, config_of(args), progress=not args.quiet,
                                        options=nwb_kwargs(args), force=args.force)
         else:
-            metrics = train_run(args.data[0], args.out, config_of(args), progress=not args.quiet,
+            metrics = train_run(data[0], out, config_of(args), progress=not args.quiet,
                                 options=nwb_kwargs(args), force=args.force)
     except KeyboardInterrupt:
-        partial = partial_dir(Path(args.out))
-        where = f"; the run so far, with its last checkpoint, is in {partial}" if partial.exists() else ""
-        raise KeyboardInterrupt(f"{args.out} was left as it was{where}") from None
+        partial = partial_dir(Path(out))
+        where = f"; the run so far is in {partial}" if partial.exists() else ""
+        if (partial / "checkpoint.pt").is_file() and not args.shared:
+            where += f", with its last checkpoint (swapvae train --resume {out} continues it)"
+        raise KeyboardInterrupt(f"{out} was left as it was{where}") from None
     print(format_table(metrics))
-    print(f"run written to {args.out}")
+    print(f"run written to {out}")
     return 0
 
 
