@@ -26,14 +26,19 @@ def _read_flushing(peer: zmq.Socket, src: RouterSource, n: int) -> list[bytes]:
     return got
 
 
-def test_replies_to_a_full_or_vanished_peer_are_dropped_and_counted():
-    ctx = zmq.Context.instance()
-    rec = Recorder(8)
-    router = ctx.socket(zmq.ROUTER)
+def _router(endpoint: str):
+    """A service's ROUTER with a one-message queue per peer, never blocking, refusing unknown peers."""
+    router = zmq.Context.instance().socket(zmq.ROUTER)
     router.setsockopt(zmq.SNDHWM, 1)
     router.setsockopt(zmq.SNDTIMEO, 0)
     router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    router.bind("inproc://full-peer")
+    router.bind(endpoint)
+    return router
+
+
+def test_replies_to_a_full_or_vanished_peer_are_dropped_and_counted():
+    rec = Recorder(8)
+    router = _router("inproc://full-peer")
     peer = _dealer("inproc://full-peer", RCVHWM=1, ROUTING_ID=b"peer")
     src = RouterSource(router, rec, held_peer_bytes=0)  # nothing held beyond libzmq's queue
     try:
@@ -52,13 +57,8 @@ def test_replies_to_a_full_or_vanished_peer_are_dropped_and_counted():
 def test_replies_beyond_a_full_queue_are_held_and_sent_in_order_as_the_peer_reads():
     """libzmq counts the peer's queue in messages: a client with more requests in flight than it
     holds loses nothing while it reads; held replies are bounded by bytes, beyond that dropped."""
-    ctx = zmq.Context.instance()
     rec = Recorder(8)
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.SNDHWM, 1)
-    router.setsockopt(zmq.SNDTIMEO, 0)
-    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    router.bind("inproc://held-peer")
+    router = _router("inproc://held-peer")
     peer = _dealer("inproc://held-peer", RCVHWM=1, ROUTING_ID=b"peer")
     src = RouterSource(router, rec, held_peer_bytes=8 * 6)
     try:

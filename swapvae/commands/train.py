@@ -66,7 +66,7 @@ def train(args: argparse.Namespace) -> int:
 
     if args.resume:
         given = [f"--{k}" for k in RESUME_FIXES if getattr(args, k) not in (None, False)]
-        given += [f"--{k.replace('_', '-')}" for k, v in nwb_kwargs(args).items() if v is not None]
+        given += ["the NWB options"] if nwb_kwargs(args) else []
         if given:
             raise ValueError(f"--resume continues the run as it was configured: drop {', '.join(given)} (--data "
                              f"says where its recording is now)")
