@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"'swapvae-bci[cpu]' (or '[gpu]' for the CUDA provider; one of the two, never both)",
                   file=sys.stderr)
             return 2
+        if e.name and e.name.split(".")[0] in ("ray", "optuna", "yaml"):
+            print(f"swapvae {args.command}: needs Ray Tune and Optuna ({e.name} is not installed): pip install "
+                  f"'swapvae-bci[sweep]'", file=sys.stderr)
+            return 2
         if e.name and e.name.split(".")[0] in TRAIN_MODULES:
             print(f"swapvae {args.command}: needs the training dependencies ({e.name} is not installed): "
                   f"pip install 'swapvae-bci[train]'", file=sys.stderr)

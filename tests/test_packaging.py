@@ -25,6 +25,7 @@ def test_one_onnxruntime_per_extra():
         if name not in ("cpu", "gpu"):
             assert not reqs & {"onnxruntime", "onnxruntime-gpu"}, name
     assert "pynwb" in extras["train"]
+    assert {"ray", "optuna"} <= extras["sweep"] and not (extras["train"] | extras["cpu"]) & {"ray", "optuna"}
 
 
 def test_a_command_without_onnxruntime_names_the_extras():

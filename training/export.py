@@ -74,6 +74,9 @@ def export_bundle(run_dir: str | Path, out: str | Path, opset: int = 17, weights
     out = Path(out)
     _check_request(out, opset, weights, force)  # before the run is read
     run = RunDir(run_dir)
+    if run.validation:
+        raise ValueError(f"{run_dir} was trained and scored on a validation split of its training trials (to choose "
+                         f"settings): train the chosen config with swapvae train to export it")
     loaded = run.load(data, other_session=other_session)
     est = loaded.estimator
     readout = run.readout() if loaded.session.has_labels else None

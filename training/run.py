@@ -13,24 +13,25 @@ from swapvae.training.data import load_session
 from swapvae.training.estimator import SwapVAE
 from swapvae.training.evaluate import evaluate
 from swapvae.training.readout import ReadoutFit
-from swapvae.training.rundir import RunDir
+from swapvae.training.rundir import RunDir, run_split
 from swapvae.training.staging import partial_dir, refuse_existing, staged
 
 
 def train_run(data: str, out: str | Path, config: SwapVAEConfig, progress: bool = True,
-              options: dict | None = None, force: bool = False) -> dict:
+              options: dict | None = None, force: bool = False, validation: bool = False) -> dict:
     """Load (``options``: ``load_session``'s keywords for an NWB file), split, fit, evaluate;
     write everything into ``out``; return the metrics. ``out`` appears whole when training and
     evaluation are done (training.staging); an existing ``out`` is refused unless ``force``,
     and then replaced only then. Until then the run is in ``.OUT.partial`` beside it, which a
-    training that stops early leaves there with its last checkpoint."""
+    training that stops early leaves there with its last checkpoint. ``validation``: trained
+    and scored inside the training trials (``rundir.run_split``), for choosing settings."""
     out = Path(out)
     refuse_existing(out, force, "run")  # before anything is read or trained
     options = {k: v for k, v in (options or {}).items() if v is not None}
     session = load_session(data, min_trials=config.data.min_trials, **options)
-    split = split_session(session, config.data.train_fraction, config.data.static_std)
+    split = run_split(session, config, validation)
     with staged(out, force=force, what="run", keep_partial=True) as stage:
-        run = RunDir.create(stage, config, data, session.name, options)
+        run = RunDir.create(stage, config, data, session.name, options, validation)
         est = SwapVAE(config=config, verbose=progress).fit(
             split.train.counts, trial=split.train.trial, bin_in_trial=split.train.bin_in_trial, neurons=split.neurons,
             bin_size_s=session.bin_size_s, checkpoint=run.checkpoint, held_out=split.test.counts)
@@ -65,6 +66,8 @@ def _finish(run: RunDir, est: SwapVAE, split, config: SwapVAEConfig) -> dict:
     run.save_history(est.history_)
     metrics, readout = evaluate(est, split, config.readout)
     metrics["train_seconds"] = est.train_seconds_
+    if run.validation:
+        metrics["split"] = "validation"
     if readout is not None:
         run.save_readout(readout)
     run.save_metrics(metrics)
@@ -175,6 +178,8 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, options: dict | N
         fit = ReadoutFit(readout, {}, None, readout.history_bins, readout.history_bins)
     metrics, _ = evaluate(loaded.estimator, loaded.split, loaded.config.readout, fit)
     metrics["train_seconds"] = loaded.estimator.train_seconds_
+    if run.validation:
+        metrics["split"] = "validation"
     return metrics
 
 
@@ -196,6 +201,9 @@ def format_table(metrics: dict) -> str:
     n = metrics.get("labelled_trials")
     note = "" if n is None else f"readouts fitted on the first {n} labelled training trials\n" if n else \
         "no labels: the reference sessions' readout\n"
+    if metrics.get("split") == "validation":
+        note += "scored on a validation split: the later training trials (split by data.train_fraction), the " \
+                "test trials unused\n"
     return note + _table(metrics)
 
 

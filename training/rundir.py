@@ -9,7 +9,8 @@
     metrics.json    the evaluation
     run.json        the data it was trained on (the file's absolute path and sha256, or a
                     built-in session's name) and how an NWB file was read, so later steps
-                    rebuild the same session and split from any folder
+                    rebuild the same session and split from any folder; ``"split":
+                    "validation"`` for a run scored on its training trials (``run_split``)
 
 A run trained with a shared core (``swapvae train --shared``) holds several sessions: run.json
 lists them, metrics.json has each one's metrics under ``sessions``, ``readout-I.json`` is
@@ -41,6 +42,15 @@ CONFIG, CHECKPOINT, HISTORY = "config.json", "checkpoint.pt", "history.json"
 REFERENCE = "reference.npz"
 READOUT, METRICS, SOURCE = "readout.json", "metrics.json", "run.json"
 FIGURES_DIR = "figures"
+
+
+def run_split(session: Session, cfg: SwapVAEConfig, validation: bool = False) -> Split:
+    """The split a run trains and is scored on: the session's training and test trials, or with
+    ``validation`` the same chronological rule inside its training trials (the first 80% of
+    them train, the last 20% are scored: where choices are made, never on the test trials)."""
+    if validation:
+        session = split_session(session, cfg.data.train_fraction, cfg.data.static_std).train
+    return split_session(session, cfg.data.train_fraction, cfg.data.static_std)
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,11 @@ class RunDir:
         return run
 
     @property
+    def validation(self) -> bool:
+        """Whether this run was scored on a validation split of its training trials."""
+        return (self.path / SOURCE).is_file() and self.source().get("split") == "validation"
+
+    @property
     def shared(self) -> bool:
         """Whether this run holds a core shared across sessions (``swapvae train --shared``)."""
         return (self.path / SOURCE).is_file() and bool(self.source().get("shared"))
@@ -100,13 +115,15 @@ class RunDir:
 
     @classmethod
     def create(cls, path: str | Path, config: SwapVAEConfig, data: str, session: str,
-               options: dict | None = None) -> RunDir:
+               options: dict | None = None, validation: bool = False) -> RunDir:
         """A run directory for ``config`` trained on ``data`` (read with the ``load_session``
-        keywords ``options``)."""
+        keywords ``options``; ``validation``: scored on its training trials, ``run_split``)."""
         run = cls(path)
         run.path.mkdir(parents=True, exist_ok=True)
         (run.path / CONFIG).write_text(config.model_dump_json(indent=2))
         source = {**source_of(data), "session": session}
+        if validation:
+            source["split"] = "validation"
         if options:
             source["options"] = dict(options)
         (run.path / SOURCE).write_text(json.dumps(source, indent=2))
@@ -178,4 +195,4 @@ class RunDir:
         if abs(session.bin_size_s - est.bin_size_s_) > 1e-9:
             raise ValueError(f"{data} has bins of {session.bin_size_s:g} s but the run was trained on bins of "
                              f"{est.bin_size_s_:g} s")
-        return LoadedRun(est, session, split_session(session, cfg.data.train_fraction, cfg.data.static_std))
+        return LoadedRun(est, session, run_split(session, cfg, saved.get("split") == "validation"))

@@ -20,6 +20,9 @@ def register(sub) -> None:
     t.add_argument("--resume", metavar="RUN",
                    help="continue a training into RUN (its --out) that stopped early, from its last checkpoint in "
                         ".RUN.partial, as it was configured: the run an uninterrupted training writes")
+    t.add_argument("--validation", action="store_true",
+                   help="train and score inside the training trials (the first 80%% of them train, the last 20%% "
+                        "are scored; the test trials unused): where settings are chosen")
     t.add_argument("--force", action="store_true",
                    help="replace an existing --out, once the new run is complete (until then it is untouched)")
     t.add_argument("--config", help="JSON config (swapvae.schemas.SwapVAEConfig); defaults otherwise")
@@ -57,7 +60,7 @@ def config_of(args: argparse.Namespace):
     return SwapVAEConfig.model_validate(raw)
 
 
-RESUME_FIXES = ("config", "seed", "device", "variant", "epochs", "shared", "out")
+RESUME_FIXES = ("config", "seed", "device", "variant", "epochs", "shared", "validation", "out")
 
 
 def train(args: argparse.Namespace) -> int:
@@ -78,6 +81,8 @@ def train(args: argparse.Namespace) -> int:
     else:
         out = args.out
     data = args.data or ["simulated"]
+    if args.validation and args.shared:
+        raise ValueError("--validation scores one session's run; with --shared, train without it")
     if len(data) > 1 and not args.shared:
         raise ValueError(f"{len(data)} --data sessions: --shared trains one model across them (independent "
                          f"runs of several sessions: one swapvae train each)")
@@ -92,7 +97,7 @@ def train(args: argparse.Namespace) -> int:
                                        options=nwb_kwargs(args), force=args.force)
         else:
             metrics = train_run(data[0], out, config_of(args), progress=not args.quiet,
-                                options=nwb_kwargs(args), force=args.force)
+                                options=nwb_kwargs(args), force=args.force, validation=args.validation)
     except KeyboardInterrupt:
         partial = partial_dir(Path(out))
         where = f"; the run so far is in {partial}" if partial.exists() else ""
