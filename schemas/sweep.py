@@ -10,17 +10,20 @@
 
 A trial is one session, one point of the space and one seed. Every key of the space is a field
 of ``SwapVAEConfig`` named by its dotted path, and every value is checked against the config
-when the SPEC is read, so a typo fails before anything trains.
+when the SPEC is read, so a typo fails before anything trains. A session's relative path in a
+SPEC file is read from that file's folder (the SPEC means the same from any working folder).
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from swapvae.schemas.config import SwapVAEConfig
+from swapvae.schemas.session import is_file_source
 
 # Scores a sweep can choose by, each larger-is-better, on the validation split's metrics.json.
 METRICS = {"reach_acc+delta": ("reach_acc", "reach_delta_acc"), "velocity_r2": ("velocity_r2",),
@@ -164,8 +167,12 @@ class SweepSpec(_Spec):
             except json.JSONDecodeError as e:
                 raise ValueError(f"sweep spec {path}: not valid JSON ({e})") from None
         try:
-            return cls.model_validate(raw)
+            spec = cls.model_validate(raw)
         except ValidationError as e:
             err = e.errors()[0]
             where = ".".join(str(p) for p in err["loc"])
             raise ValueError(f"sweep spec {path}: {where + ': ' if where else ''}{err['msg']}") from None
+        here = path.resolve().parent
+        return spec.model_copy(update={"sessions": [
+            s.model_copy(update={"data": os.path.normpath(here / s.data)})
+            if is_file_source(s.data) and not Path(s.data).is_absolute() else s for s in spec.sessions]})

@@ -108,10 +108,11 @@ def test_a_sweeps_trials_are_the_validation_runs_of_swapvae_train(tmp_path, caps
                     "--out", str(tmp_path / "alone"), "--force", "--quiet"]) == 0
         assert _metrics(run) == _metrics(tmp_path / "alone"), run
     rows = (out / "results.csv").read_text().splitlines()
-    assert rows[0] == "session,point,metric,mean,sd,n_seeds" and len(rows) == 3
+    assert rows[0] == "session,point,metric,mean,sd,n_seeds,raw_mean,raw_sd" and len(rows) == 3
     results = json.loads((out / "results.json").read_text())
     chosen = results["chosen"]["simulated"]
     best = max(results["rows"], key=lambda r: r["mean"])
+    assert all(r["raw_mean"] > 0 for r in results["rows"])  # the raw rates' baseline on the same splits
     assert chosen["point"] == best["point"] and chosen["test"]["raw_reach_acc"] is not None
     assert (out / "bundles" / "simulated" / "manifest.json").is_file()
     assert "chosen for simulated:" in res.stdout and "raw rates" in res.stdout
@@ -190,3 +191,59 @@ def test_the_readmes_sweep_spec_is_valid():
     block = re.search(r"^```yaml\n(.*?)^```", (ROOT / "README.md").read_text(), re.S | re.M).group(1)
     spec = SweepSpec.model_validate(yaml.safe_load(block))
     assert spec.grid == {"optim.epochs": [3, 6]} and spec.config == {"optim": {"lr": 0.0005}}
+
+
+def test_the_repositorys_spec_files_are_valid_and_read_their_sessions_from_their_folder():
+    specs = sorted((ROOT / "docs" / "sweeps").glob("*.yaml"))
+    assert len(specs) >= 5
+    chewie = (ROOT.parent / "shared/data/reaching/chewie-2013-10-03.npz").resolve()
+    for path in specs:
+        spec = SweepSpec.from_file(path)
+        assert spec.grid or spec.optuna, path
+        assert all(Path(s.data).is_absolute() for s in spec.sessions), path
+        assert any(Path(s.data).resolve() == chewie for s in spec.sessions), path
+        assert f"swapvae sweep docs/sweeps/{path.name}" in path.read_text(), path  # its own command line
+
+
+def test_a_specs_relative_session_is_read_from_the_specs_folder_not_the_working_one(tmp_path, monkeypatch):
+    (tmp_path / "specs").mkdir()
+    path = tmp_path / "specs" / "s.yaml"
+    path.write_text("sessions: [../day1.npz, simulated, {data: day2.nwb, target_column: direction}]\n")
+    monkeypatch.chdir(ROOT)
+    spec = SweepSpec.from_file(path)
+    assert [s.data for s in spec.sessions] == [str(tmp_path / "day1.npz"), "simulated",
+                                               str(tmp_path / "specs" / "day2.nwb")]
+    assert spec.sessions[2].options() == {"target_column": "direction"}
+
+
+def test_several_sessions_without_shared_name_their_problems_before_ray_starts(tmp_path, capsys):
+    (tmp_path / "out" / "simulated").mkdir(parents=True)
+    assert cli(["train", "--data", "simulated", "synthetic:2", "--out", str(tmp_path / "out")]) == 2
+    assert f"{tmp_path / 'out' / 'simulated'} exist: choose another --out, or --force" in capsys.readouterr().err
+    assert cli(["train", "--data", "simulated", "simulated", "--out", str(tmp_path / "o2")]) == 2
+    assert "two sessions with one name" in capsys.readouterr().err
+    assert cli(["train", "--data", "simulated", "--address", "127.0.0.1:6379", "--out", str(tmp_path / "o3")]) == 2
+    assert "--address and --gpus-per-run place the runs of several --data sessions" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+@pytest.mark.slow
+def test_several_sessions_train_as_independent_runs_on_ray_with_one_table(tmp_path):
+    broken = tmp_path / "broken.npz"
+    broken.write_text("not a recording")
+    (tmp_path / "c.json").write_text(json.dumps(TINY))
+    out = tmp_path / "runs"
+    res = subprocess.run(loopback_only([*SWAPVAE, "train", "--data", "simulated", "synthetic:2", str(broken),
+                                        "--config", str(tmp_path / "c.json"), "--epochs", "3", "--out", str(out)]),
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1, res.stderr[-3000:]  # one session failed; the other two are complete runs
+    assert re.search(r"^broken +failed: DataError: .*not a \.npz file", res.stdout, re.M), res.stdout
+    assert "train: 2/3 done, 0 running, 1 failed" in res.stderr
+    rows = (out / "results.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["session", "simulated", "synthetic:2", "broken"]
+    # each run is the one swapvae train writes for that session alone (cpu_threads fixed at 1)
+    assert cli(["train", "--data", "synthetic:2", "--config", str(tmp_path / "c.json"), "--epochs", "3",
+                "--out", str(tmp_path / "alone"), "--quiet"]) == 0
+    assert _metrics(out / "synthetic:2") == _metrics(tmp_path / "alone")
+    got = json.loads((out / "results.json").read_text())["runs"]["simulated"]
+    assert got["reach_acc"] == json.loads((out / "simulated" / "metrics.json").read_text())["reach_acc"]

@@ -16,6 +16,9 @@ exists is done and never run again, and one that stopped mid-training resumes fr
 checkpoint (``swapvae train --resume``), so ``--resume`` after a crash or a SIGKILL of the
 driver only runs what is missing. A trial that raises is reported with its one-line error
 (also kept in ``DIR/trials/.../error.txt``) and the others go on.
+
+``train_sessions`` is the same without a search (``swapvae train --data a b ... --out DIR``):
+each session one run, ``DIR/SESSION``, all in parallel on Ray, with one table.
 """
 from __future__ import annotations
 
@@ -95,10 +98,11 @@ def _merge_into(into: dict, more: dict) -> None:
             into[k] = v
 
 
-def score(metrics: dict, metric: str) -> float:
-    """The SPEC's metric (larger is better) of a validation run's metrics; NaN if absent (a
-    session without labels scored by reach accuracy)."""
-    keys = METRICS[metric]
+def score(metrics: dict, metric: str, prefix: str = "") -> float:
+    """The SPEC's metric (larger is better) of a validation run's metrics (``prefix="raw_"``:
+    of the raw rates under the same readout); NaN if absent (a session without labels scored by
+    reach accuracy, or the raw rates' bits per spike)."""
+    keys = [prefix + k for k in METRICS[metric]]
     return float(sum(metrics[k] for k in keys)) if all(k in metrics for k in keys) else math.nan
 
 
@@ -355,24 +359,32 @@ def point_scores(spec: SweepSpec, out: Path) -> dict[tuple, float]:
 
 
 def collect(spec: SweepSpec, out: Path) -> dict:
-    """The table: one row per session and point, its score over seeds (mean, sd, n), and the
-    trials that failed with their one-line errors."""
+    """The table: one row per session and point, its score over seeds (mean, sd, n) beside the
+    raw rates' under the same readout and splits (the baseline of the same runs); and the trials
+    that failed with their one-line errors."""
     rows, failed = [], []
     for point in _points_on_disk(spec, out):
         for name in spec.session_names():
-            got = []
+            got, raw = [], []
             for t in (t for t in trials_of(spec, point) if t.name == name):
                 metrics, error = trial_dir(out, t) / "metrics.json", error_file(out, t)
                 if metrics.is_file():
-                    got.append(score(json.loads(metrics.read_text()), spec.metric))
+                    m = json.loads(metrics.read_text())
+                    got.append(score(m, spec.metric))
+                    raw.append(score(m, spec.metric, "raw_"))
                 elif error.is_file():
                     failed.append({"trial": t.key, "error": error.read_text().strip()})
-            scored = [g for g in got if not math.isnan(g)]
+            mean, sd, n = _mean_sd(got)
+            raw_mean, raw_sd, _ = _mean_sd(raw)
             rows.append({"session": name, "point": point, "point_id": point_id(point), "metric": spec.metric,
-                         "mean": statistics.fmean(scored) if scored else math.nan,
-                         "sd": statistics.stdev(scored) if len(scored) > 1 else 0.0 if scored else math.nan,
-                         "n_seeds": len(scored)})
+                         "mean": mean, "sd": sd, "n_seeds": n, "raw_mean": raw_mean, "raw_sd": raw_sd})
     return {"rows": rows, "failed": failed}
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float, int]:
+    v = [x for x in values if not math.isnan(x)]
+    return (statistics.fmean(v) if v else math.nan, statistics.stdev(v) if len(v) > 1 else 0.0 if v else math.nan,
+            len(v))
 
 
 def _refit(spec: SweepSpec, out: Path, results: dict, export: bool, say) -> dict:
@@ -415,18 +427,23 @@ def _refit(spec: SweepSpec, out: Path, results: dict, export: bool, say) -> dict
 def write_csv(results: dict, path: Path) -> None:
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["session", "point", "metric", "mean", "sd", "n_seeds"])
+        w.writerow(["session", "point", "metric", "mean", "sd", "n_seeds", "raw_mean", "raw_sd"])
         for r in results["rows"]:
-            w.writerow([r["session"], r["point_id"], r["metric"], f"{r['mean']:.6g}", f"{r['sd']:.6g}", r["n_seeds"]])
+            w.writerow([r["session"], r["point_id"], r["metric"], f"{r['mean']:.6g}", f"{r['sd']:.6g}", r["n_seeds"],
+                        f"{r['raw_mean']:.6g}", f"{r['raw_sd']:.6g}"])
 
 
 def format_results(results: dict) -> str:
     """The table printed at the end: validation score per session and point, the failures, and
     each session's chosen point on its test trials beside the raw rates."""
-    lines = [f"{'session':<16} {'point':<40} {'validation':>18}"]
+    ws = max([7, *(len(r["session"]) for r in results["rows"])])
+    wp = max([5, *(len(r["point_id"]) for r in results["rows"])])
+    metric = results["rows"][0]["metric"] if results["rows"] else ""
+    lines = [f"{'session':<{ws}}  {'point':<{wp}}  {'validation ' + metric:<28}  raw rates, same readout"]
     for r in results["rows"]:
-        got = f"{r['mean']:>9.3f} +- {r['sd']:.3f} (n={r['n_seeds']})" if r["n_seeds"] else f"{'no trial done':>18}"
-        lines.append(f"{r['session']:<16} {r['point_id']:<40} {got}")
+        got = f"{r['mean']:.3f} +- {r['sd']:.3f} (n={r['n_seeds']})" if r["n_seeds"] else "no trial done"
+        raw = f"{r['raw_mean']:.3f} +- {r['raw_sd']:.3f}" if not math.isnan(r["raw_mean"]) else "-"
+        lines.append(f"{r['session']:<{ws}}  {r['point_id']:<{wp}}  {got:<28}  {raw}")
     for f in results["failed"]:
         lines.append(f"failed: {f['trial']}: {f['error']}")
     for name, c in results.get("chosen", {}).items():
@@ -438,4 +455,82 @@ def format_results(results: dict) -> str:
             test = f"{t['bits_per_spike']:.3f} bits/spike"
         lines.append(f"chosen for {name}: {point_id(c['point'])} (validation {c['validation']:.3f}); test trials: "
                      f"{test}" + (f"; bundle {c['bundle']}" if "bundle" in c else ""))
+    return "\n".join(lines)
+
+
+# -- many sessions without a search (``swapvae train --data a b ... --out DIR``) ---------------
+def train_sessions(sessions: list[SessionSpec], out: str | Path, config: SwapVAEConfig, *, validation: bool = False,
+                   force: bool = False, address: str | None = None, num_cpus: int | None = None,
+                   gpus: float = 0.0, say=print) -> dict:
+    """Each session an independent run, ``DIR/SESSION`` (what ``swapvae train`` writes), all
+    trained in parallel as Ray tasks; the table written as ``DIR/results.json`` and ``.csv``. A
+    run gets ``config.optim.cpu_threads`` CPUs (1 when that is 0, the automatic choice, which
+    is then fixed at 1 so a run is the same at any concurrency) and ``gpus`` of a GPU. A
+    session that fails is reported with its one-line error, and the others go on."""
+    import ray
+
+    out = Path(out).resolve()
+    names = [Path(s.data).stem for s in sessions]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two sessions with one name ({names}): each run's folder is named by its session")
+    check_sessions(SweepSpec(sessions=sessions))
+    runs = {name: out / name for name in names}
+    if not force and (there := [str(r) for r in runs.values() if r.exists()]):
+        raise ValueError(f"{', '.join(there)} exist: choose another --out, or --force to replace them")
+    cpus = config.optim.cpu_threads or 1
+    config = config.with_overrides(optim={"cpu_threads": cpus})
+    start_ray(address, num_cpus)
+
+    @ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)
+    def train(session: SessionSpec, run: Path) -> dict:
+        from swapvae.training.run import train_run
+
+        try:
+            return train_run(session.data, run, config, progress=False, options=session.options(), force=force,
+                             validation=validation)
+        except Exception as e:  # the other sessions go on; the reason is the table's
+            return {"error": one_line(e)}
+
+    out.mkdir(parents=True, exist_ok=True)
+    pending = {train.remote(s, runs[name]): name for s, name in zip(sessions, names)}
+    got: dict[str, dict] = {}
+    say(f"train: 0/{len(names)} done, {len(names)} queued on Ray")
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        name = pending.pop(ready[0])
+        try:
+            got[name] = ray.get(ready[0])
+        except Exception as e:  # the worker died (out of memory, killed)
+            got[name] = {"error": one_line(e)}
+        failed = sum("error" in m for m in got.values())
+        say(f"train: {len(got) - failed}/{len(names)} done, {len(pending)} running, {failed} failed")
+    results = {"split": "validation" if validation else "test", "runs": {
+        name: ({"run": str(runs[name]), **{k: got[name].get(k) for k in TEST_KEYS}} if "error" not in got[name]
+               else {"run": None, "error": got[name]["error"]}) for name in names}}
+    (out / RESULTS_JSON).write_text(json.dumps(results, indent=2))
+    with (out / RESULTS_CSV).open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["session", "run", *TEST_KEYS, "error"])
+        for name, r in results["runs"].items():
+            w.writerow([name, r["run"] or "", *("" if r.get(k) is None else f"{r[k]:.6g}" for k in TEST_KEYS),
+                        r.get("error", "")])
+    return results
+
+
+def format_sessions(results: dict) -> str:
+    """``train_sessions``' table: one row per session, its scores beside the raw rates'."""
+    w = max([7, *(len(n) for n in results["runs"])])
+    lines = [f"scored on the {'validation split' if results['split'] == 'validation' else 'test trials'}",
+             f"{'session':<{w}} {'acc':>6} {'delta':>6} {'vel R^2':>8} | {'raw acc':>7} {'delta':>6} {'vel R^2':>8} |"
+             f" {'bits/spike':>10}"]
+
+    def f(v, w):
+        return f"{v:>{w}.3f}" if v is not None else f"{'-':>{w}}"
+    for name, r in results["runs"].items():
+        if "error" in r:
+            lines.append(f"{name:<{w}} failed: {r['error']}")
+            continue
+        lines.append(f"{name:<{w}} {f(r['reach_acc'], 6)} {f(r['reach_delta_acc'], 6)} {f(r['velocity_r2'], 8)} | "
+                     f"{f(r['raw_reach_acc'], 7)} {f(r['raw_reach_delta_acc'], 6)} {f(r['raw_velocity_r2'], 8)} | "
+                     f"{f(r['bits_per_spike'], 10)}")
     return "\n".join(lines)

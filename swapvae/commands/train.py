@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from swapvae.commands.options import add_data, add_nwb, nwb_kwargs
@@ -11,8 +12,10 @@ from swapvae.commands.options import add_data, add_nwb, nwb_kwargs
 def register(sub) -> None:
     t = sub.add_parser("train", help="fit Swap-VAE on a session, evaluate it, write a run directory")
     t.add_argument("--data", nargs="+", metavar="DATA",
-                   help=".npz or .nwb recording, 'simulated' (default) or 'synthetic[:SEED[:SEQUENCES]]'; several "
-                        "with --shared; with --resume, where the run's recording is now (its sha256 must match)")
+                   help=".npz or .nwb recording, 'simulated' (default) or 'synthetic[:SEED[:SEQUENCES]]'; "
+                        "several: with --shared one model across them, else one run each (OUT/SESSION) trained in "
+                        "parallel on Ray (the [sweep] extra); with --resume, where the run's recording is now (its "
+                        "sha256 must match)")
     t.add_argument("--shared", action="store_true",
                    help="one model across the --data sessions: a read-in and read-out per session around a shared "
                         "core (swapvae calibrate then fits a new session onto it)")
@@ -31,6 +34,11 @@ def register(sub) -> None:
     t.add_argument("--variant", help="ablation preset: swap_vae, no_swap, no_align, vae, beta_vae")
     t.add_argument("--epochs", type=int, help="overrides optim.epochs")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--address", help="several --data without --shared: a Ray cluster to train on (default: "
+                                     "RAY_ADDRESS, else a local Ray on this machine's loopback address)")
+    t.add_argument("--gpus-per-run", type=float, default=0.0,
+                   help="several --data without --shared: each run's share of a GPU (default 0: CPU only); a run's "
+                        "CPUs are its optim.cpu_threads (1 when automatic)")
     add_nwb(t)
     t.set_defaults(run=train)
 
@@ -60,7 +68,7 @@ def config_of(args: argparse.Namespace):
     return SwapVAEConfig.model_validate(raw)
 
 
-RESUME_FIXES = ("config", "seed", "device", "variant", "epochs", "shared", "validation", "out")
+RESUME_FIXES = ("config", "seed", "device", "variant", "epochs", "shared", "validation", "out", "address")
 
 
 def train(args: argparse.Namespace) -> int:
@@ -83,9 +91,11 @@ def train(args: argparse.Namespace) -> int:
     data = args.data or ["simulated"]
     if args.validation and args.shared:
         raise ValueError("--validation scores one session's run; with --shared, train without it")
+    if (args.address or args.gpus_per_run) and (len(data) < 2 or args.shared):
+        raise ValueError("--address and --gpus-per-run place the runs of several --data sessions (without --shared) "
+                         "on Ray")
     if len(data) > 1 and not args.shared:
-        raise ValueError(f"{len(data)} --data sessions: --shared trains one model across them (independent "
-                         f"runs of several sessions: one swapvae train each)")
+        return _train_sessions(args, data, out)
     try:
         if args.resume:
             metrics = resume_run(out, progress=not args.quiet, data=args.data[0] if args.data else None,
@@ -107,6 +117,20 @@ def train(args: argparse.Namespace) -> int:
     print(format_table(metrics))
     print(f"run written to {out}")
     return 0
+
+
+def _train_sessions(args: argparse.Namespace, data: list[str], out: str) -> int:
+    """Several sessions without --shared: one independent run each, in parallel on Ray."""
+    from swapvae.schemas.sweep import SessionSpec
+    from swapvae.training.sweep import format_sessions, train_sessions
+
+    sessions = [SessionSpec(data=d, **nwb_kwargs(args)) for d in data]
+    results = train_sessions(sessions, out, config_of(args), validation=args.validation, force=args.force,
+                             address=args.address, gpus=args.gpus_per_run,
+                             say=lambda line: print(line, file=sys.stderr, flush=True))
+    print(format_sessions(results))
+    print(f"runs written to {out}/SESSION; the table to {out}/results.csv and .json")
+    return 1 if any("error" in r for r in results["runs"].values()) else 0
 
 
 def evaluate(args: argparse.Namespace) -> int:
