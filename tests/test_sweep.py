@@ -162,6 +162,24 @@ def test_a_sweep_killed_with_sigkill_resumes_without_rerunning_what_was_done(tmp
 
 
 @pytest.mark.slow
+def test_an_optuna_search_runs_its_budget_and_a_resume_runs_only_what_is_missing(tmp_path):
+    spec = _spec(tmp_path, "sessions: [simulated]\nseeds: [0]\noptuna:\n  trials: 2\n  space:\n"
+                           "    optim.epochs: {low: 2, high: 9, integer: true}\n")
+    out = tmp_path / "sweep"
+    res = _sweep([str(spec), "--out", str(out), "--num-cpus", "2"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = sorted((out / "trials" / "simulated").glob("optim.epochs=*/seed0/metrics.json"))
+    epochs = [json.loads((r.parent / "config.json").read_text())["optim"]["epochs"] for r in runs]
+    assert len(runs) == 2 and all(2 <= e <= 9 for e in epochs)  # TPE's points, inside the range, each a run
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["rows"]) == 2 and results["chosen"]["simulated"]["point"]["optim.epochs"] in epochs
+    stamps = [r.stat().st_mtime_ns for r in runs]
+    again = _sweep([str(spec), "--out", str(out), "--num-cpus", "2", "--resume"])
+    assert again.returncode == 0 and "sweep: 2/2 done" in again.stderr  # the budget was spent: nothing runs
+    assert [r.stat().st_mtime_ns for r in runs] == stamps
+
+
+@pytest.mark.slow
 def test_trials_run_on_both_nodes_of_a_two_node_cluster(tmp_path):
     spec = _spec(tmp_path, "sessions: [simulated]\nseeds: [0, 1, 2, 3]\ngrid: {optim.epochs: [20]}\n")
     out = tmp_path / "sweep"
