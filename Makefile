@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[cpu,train,dev,sweep]'
+	$(PY) -m pip install -q -e '.[cpu,train,dev,sweep,lsl]'
 	touch $@
 
 install: $(VENV)/.installed

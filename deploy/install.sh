@@ -2,6 +2,7 @@
 # Install or update the decoding service on a rig PC (deploy/README.md):
 #   sudo deploy/install.sh                      # the runtime with onnxruntime ([cpu])
 #   sudo SWAPVAE_EXTRA=gpu deploy/install.sh    # with onnxruntime-gpu alone ([gpu])
+#   sudo SWAPVAE_LSL=1 deploy/install.sh        # also pylsl, for serve --lsl-in ([lsl])
 # Idempotent: run it again (e.g. after a git pull) to update the code. It never touches the
 # bundles, the keys or an existing /etc/swapvae/serve.env, and it starts nothing.
 #
@@ -15,7 +16,7 @@
 #   /etc/systemd/system/swapvae-serve.service, then systemctl daemon-reload
 # Network: pip's index only (or SWAPVAE_PIP_ARGS="--no-index --find-links /path/to/wheels").
 #
-# Variables: SWAPVAE_EXTRA (cpu|gpu), SWAPVAE_PYTHON (python3), SWAPVAE_PIP_ARGS (extra pip
+# Variables: SWAPVAE_EXTRA (cpu|gpu), SWAPVAE_LSL (1: the [lsl] extra too), SWAPVAE_PYTHON (python3), SWAPVAE_PIP_ARGS (extra pip
 # arguments, split at spaces), SWAPVAE_USER (swapvae). SWAPVAE_ROOT=/some/dir installs the
 # files under that directory instead of / and leaves the system alone (no user, no chown, no
 # systemctl), root or not: the tests run it so.
@@ -32,7 +33,7 @@ usage: sudo deploy/install.sh [--dry-run]
   Idempotent; never touches bundles, keys or an existing serve.env; starts nothing.
   --dry-run   print every step it would take, change nothing
   -h, --help  print this, change nothing
-Environment: SWAPVAE_EXTRA=cpu|gpu  SWAPVAE_PYTHON  SWAPVAE_PIP_ARGS  SWAPVAE_USER
+Environment: SWAPVAE_EXTRA=cpu|gpu  SWAPVAE_LSL=1  SWAPVAE_PYTHON  SWAPVAE_PIP_ARGS  SWAPVAE_USER
   SWAPVAE_ROOT=DIR  install under DIR instead of / and leave the system alone (no user,
                     no owners, no systemctl): how the tests run it (deploy/README.md)
 USAGE
@@ -67,6 +68,11 @@ case $EXTRA in
   cpu) OTHER=onnxruntime-gpu ;;
   gpu) OTHER=onnxruntime ;;
   *) die "SWAPVAE_EXTRA must be cpu or gpu (one ONNX Runtime, never both), not '$EXTRA'" ;;
+esac
+case ${SWAPVAE_LSL:-} in
+  "" | 0) EXTRAS=$EXTRA ;;
+  1) EXTRAS=$EXTRA,lsl ;;
+  *) die "SWAPVAE_LSL must be 1 (install pylsl, the [lsl] extra) or 0, not '$SWAPVAE_LSL'" ;;
 esac
 real=false  # true: a real install (root, no SWAPVAE_ROOT), which creates the user and sets owners
 if [ -z "$ROOT" ]; then
@@ -115,8 +121,8 @@ if [ -x "$PREFIX/venv/bin/python" ] && "${pip[@]}" show "$OTHER" >/dev/null 2>&1
   say "removing $OTHER (switching to [$EXTRA])"
   act "${pip[@]}" uninstall -y -q onnxruntime onnxruntime-gpu
 fi
-act "${pip[@]}" install -q ${PIP_ARGS[@]+"${PIP_ARGS[@]}"} "${stage}[$EXTRA]"
-$DRY || say "installed $("${pip[@]}" show swapvae-bci | sed -n 's/^Version: /swapvae-bci /p') [$EXTRA] in $PREFIX/venv"
+act "${pip[@]}" install -q ${PIP_ARGS[@]+"${PIP_ARGS[@]}"} "${stage}[$EXTRAS]"
+$DRY || say "installed $("${pip[@]}" show swapvae-bci | sed -n 's/^Version: /swapvae-bci /p') [$EXTRAS] in $PREFIX/venv"
 
 # 4. Scripts, settings and the unit.
 act install -m 0755 "$SRC/deploy/install-bundle.sh" "$PREFIX/bin/install-bundle.sh"

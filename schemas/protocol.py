@@ -285,6 +285,24 @@ class Bulk(_Body):
                                 description="the longest slice (engine call and copy into the reply) since start, us")
 
 
+class LslStats(_Body):
+    """The Lab Streaming Layer bridge (``swapvae serve --lsl-in``; runtime/lsl.py)."""
+    stream: str = Field(description="the input stream's name")
+    kind: Literal["counts", "fine", "spikes"] = Field(description="what one input sample is")
+    publish: Literal["newest", "all"] = Field(description="newest: of a backlog, only the newest decode is pushed")
+    samples: int = Field(0, description="input samples taken")
+    bins: int = Field(0, description="bins decoded")
+    published: int = Field(0, description="decodes pushed to the outlet")
+    stale_skipped: int = Field(0, description="decodes of a backlog held back, newer ones waiting (publish newest)")
+    bad_samples: int = Field(0, description="samples or bins refused: NaN, infinite or negative counts, spike "
+                                            "channels out of range")
+    history_restarts: int = Field(0, description="bins after a gap of more than 1.5 bins: the history starts afresh")
+    late_spikes: int = Field(0, description="spikes for a bin already closed, dropped")
+    fine_dropped: int = Field(0, description="fine samples of partial bins dropped after lost samples")
+    errors: int = Field(0, description="failed pulls (liblsl errors), retried after 0.5 s")
+    last_error: str | None = Field(None, description="the last of them")
+
+
 class StatsReply(_Body):
     """Body of a STATS_REPLY: counters since start and recent latency percentiles."""
     protocol_version: int = PROTOCOL_VERSION
@@ -312,6 +330,7 @@ class StatsReply(_Body):
     reload_failures: int = Field(0, description="SIGHUP reloads refused (the old bundle kept serving)")
     reload_error: str | None = Field(None, description="why the last reload was refused; None after one that took")
     limits: dict[str, int] = Field(default_factory=dict, description="byte limits and queue depths in force")
+    lsl: LslStats | None = Field(None, description="the LSL bridge; None without --lsl-in")
     busy_poll: bool
     provider: str
 

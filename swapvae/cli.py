@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"'swapvae-bci[cpu]' (or '[gpu]' for the CUDA provider; one of the two, never both)",
                   file=sys.stderr)
             return 2
+        if e.name == "pylsl":
+            print(f"swapvae {args.command}: needs pylsl for the Lab Streaming Layer: pip install 'swapvae-bci[lsl]'",
+                  file=sys.stderr)
+            return 2
         if e.name and e.name.split(".")[0] in ("ray", "optuna", "yaml"):
             print(f"swapvae {args.command}: needs Ray Tune and Optuna ({e.name} is not installed): pip install "
                   f"'swapvae-bci[sweep]'", file=sys.stderr)

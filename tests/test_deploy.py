@@ -370,9 +370,11 @@ def test_scripts_answer_help_and_unknown_arguments_and_change_nothing(script, ar
 
 def test_install_dry_run_prints_every_step_and_changes_nothing(tmp_path):
     out, changed = system_untouched([str(DEPLOY / "install.sh"), "--dry-run"], tmp_path / "layers",
-                                    env={**_no_test_root(), "SWAPVAE_USER": "swapvae-dry-run-test"}, timeout=120)
+                                    env={**_no_test_root(), "SWAPVAE_USER": "swapvae-dry-run-test",
+                                         "SWAPVAE_LSL": "1"}, timeout=120)
     assert out.returncode == 0 and changed == [], (changed, out.stderr)
     steps = [line for line in out.stdout.splitlines() if "would run:" in line]
+    assert any(" install " in s and r"[cpu\,lsl\]" in s for s in steps), out.stdout  # SWAPVAE_LSL=1: pylsl too
     assert any("useradd" in s and "swapvae-dry-run-test" in s for s in steps), out.stdout
     assert any("/opt/swapvae/venv" in s and "venv" in s for s in steps)
     assert any("swapvae-serve.service" in s for s in steps) and "nothing was changed" in out.stdout

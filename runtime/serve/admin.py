@@ -151,6 +151,11 @@ def format_stats(s: StatsReply, endpoint: str) -> str:
             ("errors", _counts(s.errors)),
             ("streams", f"{s.streams} held of at most {s.max_streams}, {s.streams_evicted} evicted"),
             ("prewarms", str(s.prewarms))]
+    if s.lsl is not None:
+        x = s.lsl
+        rows.append(("lsl", f"{x.stream} ({x.kind}): {x.samples} samples, {x.bins} bins, {x.published} published, "
+                            f"{x.stale_skipped} stale held back, {x.bad_samples} bad, {x.history_restarts} restarts"
+                            + (f", {x.errors} errors (last: {x.last_error})" if x.errors else "")))
     lines += [f"  {k:<9} {v}" for k, v in rows]
     lines.append(f"  latency over the last {s.latency_us.n} one-bin decodes (of at most {s.window}), us:")
     cols = ("p50", "p90", "p99", "p999", "max", "mean")

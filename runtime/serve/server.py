@@ -82,7 +82,7 @@ from swapvae.runtime.serve.replies import Replies
 from swapvae.runtime.serve.serving import ServingBundle, prepare
 from swapvae.runtime.serve.sources import STREAM_KEY, RouterSource, StreamSource, Subscriptions, ZapHandler
 from swapvae.runtime.serve.waits import BlockingWait, SpinWait
-from swapvae.schemas.protocol import MAX_BODY_BYTES, MsgType, StatsReply
+from swapvae.schemas.protocol import MAX_BODY_BYTES, LslStats, MsgType, StatsReply
 
 MAX_STREAMS = 1024  # streams whose history the server keeps (--max-streams)
 HELD_RETRY_NS = 1_000_000  # how often held replies are offered again while no input wakes the loop
@@ -138,6 +138,7 @@ class Server:
         self._stop = self._reloading = self._reload_asked = False
         self._reload_thread, self._reload_result, self._warms_before = None, None, 0
         self._switch = sys.getswitchinterval()
+        self.lsl = None  # an LslBridge serving beside the sockets (runtime/lsl.py): its counters join STATS
         self._open(bind, sub, pub, context, sub_server_key)
 
     def _install(self, bundle: ServingBundle) -> None:
@@ -226,9 +227,12 @@ class Server:
         t = self.streams
         limits = {**self.bundle.limits.as_dict(), "control_rate": int(self.limiter.rate * 1e9),
                   "max_streams": t.max_streams}
-        return self.recorder.stats(self._warms_before + self.planner.warms, self.busy_poll, self.provider,
-                                   streams=(len(t), t.evicted, t.max_streams), bulk=self.bulk.stats(), limits=limits,
-                                   max_age_ns=max_age_ns)
+        s = self.recorder.stats(self._warms_before + self.planner.warms, self.busy_poll, self.provider,
+                                streams=(len(t), t.evicted, t.max_streams), bulk=self.bulk.stats(), limits=limits,
+                                max_age_ns=max_age_ns)
+        if self.lsl is not None:
+            s = s.model_copy(update={"lsl": LslStats(**self.lsl.stats())})
+        return s
 
     # -- the loop ------------------------------------------------------------------------------
     def stop(self) -> None:

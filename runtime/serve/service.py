@@ -18,6 +18,7 @@ import ctypes
 import os
 import resource
 import signal
+import sys
 from pathlib import Path
 
 from swapvae.schemas.protocol import REQUEST_HEADER_SIZE, StatsReply
@@ -28,9 +29,15 @@ def serve(bundle: str | Path, *, bind: str | None = "tcp://127.0.0.1:5555", sub:
           trust: list[str] | None = None, max_streams: int | None = None, curve_secret: str | None = None,
           allow: str | None = None, insecure: bool = False, sub_server_key: str | None = None,
           core: int | None = None, max_request_bytes: int | None = None, slice_us: float | None = None,
-          control_rate: float | None = None, allow_channel_change: bool = False) -> StatsReply:
+          control_rate: float | None = None, allow_channel_change: bool = False,
+          lsl: dict | None = None) -> StatsReply:
     """Serve ``bundle`` until SIGINT or SIGTERM (the module doc says how); print one ready line
-    (``ready router=... channels=N pid=P``, which scripts wait for) and return the final STATS."""
+    (``ready router=... channels=N pid=P``, which scripts wait for) and return the final STATS.
+
+    ``lsl``: ``runtime.lsl.bridge``'s keywords (query, out_name, kind, rates, publish, wait_s):
+    an LSL inlet -> decode -> outlet bridge in a thread beside the sockets, with an engine of its
+    own, set up (the input resolved and checked) before the ready line. It keeps the bundle it
+    started with: a SIGHUP reload changes what the sockets serve, not the bridge."""
     if core is not None:
         pin_to_core(core)
     raise_open_files()
@@ -66,16 +73,31 @@ def serve(bundle: str | Path, *, bind: str | None = "tcp://127.0.0.1:5555", sub:
                     max_streams=MAX_STREAMS if max_streams is None else max_streams, curve=curve, insecure=insecure,
                     loader=load, sub_server_key=key_or_file(sub_server_key) if sub_server_key else None,
                     allow_channel_change=allow_channel_change, **options)
+    if lsl is not None:
+        from swapvae.runtime.lsl import bridge
+
+        try:
+            server.lsl = bridge(bundle, provider=provider, trusted=trusted, say=lambda s: print(s, file=sys.stderr,
+                                                                                              flush=True), **lsl)
+        except BaseException:
+            server.close()
+            raise
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: server.stop())
     signal.signal(signal.SIGHUP, lambda *_: server.request_reload())
     where = " ".join(f"{k}={v}" for k, v in server.endpoints.items())
+    if server.lsl is not None:
+        where += f" lsl-in={server.lsl.stream} lsl-out={server.lsl.out_name}"
     # One parseable line: tests and scripts wait for it to learn the bound ports.
     print(f"ready {where} channels={server.n_channels} pid={os.getpid()}"
           f"{' busy-poll' if busy_poll else ''}{' curve' if curve else ''}", flush=True)
     try:
+        if server.lsl is not None:
+            server.lsl.start()
         server.run()
     finally:
+        if server.lsl is not None:
+            server.lsl.stop()
         server.close()
     return server.stats()
 

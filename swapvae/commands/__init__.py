@@ -2,6 +2,6 @@
 the adapters from command-line flags to the library's keyword arguments. They import argparse
 and the standard library at the top, and their side of the library only when run, so the
 parser builds without torch or ONNX Runtime and ``swapvae serve`` never imports training."""
-from swapvae.commands import admin, calibrate, convert, export, keygen, replay, report, serve, sweep, train
+from swapvae.commands import admin, calibrate, convert, export, keygen, play, replay, report, serve, sweep, train
 
-MODULES = (train, calibrate, sweep, export, serve, replay, admin, keygen, report, convert)
+MODULES = (train, calibrate, sweep, export, serve, replay, play, admin, keygen, report, convert)

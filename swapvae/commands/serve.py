@@ -39,7 +39,30 @@ def register(sub) -> None:
     s.add_argument("--allow-channel-change", action="store_true",
                    help="let a reload (SIGHUP) switch to a bundle that takes another number of channels (clients "
                         "still sending the old count then get BAD_SHAPE); refused otherwise")
+    lsl = s.add_argument_group("Lab Streaming Layer (the [lsl] extra)")
+    lsl.add_argument("--lsl-in", metavar="QUERY",
+                     help="also decode an LSL stream: its name, or a predicate such as \"name='rig1' and "
+                          "type='spikes'\"; checked against the bundle before serving")
+    lsl.add_argument("--lsl-out", metavar="NAME", help="the outlet the decodes go to (default: QUERY-swapvae)")
+    lsl.add_argument("--lsl-kind", choices=["counts", "fine", "spikes"], default="counts",
+                     help="one input sample is a bin of counts (default), a finer bin of counts, or a spike "
+                          "(its channel at its timestamp)")
+    lsl.add_argument("--lsl-rates", action="store_true", help="also push the denoised rates")
+    lsl.add_argument("--lsl-publish", choices=["newest", "all"], default="newest",
+                     help="of a backlog, push only the newest decode (default; the rest counted in STATS) or all")
+    lsl.add_argument("--lsl-wait-s", type=float, default=30.0, metavar="S",
+                     help="how long to wait for the input stream to appear (default 30)")
     s.set_defaults(run=serve)
+
+
+def lsl_kwargs(args: argparse.Namespace) -> dict | None:
+    if args.lsl_in is None:
+        given = [f for f, v in (("--lsl-out", args.lsl_out), ("--lsl-rates", args.lsl_rates)) if v]
+        if given:
+            raise ValueError(f"{', '.join(given)} configure the LSL bridge: give --lsl-in too")
+        return None
+    return {"query": args.lsl_in, "out_name": args.lsl_out, "kind": args.lsl_kind, "rates": args.lsl_rates,
+            "publish": args.lsl_publish, "wait_s": args.lsl_wait_s}
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -49,7 +72,8 @@ def serve(args: argparse.Namespace) -> int:
             prewarm=not args.no_prewarm, provider=args.provider, trust=args.trust, max_streams=args.max_streams,
             curve_secret=args.curve_secret, allow=args.allow, insecure=args.insecure,
             sub_server_key=args.sub_server_key, core=args.core, max_request_bytes=args.max_request_bytes,
-            slice_us=args.slice_us, control_rate=args.control_rate, allow_channel_change=args.allow_channel_change)
+            slice_us=args.slice_us, control_rate=args.control_rate, allow_channel_change=args.allow_channel_change,
+            lsl=lsl_kwargs(args))
     print(f"stopped after {s.requests} requests ({s.bins} bins decoded, {sum(s.errors.values())} errors)",
           file=sys.stderr, flush=True)
     return 0
