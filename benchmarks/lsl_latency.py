@@ -55,7 +55,7 @@ def echo(inp: str, out: str) -> int:
     while True:
         _, ts = inlet.pull_chunk(timeout=0.1, max_samples=CHUNK, dest_obj=buf, min_samples=1)
         for i, t in enumerate(ts):
-            outlet.push_sample(buf[i], t)
+            outlet.push_chunk(buf[i], t)  # as the bridge pushes
 
 
 def start_middle(kind: str, bundle: Path, inp: str, out: str) -> subprocess.Popen:
@@ -78,7 +78,7 @@ def measure(outlet, inlet, x: np.ndarray, rate: float, n: int, warm: int = 50) -
         if wait > 0:
             time.sleep(wait)
         t = pylsl.local_clock()
-        outlet.push_sample(x, t)
+        outlet.push_chunk(x, t)
         while True:
             _, ts = inlet.pull_sample(timeout=2.0)
             if ts is None:

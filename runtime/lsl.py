@@ -44,6 +44,8 @@ import time
 
 import numpy as np
 
+from swapvae.runtime.serve.prewarm import WarmPlanner
+
 KINDS = ("counts", "fine", "spikes")
 PUBLISH = ("newest", "all")
 GAP_BINS = 1.5  # a longer jump between bins starts the history afresh
@@ -239,7 +241,7 @@ class LslBridge:
 
     def __init__(self, decoder, inlet, outlet, kind: str = "counts", per_bin: int = 1, rates: bool = False,
                  publish: str = "newest", stream: str = "", out_name: str = "", dtype=np.float32, clock=None,
-                 close_after_s: float | None = None):
+                 close_after_s: float | None = None, prewarm: bool = True):
         if kind not in KINDS or publish not in PUBLISH:
             raise ValueError(f"kind must be one of {KINDS} and publish one of {PUBLISH}, got {kind!r}, {publish!r}")
         self.decoder, self.inlet, self.outlet = decoder, inlet, outlet
@@ -258,6 +260,8 @@ class LslBridge:
         self._last_ts = -math.inf
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # the thread warms the engine just before a steady stream's next bin is due, as the server does
+        self.planner = WarmPlanner(decoder.warm if prewarm else None)
         self.samples = self.bins = self.published = self.stale_skipped = self.bad_samples = 0
         self.history_restarts = self.errors = 0
         self.last_error: str | None = None
@@ -335,7 +339,7 @@ class LslBridge:
         for p in parts:
             row[i:i + len(p)] = p
             i += len(p)
-        self.outlet.push_sample(row, t)
+        self.outlet.push_chunk(row, t)  # one sample; pylsl's push_sample converts value by value
         self.published += 1
 
     # -- the thread -----------------------------------------------------------------------------
@@ -345,9 +349,17 @@ class LslBridge:
         return self
 
     def _run(self) -> None:
+        plan, clock = self.planner, time.perf_counter_ns
         while not self._stop.is_set():
             try:
-                self.step(0.1)
+                if plan.due and plan.due <= clock():
+                    plan.warm()
+                planned = plan.due
+                wait = (planned - clock()) / 1e9 if planned else 0.1
+                if self.step(min(max(wait, 0.0), 0.1)):
+                    if planned:
+                        plan.interrupted()
+                    plan.arrived(clock())
             except Exception as e:  # a lost stream (recover=False) or liblsl's errors: counted, retried
                 self.errors += 1
                 self.last_error = f"{type(e).__name__}: {e}"
@@ -360,7 +372,7 @@ class LslBridge:
 
 
 def bridge(bundle: str, query: str, out_name: str | None, kind: str = "counts", rates: bool = False,
-           publish: str = "newest", wait_s: float = 30.0, provider: str = "cpu", trusted=None,
+           publish: str = "newest", wait_s: float = 30.0, provider: str = "cpu", trusted=None, prewarm: bool = True,
            say=None) -> LslBridge:
     """``serve --lsl-in``: the outlet first (so a downstream program can connect before the input
     appears), then the input resolved, checked and opened; the bridge, not yet started."""
@@ -378,7 +390,7 @@ def bridge(bundle: str, query: str, out_name: str | None, kind: str = "counts", 
     per_bin = check_input(info, m, kind)
     inlet = open_inlet(info, wait_s)
     return LslBridge(decoder, inlet, outlet, kind, per_bin, rates, publish, stream=info.name(), out_name=out_name,
-                     dtype=NUMPY[info.channel_format()], clock=pylsl.local_clock)
+                     dtype=NUMPY[info.channel_format()], clock=pylsl.local_clock, prewarm=prewarm)
 
 
 # -- the player -------------------------------------------------------------------------------

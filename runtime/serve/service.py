@@ -77,8 +77,8 @@ def serve(bundle: str | Path, *, bind: str | None = "tcp://127.0.0.1:5555", sub:
         from swapvae.runtime.lsl import bridge
 
         try:
-            server.lsl = bridge(bundle, provider=provider, trusted=trusted, say=lambda s: print(s, file=sys.stderr,
-                                                                                              flush=True), **lsl)
+            server.lsl = bridge(bundle, provider=provider, trusted=trusted, prewarm=prewarm,
+                                say=lambda s: print(s, file=sys.stderr, flush=True), **lsl)
         except BaseException:
             server.close()
             raise
