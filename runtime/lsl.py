@@ -16,13 +16,17 @@ It is one of three kinds:
   when a later spike or the clock (``close_after_s`` past the bin's end: spikes still in
   flight) says it is complete. Empty bins are bins too: silence is data.
 
+With ``step_s`` (``--lsl-step-ms``) finer than the bin, fine samples or spikes are binned into
+steps of that length instead, and ``SlidingWindowDecoder`` (runtime/window.py) decodes the sum
+of the last ``bin / step`` steps at every step: a full-size bin, as in training, every step.
+
 **Out.** Each bin is decoded with its stream's own history (one stream, as one ZeroMQ
 client's) and pushed to an outlet of float32 channels: ``angle`` (radians), ``p_<class>``, the
 velocity, ``content_<i>`` and, with ``rates``, ``rate_<neuron>``, labelled in LSL's usual
 place (``desc/channels/channel/label``, with ``unit`` and ``type``). A decode carries the
 timestamp of the input sample that completed its bin (for spikes, the bin's end), corrected by
 the inlet to this machine's clock, so LSL's synchronisation lines it up with the recording.
-A jump of more than 1.5 bins between bins (a new trial, a pause, lost samples), or back in time
+A jump of more than 1.5 bins (steps) between bins (a new trial, a pause, lost samples), or back in time
 (a new source, a replay), starts the history afresh, as a trial start (RESET) does over ZeroMQ.
 
 **The freshest sample.** When the inlet has fallen behind (this process paused, a slow disk),
@@ -45,6 +49,7 @@ import time
 import numpy as np
 
 from swapvae.runtime.serve.prewarm import WarmPlanner
+from swapvae.runtime.window import SlidingWindowDecoder
 
 KINDS = ("counts", "fine", "spikes")
 PUBLISH = ("newest", "all")
@@ -241,18 +246,27 @@ class LslBridge:
 
     def __init__(self, decoder, inlet, outlet, kind: str = "counts", per_bin: int = 1, rates: bool = False,
                  publish: str = "newest", stream: str = "", out_name: str = "", dtype=np.float32, clock=None,
-                 close_after_s: float | None = None, prewarm: bool = True):
+                 close_after_s: float | None = None, prewarm: bool = True, step_s: float | None = None):
         if kind not in KINDS or publish not in PUBLISH:
             raise ValueError(f"kind must be one of {KINDS} and publish one of {PUBLISH}, got {kind!r}, {publish!r}")
+        m = decoder.manifest
+        # decodes more often than a bin: a sliding window of step-long bins (runtime/window.py)
+        self.window = (SlidingWindowDecoder(decoder, step_s)
+                       if step_s is not None and abs(step_s - m.bin_size_s) > 1e-9 * m.bin_size_s else None)
+        k = self.window.k if self.window is not None else 1
+        if self.window is not None and (kind == "counts" or kind == "fine" and per_bin % k):
+            what = "a stream of whole bins" if kind == "counts" else f"fine samples of 1/{per_bin} bin"
+            raise LslInputError(f"a decode every {step_s * 1e3:g} ms needs input finer than that: {what} cannot "
+                                f"make {k} steps per bin (give fine samples or spikes)")
         self.decoder, self.inlet, self.outlet = decoder, inlet, outlet
         self.kind, self.rates, self.newest = kind, rates, publish == "newest"
         self.stream, self.out_name = stream, out_name
-        m = decoder.manifest
         self.n, self.bin_s, self.has_readout = m.n_channels, m.bin_size_s, m.readout is not None
+        self.step_s = self.bin_s / k  # what one decode adds: a bin, or a step of the window
         self.history = decoder.new_stream()
-        self.fine = FineBinner(self.n, per_bin, self.bin_s / per_bin) if kind == "fine" else None
-        self.spikes = SpikeBinner(self.n, self.bin_s) if kind == "spikes" else None
-        self.close_after_s = self.bin_s / 2 if close_after_s is None else close_after_s
+        self.fine = FineBinner(self.n, per_bin // k, self.bin_s / per_bin) if kind == "fine" else None
+        self.spikes = SpikeBinner(self.n, self.step_s) if kind == "spikes" else None
+        self.close_after_s = self.step_s / 2 if close_after_s is None else close_after_s
         self.clock = clock if clock is not None else time.monotonic
         self._chunk = np.zeros((CHUNK, 1 if kind == "spikes" else self.n), dtype)
         self._row = np.zeros(len(output_channels(m, rates)), np.float32)
@@ -320,12 +334,21 @@ class LslBridge:
             bins += self.spikes.push(int(c), t)
 
     def _decode(self, x: np.ndarray, t: float):
-        restart = not 0 < t - self._last_ts <= GAP_BINS * self.bin_s  # a gap, or time going back: a new source
+        restart = not 0 < t - self._last_ts <= GAP_BINS * self.step_s  # a gap, or time going back: a new source
         try:
-            out = self.decoder.decode_stream(self.history, x, reset=restart)
+            if self.window is None:
+                out = self.decoder.decode_stream(self.history, x, reset=restart)
+            else:
+                if restart:
+                    self.window.reset()
+                out = self.window.push(x)  # None while the first window fills
         except ValueError:  # NaN, infinite or negative counts: refused, the next bin starts afresh
             self.bad_samples += 1
             self._last_ts = -math.inf
+            return None
+        if out is None:
+            self._last_ts = t
+            self.history_restarts += restart
             return None
         self._last_ts = t
         self.bins += 1
@@ -373,7 +396,7 @@ class LslBridge:
 
 def bridge(bundle: str, query: str, out_name: str | None, kind: str = "counts", rates: bool = False,
            publish: str = "newest", wait_s: float = 30.0, provider: str = "cpu", trusted=None, prewarm: bool = True,
-           say=None) -> LslBridge:
+           step_ms: float | None = None, say=None) -> LslBridge:
     """``serve --lsl-in``: the outlet first (so a downstream program can connect before the input
     appears), then the input resolved, checked and opened; the bridge, not yet started."""
     from swapvae.runtime.engine import BundleDecoder
@@ -390,7 +413,8 @@ def bridge(bundle: str, query: str, out_name: str | None, kind: str = "counts", 
     per_bin = check_input(info, m, kind)
     inlet = open_inlet(info, wait_s)
     return LslBridge(decoder, inlet, outlet, kind, per_bin, rates, publish, stream=info.name(), out_name=out_name,
-                     dtype=NUMPY[info.channel_format()], clock=pylsl.local_clock, prewarm=prewarm)
+                     dtype=NUMPY[info.channel_format()], clock=pylsl.local_clock, prewarm=prewarm,
+                     step_s=None if step_ms is None else step_ms / 1e3)
 
 
 # -- the player -------------------------------------------------------------------------------

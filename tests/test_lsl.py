@@ -273,3 +273,48 @@ def test_the_bridge_thread_warms_the_engine_before_a_steady_streams_next_bin(tin
     assert b.stats()["published"] == b.stats()["bins"] == 80
     assert b.planner.warms > 0  # warm-ups ran between bins, and left the decodes as they were:
     assert np.array_equal(outlet.rows, _reference(tiny_bundle, x, [True] + [False] * 79))
+
+
+def test_spikes_decoded_every_step_equal_the_sliding_window_on_offline_bins(tiny_bundle):
+    """--lsl-step-ms 20 on a 100 ms bundle: spikes binned into 20 ms steps, and each step's decode
+    that of SlidingWindowDecoder over the same steps binned offline."""
+    from swapvae.runtime.engine import BundleDecoder
+    from swapvae.runtime.window import SlidingWindowDecoder
+
+    rng = np.random.default_rng(3)
+    step, n_steps = 0.02, 60
+    edges = 50.0 + np.arange(n_steps + 1) * step
+    t = np.sort(rng.uniform(edges[0], edges[-1], 4000))
+    ch = rng.integers(0, 120, len(t))
+    dec = BundleDecoder(tiny_bundle)
+    now = [0.0]  # the clock: before the recording while its spikes come, then just past its end
+    b = LslBridge(dec, Inlet(), Outlet(), kind="spikes", publish="all", step_s=step, clock=lambda: now[0])
+    b.inlet.chunks = [(ch[i:i + 500, None].astype(np.float32), t[i:i + 500]) for i in range(0, len(t), 500)]
+    while b.inlet.chunks:
+        b.step(0)
+    now[0] = edges[-1] + step / 2 + 1e-6
+    b.step(0)  # the clock closes the last step (close_after_s: half a step)
+    fine = np.stack([np.histogram(t[ch == c], edges)[0] for c in range(120)], axis=1).astype(np.float32)
+    ref = SlidingWindowDecoder(BundleDecoder(tiny_bundle), step)
+    want = [o.copy() for o in map(ref.push, fine) if o is not None]
+    assert len(want) == n_steps - 4 == len(b.outlet.rows) == b.stats()["published"]
+    got = np.array(b.outlet.rows)
+    assert np.array_equal(got[:, 0], [w.angle[0] for w in want])
+    assert np.array_equal(got[:, -dec.manifest.content_dim:], [w.content[0] for w in want])
+    assert np.allclose(b.outlet.ts, edges[5:], rtol=0, atol=1e-9)  # each decode carries its window's end
+
+
+def test_a_decode_finer_than_the_input_is_refused(tiny_bundle):
+    from swapvae.runtime.engine import BundleDecoder
+
+    with pytest.raises(LslInputError, match="needs input finer than that"):
+        LslBridge(BundleDecoder(tiny_bundle), Inlet(), Outlet(), kind="counts", step_s=0.02)
+    with pytest.raises(LslInputError, match="fine samples of 1/4 bin"):
+        LslBridge(BundleDecoder(tiny_bundle), Inlet(), Outlet(), kind="fine", per_bin=4, step_s=0.02)
+
+
+def test_lsl_flags_without_an_input_are_refused(tiny_bundle, capsys):
+    from swapvae.cli import main
+
+    assert main(["serve", str(tiny_bundle), "--lsl-out", "x", "--lsl-step-ms", "20"]) == 2
+    assert "--lsl-out, --lsl-step-ms configure the LSL bridge: give --lsl-in too" in capsys.readouterr().err

@@ -50,6 +50,9 @@ def register(sub) -> None:
     lsl.add_argument("--lsl-rates", action="store_true", help="also push the denoised rates")
     lsl.add_argument("--lsl-publish", choices=["newest", "all"], default="newest",
                      help="of a backlog, push only the newest decode (default; the rest counted in STATS) or all")
+    lsl.add_argument("--lsl-step-ms", type=float, metavar="MS",
+                     help="decode every MS ms, a sliding window of the bundle's bin (fine or spike input; MS "
+                          "divides the bin)")
     lsl.add_argument("--lsl-wait-s", type=float, default=30.0, metavar="S",
                      help="how long to wait for the input stream to appear (default 30)")
     s.set_defaults(run=serve)
@@ -57,12 +60,13 @@ def register(sub) -> None:
 
 def lsl_kwargs(args: argparse.Namespace) -> dict | None:
     if args.lsl_in is None:
-        given = [f for f, v in (("--lsl-out", args.lsl_out), ("--lsl-rates", args.lsl_rates)) if v]
+        given = [f for f, v in (("--lsl-out", args.lsl_out), ("--lsl-rates", args.lsl_rates),
+                                ("--lsl-step-ms", args.lsl_step_ms)) if v]
         if given:
             raise ValueError(f"{', '.join(given)} configure the LSL bridge: give --lsl-in too")
         return None
     return {"query": args.lsl_in, "out_name": args.lsl_out, "kind": args.lsl_kind, "rates": args.lsl_rates,
-            "publish": args.lsl_publish, "wait_s": args.lsl_wait_s}
+            "publish": args.lsl_publish, "wait_s": args.lsl_wait_s, "step_ms": args.lsl_step_ms}
 
 
 def serve(args: argparse.Namespace) -> int:
