@@ -241,7 +241,7 @@ class LslBridge:
     """Inlet -> bins -> a decoder of its own -> outlet, in a thread of its own (``start``,
     ``stop``) or one ``step`` at a time. ``decoder`` is a BundleDecoder this bridge alone uses
     (its one-bin buffers are not shared between threads); ``inlet``/``outlet``: pylsl's or
-    anything with their ``pull_chunk``/``push_sample``; ``clock``: the inlet's clock
+    anything with their ``pull_chunk``/``push_chunk``; ``clock``: the inlet's clock
     (``pylsl.local_clock``), for closing spike bins."""
 
     def __init__(self, decoder, inlet, outlet, kind: str = "counts", per_bin: int = 1, rates: bool = False,
@@ -300,18 +300,20 @@ class LslBridge:
         self.samples += len(ts)
         if self.spikes is not None:
             bins += self.spikes.close_until(self.clock() - self.close_after_s)
-        newest = None
-        for x, t in bins:
+        pending = None  # the newest decode's timestamp, its row packed (a refused bin after it may
+        for x, t in bins:  # overwrite the engine's output buffers, never the packed row)
             out = self._decode(x, t)
             if out is None:
                 continue
-            if not self.newest:
-                self._publish(out, t)
-            elif newest is not None:
+            if pending is not None:
                 self.stale_skipped += 1
-            newest = (out, t)
-        if self.newest and newest is not None:
-            self._publish(*newest)
+            self._pack(out)
+            pending = t
+            if not self.newest:
+                self._publish(t)
+                pending = None
+        if pending is not None:
+            self._publish(pending)
         return len(bins)
 
     def _take(self, row: np.ndarray, t: float, bins: list) -> None:
@@ -355,14 +357,16 @@ class LslBridge:
         self.history_restarts += restart
         return out
 
-    def _publish(self, out, t: float) -> None:
+    def _pack(self, out) -> None:
         row, i = self._row, 0
         parts = (out.angle, out.proba[0], out.velocity[0]) if self.has_readout else ()
         parts += (out.content[0],) + ((out.rates[0],) if self.rates else ())
         for p in parts:
             row[i:i + len(p)] = p
             i += len(p)
-        self.outlet.push_chunk(row, t)  # one sample; pylsl's push_sample converts value by value
+
+    def _publish(self, t: float) -> None:
+        self.outlet.push_chunk(self._row, t)  # one sample; pylsl's push_sample converts value by value
         self.published += 1
 
     # -- the thread -----------------------------------------------------------------------------

@@ -88,6 +88,15 @@ class OptimConfig(_Section):
     # Twice the released ~225: with dropout the model keeps improving on later trials.
     epochs: int = Field(450, ge=1, description="each epoch is max(1, n_train_bins // batch_size) steps")
     checkpoint_every: int = Field(25, ge=1, description="epochs between checkpoints")
+    # A recording of 10^6 bins makes one pass thousands of steps: a fixed epoch keeps checkpoints,
+    # progress and the history's points at a useful spacing.
+    steps_per_epoch: int = Field(0, ge=0, description="0: one pass, max(1, n_train_bins // batch_size) steps; "
+                                                      "else this many steps")
+    # Larger batches want a larger step: Adam's square-root rule (Malladi et al., 2022) against
+    # the reference batch of 256 pairs, or none (lr as given).
+    lr_batch_rule: Literal["none", "sqrt"] = Field("none", description="sqrt: lr x sqrt(batch_size / 256)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: the forward pass under bfloat16 "
+                                                                   "autocast; the loss terms in float32")
     # Torch CPU threads while training; 0: whichever of one per core and one runs a step faster
     # when training starts (training.estimator.choose_threads; one thread wins beside other
     # busy processes). A run is bit-reproducible for a seed at a given thread count.

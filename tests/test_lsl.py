@@ -167,6 +167,13 @@ def test_a_backlog_goes_through_the_history_but_only_the_newest_is_published(tin
         pass
     assert np.array_equal(outlet.rows, want) and outlet.ts == ts.tolist() and b.stats()["stale_skipped"] == 0
 
+    # a refused bin behind the newest good one: the good one is published, as it was decoded
+    b, inlet, outlet = _bridge(tiny_bundle)
+    bad = np.full((1, 120), -1.0, np.float32)
+    inlet.chunks = [(np.r_[x[:3], bad], np.r_[ts[:3], ts[3]])]
+    b.step(0)
+    assert np.array_equal(outlet.rows, want[[2]]) and outlet.ts == [ts[2]] and b.stats()["bad_samples"] == 1
+
 
 def test_a_gap_or_time_going_back_restarts_the_history_and_bad_counts_are_counted(tiny_bundle):
     x = np.random.default_rng(1).poisson(1.0, (8, 120)).astype(np.float32)

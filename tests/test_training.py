@@ -216,3 +216,45 @@ def test_held_out_bins_are_scored_in_the_history_and_change_nothing_in_training(
     assert all(np.isfinite([h["rec_train"], h["rec_held_out"]]).all() for h in scored)
     assert scored[-1]["rec_train"] < scored[0]["rec_train"]  # it learns the training bins
     assert not any("rec_held_out" in h for h in plain.history_)
+
+
+def test_a_fixed_epoch_length_counts_steps_not_passes(split, monkeypatch):
+    """optim.steps_per_epoch: an epoch of that many optimiser steps whatever the recording's size."""
+    from swapvae.training import estimator
+
+    steps = []
+    real = estimator.SwapVAE._step
+    monkeypatch.setattr(estimator.SwapVAE, "_step", lambda self, *a: steps.append(1) or real(self, *a))
+    est = _fit(split, _fixed(1, steps_per_epoch=5))
+    assert len(steps) == 3 * 5 and len(est.history_) == 3
+    steps.clear()
+    _fit(split, _fixed(1))
+    assert len(steps) == 3 * max(1, len(split.train.counts) // 256)  # 0: one pass over the bins
+
+
+def test_the_learning_rate_rule_for_larger_batches():
+    from swapvae.training.estimator import learning_rate
+
+    cfg = SwapVAEConfig.model_validate({"optim": {"lr": 1e-3, "batch_size": 1024}})
+    assert learning_rate(cfg) == 1e-3  # the default rule: lr as given
+    assert learning_rate(cfg.with_overrides(optim={"lr_batch_rule": "sqrt"})) == pytest.approx(2e-3)
+    with pytest.raises(ValueError, match="lr_batch_rule"):
+        SwapVAEConfig.model_validate({"optim": {"lr_batch_rule": "linear"}})
+
+
+def test_bf16_autocast_trains_with_the_loss_terms_in_float32(split):
+    """optim.precision bf16: the forward pass in bfloat16, the Poisson NLL, KL and alignment in
+    float32; the run stays close to float32's (its accuracy effect: benchmarks/train_scale.py)."""
+    from swapvae.training.estimator import autocast
+
+    cfg = _fixed(1, precision="bf16")
+    net = SwapVAENet(100, [100, 32], 8, 8)
+    x = torch.poisson(torch.full((16, 100), 2.0))
+    with autocast(cfg, torch.device("cpu")):
+        out = net.loss(x[:8], x[8:])
+        assert net.encoder(x)[0].dtype == torch.bfloat16  # autocast is on for the layers
+    assert all(v.dtype == torch.float32 for v in out.values())
+    a, b = _fit(split, cfg), _fit(split, _fixed(1))
+    assert all(np.isfinite(h["loss"]) for h in a.history_)
+    assert a.history_[-1]["rec"] == pytest.approx(b.history_[-1]["rec"], rel=0.02)
+    assert _same_bits(a, b)  # not the float32 run itself

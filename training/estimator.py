@@ -26,6 +26,7 @@ JSON (never pickles).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -231,7 +232,7 @@ class SwapVAE(TransformerMixin, BaseEstimator):
         monitor = None if held_out is None else self._monitor(x, self._inputs_of(held_out, device))
         state = None if resume is None else self._resumable(resume)
         self._optimise(lambda model, opt, gen: self._step(model, opt, x, pairs, gen), self._adam,
-                       max(1, len(x) // cfg.optim.batch_size), checkpoint, monitor, state)
+                       steps_per_epoch(cfg, len(x)), checkpoint, monitor, state)
         return self
 
     def _resumable(self, path: str | Path) -> dict:
@@ -282,7 +283,7 @@ class SwapVAE(TransformerMixin, BaseEstimator):
         """Adam on the parameters that learn (fused: one kernel for all of them instead of a
         Python loop of small ops per step)."""
         cfg = self.config_
-        return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr or cfg.optim.lr,
+        return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr or learning_rate(cfg),
                                 weight_decay=cfg.optim.weight_decay, fused=True)
 
     def _optimise(self, step, make_opt, steps_per_epoch: int, checkpoint=None, monitor=None,
@@ -340,7 +341,8 @@ class SwapVAE(TransformerMixin, BaseEstimator):
         """One optimiser step on a batch of in-trial view pairs; returns the loss terms."""
         cfg = self.config_
         x1, x2 = self._views(x, pairs, gen, cfg.optim.batch_size)
-        out = model.loss(x1, x2, cfg.loss.swap, cfg.loss.kl_weight, cfg.loss.align_weight, cfg.loss.eps)
+        with autocast(cfg, x.device):
+            out = model.loss(x1, x2, cfg.loss.swap, cfg.loss.kl_weight, cfg.loss.align_weight, cfg.loss.eps)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
@@ -591,6 +593,24 @@ def choose_threads(step, choices: tuple[int, ...], rounds: int = 3) -> int:
         if np.median(times[n]) < 0.95 * np.median(times[best]):
             best = n
     return best
+
+
+def steps_per_epoch(cfg: SwapVAEConfig, n_bins: int) -> int:
+    """optim.steps_per_epoch, or one pass over ``n_bins`` bins when it is 0."""
+    return cfg.optim.steps_per_epoch or max(1, n_bins // cfg.optim.batch_size)
+
+
+def learning_rate(cfg: SwapVAEConfig) -> float:
+    """optim.lr under optim.lr_batch_rule (sqrt: scaled by sqrt(batch_size / 256))."""
+    o = cfg.optim
+    return o.lr * (math.sqrt(o.batch_size / 256) if o.lr_batch_rule == "sqrt" else 1.0)
+
+
+def autocast(cfg: SwapVAEConfig, device: torch.device):
+    """The forward pass's precision: bfloat16 autocast for optim.precision bf16, else nothing."""
+    if cfg.optim.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def build_model(cfg: SwapVAEConfig, n_in: int) -> SwapVAENet:

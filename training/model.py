@@ -66,18 +66,21 @@ class Decoder(nn.Module):
 
 
 def poisson_nll(x: torch.Tensor, rate: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """rec(x, rate) = sum over neurons of (rate - x log rate), mean over the batch."""
+    """rec(x, rate) = sum over neurons of (rate - x log rate), mean over the batch (in float32
+    whatever the rates' precision: a bf16 log of small rates loses the counts' information)."""
+    rate = rate.float()
     return (rate - x * torch.log(rate + eps)).sum(-1).mean()
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)), summed over dimensions, mean over the batch."""
+    """KL(N(mu, exp(logvar)) || N(0, I)), summed over dimensions, mean over the batch (float32)."""
+    mu, logvar = mu.float(), logvar.float()
     return (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).sum(-1).mean()
 
 
 def alignment_loss(c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
-    """Normalised L2 between the two views' content: ||c1/|c1| - c2/|c2|||^2 = 2 - 2 cos(c1, c2)."""
-    return (2 - 2 * F.cosine_similarity(c1, c2, dim=-1)).mean()
+    """Normalised L2 between the two views' content: ||c1/|c1| - c2/|c2|||^2 = 2 - 2 cos(c1, c2) (float32)."""
+    return (2 - 2 * F.cosine_similarity(c1.float(), c2.float(), dim=-1)).mean()
 
 
 def block_swap(c1, s1, c2, s2) -> tuple[torch.Tensor, torch.Tensor]:

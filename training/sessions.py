@@ -69,7 +69,7 @@ def fit_sessions(est, cfg: SwapVAEConfig, Xs, trials, bin_in_trials, neurons, bi
     """``est.fit`` of several sessions (the module doc): ``model_`` is the SharedCore, ``sessions_``
     the sessions' single-session views. Lists hold one entry per session; ``bin_size_s`` one
     number or one per session (they must agree: the core learns bins of one width)."""
-    from swapvae.training.estimator import resolve_device
+    from swapvae.training.estimator import autocast, resolve_device, steps_per_epoch
 
     n = len(Xs)
     trials, bins_in, neurons = _listed(trials, n, "trial"), _listed(bin_in_trials, n, "bin_in_trial"), \
@@ -102,13 +102,14 @@ def fit_sessions(est, cfg: SwapVAEConfig, Xs, trials, bin_in_trials, neurons, bi
         which = torch.randint(int(bounds[-1]), (cfg.optim.batch_size,), generator=gen, device=device)
         per_session = torch.bincount(torch.searchsorted(bounds, which, right=True), minlength=n).tolist()
         views = [(s, *est._views(xs[s], pairs[s], gen, k)) for s, k in enumerate(per_session) if k]
-        out = model.loss(views, cfg.loss.swap, cfg.loss.kl_weight, cfg.loss.align_weight, cfg.loss.eps)
+        with autocast(cfg, device):
+            out = model.loss(views, cfg.loss.swap, cfg.loss.kl_weight, cfg.loss.align_weight, cfg.loss.eps)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
         return out
 
-    est._optimise(step, est._adam, max(1, sum(len(x) for x in xs) // cfg.optim.batch_size), checkpoint)
+    est._optimise(step, est._adam, steps_per_epoch(cfg, sum(len(x) for x in xs)), checkpoint)
     for view in est.sessions_:
         view.history_, view.train_seconds_ = est.history_, est.train_seconds_
         view.model_.eval()
@@ -121,7 +122,7 @@ def calibrate(est, X, trial=None, bin_in_trial=None, neurons=None, bin_size_s: f
     core (``est`` itself is left as it was) with a new read-in and read-out trained on ``X``
     for ``calibrate.epochs`` epochs at ``calibrate.lr`` (the core frozen unless
     ``calibrate.core_lr``); the rest as ``fit``."""
-    from swapvae.training.estimator import SwapVAE
+    from swapvae.training.estimator import SwapVAE, steps_per_epoch
 
     if not isinstance(getattr(est, "model_", None), SharedCore):
         raise ValueError("calibrate needs a model trained with a shared core (SwapVAE().fit([X_a, X_b, ...]), "
@@ -164,7 +165,7 @@ def calibrate(est, X, trial=None, bin_in_trial=None, neurons=None, bin_size_s: f
     monitor = None if held_out is None else new._monitor(x, new._inputs_of(held_out, device))
     def step(model, opt, gen):
         return new._step(model, opt, x, pairs, gen)
-    new._optimise(step, make_opt, max(1, len(x) // cfg.optim.batch_size), checkpoint, monitor)
+    new._optimise(step, make_opt, steps_per_epoch(cfg, len(x)), checkpoint, monitor)
     for p in new.model_.parameters():
         p.requires_grad_(True)
     new.frozen_ = []
