@@ -20,15 +20,16 @@ synchronisation around each part, which the plain run does not have):
 
 ``overhead_share`` is the share of a step outside the model's forward and backward (the parts
 above but those two). bins/s is steps/s x batch_size (an epoch is N // batch_size steps: one
-pass over N bins); the epoch time's growth is fitted as ``t ~ bins^a x neurons^b`` over the sizes
-run (least squares on logs; the default sizes include two off the bins-with-neurons diagonal, without
-which the two exponents cannot be told apart). ``--accuracy SIZE`` trains a simulated session of that size for
-``--accuracy-epochs`` epochs through ``swapvae train`` (the readouts with one window of 3 bins and 3
-values of C: their full cross-validation outlasts the training at that size) and prints its test
-acc beside raw rates.
+pass over N bins); the epoch time's growth is fitted as ``t ~ bins^a x neurons^b`` over the
+sizes run (least squares on logs; the default sizes include two off the bins-with-neurons
+diagonal, without which the two exponents cannot be told apart). ``--accuracy SIZE`` trains a
+simulated session of that size for ``--accuracy-epochs`` epochs through ``swapvae train``, in
+float32 and in bf16 (``--precision``), and prints its test scores beside raw rates (the readouts
+with one window of 3 bins and 3 values of C: their full cross-validation outlasts the training
+at that size).
 
 Writes ``{"rows": [{"bins", "neurons", "device", "bins_per_s", "peak_mem_mb", "overhead_share",
-...}], "growth": {...}, "accuracy": {...}}``.
+...}], "growth": {...}, "accuracy": [{...}, ...]}``.
 """
 from __future__ import annotations
 
@@ -164,7 +165,7 @@ def growth(rows: list[dict]) -> dict:
             "rms_log_residual": float(np.sqrt(np.mean(resid ** 2))), "sizes": len(rows)}
 
 
-def accuracy(bins: int, neurons: int, epochs: int, device: str) -> dict:
+def accuracy(bins: int, neurons: int, epochs: int, device: str, precision: str = "fp32") -> dict:
     """A simulated session of that size trained through ``swapvae train``: test acc beside raw rates."""
     from swapvae.schemas.session import Session, write_npz
     from swapvae.training.simulate import simulate_reaching
@@ -179,7 +180,7 @@ def accuracy(bins: int, neurons: int, epochs: int, device: str) -> dict:
         # the readouts' cross-validation over 5 windows x 11 C on 10^4-10^5 bins outlasts the training
         # (the raw rates' ridge path: an SVD of bins x neurons*k per fold): one window of 3, fewer C
         config = Path(tmp) / "config.json"
-        config.write_text(json.dumps({"device": device, "optim": {"epochs": epochs},
+        config.write_text(json.dumps({"device": device, "optim": {"epochs": epochs, "precision": precision},
                                       "readout": {"history_grid": [3], "C_grid": [0.01, 0.1, 1.0], "cv_folds": 3}}))
         t = time.perf_counter()
         res = subprocess.run([str(Path(sys.executable).parent / "swapvae"), "train", "--data", str(data),
@@ -189,7 +190,8 @@ def accuracy(bins: int, neurons: int, epochs: int, device: str) -> dict:
             return {"error": res.stderr.strip()[-500:]}
         m = json.loads((Path(tmp) / "run" / "metrics.json").read_text())
     keys = ("reach_acc", "reach_delta_acc", "velocity_r2", "raw_reach_acc", "raw_reach_delta_acc", "raw_velocity_r2")
-    return {"bins": int(keep.sum()), "neurons": neurons, "epochs": epochs, "seconds": time.perf_counter() - t,
+    return {"bins": int(keep.sum()), "neurons": neurons, "epochs": epochs, "precision": precision,
+            "seconds": time.perf_counter() - t,
             **{k: m.get(k) for k in keys}}
 
 
@@ -202,6 +204,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch's CPU threads")
     p.add_argument("--accuracy", type=size, metavar="BINSxNEURONS", help="train a simulated session of that size")
     p.add_argument("--accuracy-epochs", type=int, default=5)
+    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
+                   help="optim.precision of the accuracy runs (the same seed each)")
     p.add_argument("--out", default=str(ROOT / "results/train_scale.json"))
     p.add_argument("--_one", help=argparse.SUPPRESS)  # BINSxNEURONSxDEVICE: measure in this process
     args = p.parse_args(argv)
@@ -233,11 +237,14 @@ def main(argv=None) -> int:
         if "bins_exponent" in g:
             print(f"{dev}: epoch time ~ bins^{g['bins_exponent']:.2f} x neurons^{g['neurons_exponent']:.2f} "
                   f"(rms log residual {g['rms_log_residual']:.3f} over {g['sizes']} sizes)")
-    acc = None
-    if args.accuracy:
-        acc = accuracy(*args.accuracy, args.accuracy_epochs, devices[-1])
-        print(f"accuracy, simulated {args.accuracy[0]}x{args.accuracy[1]}, {args.accuracy_epochs} epochs: "
-              + json.dumps(acc))
+    acc = []
+    for precision in args.precision if args.accuracy else ():
+        acc.append(accuracy(*args.accuracy, args.accuracy_epochs, devices[-1], precision))
+        a = acc[-1]
+        print(f"simulated {args.accuracy[0]}x{args.accuracy[1]}, {args.accuracy_epochs} epochs, {precision}: "
+              + (f"acc {a['reach_acc']:.3f} delta-acc {a['reach_delta_acc']:.3f} vel R^2 {a['velocity_r2']:.3f} | "
+                 f"raw {a['raw_reach_acc']:.3f} {a['raw_reach_delta_acc']:.3f} {a['raw_velocity_r2']:.3f} "
+                 f"({a['seconds']:.0f} s)" if "error" not in a else a["error"]))
     write_result(args.out, {"benchmark": "train_scale", "cpu": cpu_name(), "steps": args.steps, "rows": rows,
                             "growth": grow, "accuracy": acc})
     return 0

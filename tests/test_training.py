@@ -244,7 +244,7 @@ def test_the_learning_rate_rule_for_larger_batches():
 
 def test_bf16_autocast_trains_with_the_loss_terms_in_float32(split):
     """optim.precision bf16: the forward pass in bfloat16, the Poisson NLL, KL and alignment in
-    float32; the run stays close to float32's (its accuracy effect: benchmarks/train_scale.py)."""
+    float32; the run stays close to float32's (the accuracy effect: train_scale.py --accuracy)."""
     from swapvae.training.estimator import autocast
 
     cfg = _fixed(1, precision="bf16")
@@ -258,3 +258,23 @@ def test_bf16_autocast_trains_with_the_loss_terms_in_float32(split):
     assert all(np.isfinite(h["loss"]) for h in a.history_)
     assert a.history_[-1]["rec"] == pytest.approx(b.history_[-1]["rec"], rel=0.02)
     assert _same_bits(a, b)  # not the float32 run itself
+
+
+def test_the_scale_benchmark_writes_its_table(tmp_path):
+    """benchmarks/train_scale.py, tiny: the JSON scripts read, and the growth fit over three sizes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_scale.py"
+    out = tmp_path / "scale.json"
+    res = subprocess.run([sys.executable, str(script), "--sizes", "400x24", "1200x24", "400x48", "--steps", "3",
+                          "--device", "cpu", "--threads", "1", "--out", str(out)], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr
+    r = json.loads(out.read_text())
+    assert [(row["device"], row["bins"] > 0) for row in r["rows"]] == [("cpu", True)] * 3
+    for row in r["rows"]:
+        assert row["bins_per_s"] > 0 and row["peak_mem_mb"] > 0 and 0 < row["overhead_share"] < 1
+        assert sum(row["share"].values()) == pytest.approx(1.0)
+    assert {"bins_exponent", "neurons_exponent"} <= r["growth"]["cpu"].keys() and r["accuracy"] == []
