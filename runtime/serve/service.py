@@ -34,7 +34,7 @@ def serve(bundle: str | Path, *, bind: str | None = "tcp://127.0.0.1:5555", sub:
     """Serve ``bundle`` until SIGINT or SIGTERM (the module doc says how); print one ready line
     (``ready router=... channels=N pid=P``, which scripts wait for) and return the final STATS.
 
-    ``lsl``: ``runtime.lsl.bridge``'s keywords (query, out_name, kind, rates, publish, wait_s):
+    ``lsl``: ``runtime.lsl.bridge``'s keywords (query, out_name, kind, rates, publish, wait_s, step_ms):
     an LSL inlet -> decode -> outlet bridge in a thread beside the sockets, with an engine of its
     own, set up (the input resolved and checked) before the ready line. It keeps the bundle it
     started with: a SIGHUP reload changes what the sockets serve, not the bridge."""
