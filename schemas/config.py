@@ -86,7 +86,7 @@ class OptimConfig(_Section):
     weight_decay: float = Field(0.0, ge=0.0)
     batch_size: int = Field(256, ge=2, description="pairs per step")
     # Twice the released ~225: with dropout the model keeps improving on later trials.
-    epochs: int = Field(450, ge=1, description="each epoch is max(1, n_train_bins // batch_size) steps")
+    epochs: int = Field(450, ge=1, description="each epoch is steps_per_epoch steps (0: one pass over the bins)")
     checkpoint_every: int = Field(25, ge=1, description="epochs between checkpoints")
     # A recording of 10^6 bins makes one pass thousands of steps: a fixed epoch keeps checkpoints,
     # progress and the history's points at a useful spacing.
