@@ -423,7 +423,7 @@ def bridge(bundle: str, query: str, out_name: str | None, kind: str = "counts", 
 
 # -- the player -------------------------------------------------------------------------------
 def play(counts: np.ndarray, trial: np.ndarray, bin_s: float, name: str, kind: str = "counts", speed: float = 1.0,
-         wait_s: float = 30.0, seed: int = 0, linger_s: float = 1.0, say=None) -> dict:
+         wait_s: float = 30.0, seed: int = 0, linger_s: float = 2.0, say=None) -> dict:
     """Play bins ``counts`` (trials ``trial``, consecutive bins of a trial adjacent) into an LSL
     outlet named ``name``, at ``speed`` times their real rate, once a consumer is connected.
 
