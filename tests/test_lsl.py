@@ -325,3 +325,25 @@ def test_lsl_flags_without_an_input_are_refused(tiny_bundle, capsys):
 
     assert main(["serve", str(tiny_bundle), "--lsl-out", "x", "--lsl-step-ms", "20"]) == 2
     assert "--lsl-out, --lsl-step-ms configure the LSL bridge: give --lsl-in too" in capsys.readouterr().err
+
+
+def test_stats_carry_the_bridge_s_counters_and_the_stats_command_shows_them(tiny_bundle):
+    from fakes import FakeEngine
+
+    from swapvae.runtime.serve.admin import format_stats
+    from swapvae.runtime.serve.server import Server
+    from swapvae.schemas.protocol import StatsReply
+
+    b, inlet, _ = _bridge(tiny_bundle)
+    b.stream = "rig1"
+    inlet.chunks = [(np.ones((3, 120), np.float32), [0.0, 0.1, 0.2])]
+    b.step(0)
+    s = Server(FakeEngine(), bind="tcp://127.0.0.1:*", warmup=0)
+    try:
+        assert s.stats().lsl is None
+        s.lsl = b
+        st = StatsReply.model_validate_json(s.stats().model_dump_json())  # as a client reads it
+    finally:
+        s.close()
+    assert (st.lsl.bins, st.lsl.published, st.lsl.stale_skipped, st.lsl.kind) == (3, 1, 2, "counts")
+    assert "lsl       rig1 (counts): 3 samples, 3 bins, 1 published, 2 stale held back" in format_stats(st, "x")
