@@ -278,3 +278,21 @@ def test_the_scale_benchmark_writes_its_table(tmp_path):
         assert row["bins_per_s"] > 0 and row["peak_mem_mb"] > 0 and 0 < row["overhead_share"] < 1
         assert sum(row["share"].values()) == pytest.approx(1.0)
     assert {"bins_exponent", "neurons_exponent"} <= r["growth"]["cpu"].keys() and r["accuracy"] == []
+
+
+def test_the_ridge_path_from_the_gram_matrix_equals_the_direct_solutions():
+    """training/readout.py's ridge path (eigh of Z'Z with more bins than features, the SVD with fewer)
+    against (Z'Z + aI)^-1 Z'y solved directly for each alpha."""
+    from swapvae.training.readout import _ridge_path, _standardizer
+
+    rng = np.random.default_rng(0)
+    for n, p in ((3000, 120), (80, 200)):
+        x = rng.poisson(3.0, (n, p)).astype(np.float32)
+        y = rng.normal(size=(n, 2)) + 0.1 * x[:, :2]
+        for scaling in ("feature", "global"):
+            mean, scale = _standardizer(x, scaling)
+            z = ((x - mean) / scale).astype(np.float64)
+            for a, (coef, b) in zip((0.1, 10.0, 1e4), _ridge_path(x, y, (0.1, 10.0, 1e4), scaling)):
+                want = np.linalg.solve(z.T @ z + a * np.eye(p), z.T @ (y - y.mean(0))).T / scale
+                assert np.allclose(coef, want, rtol=1e-5, atol=1e-9 * np.abs(want).max()), (n, scaling, a)
+                assert np.allclose(b, y.mean(0) - want @ mean, rtol=1e-5, atol=1e-7)

@@ -100,14 +100,24 @@ def _fit_direction(x: np.ndarray, target: np.ndarray, C: float, cfg: ReadoutConf
 
 
 def _ridge_path(x: np.ndarray, y: np.ndarray, alphas, scaling: str):
-    """Ridge solutions for every alpha from one SVD, as affine maps of ``x``: [(coef, intercept)]."""
+    """Ridge solutions for every alpha from one decomposition, as affine maps of ``x``:
+    [(coef, intercept)]. With more bins than features (the usual case) from the eigenvectors of
+    the features' Gram matrix in float64, V (L + a)^-1 V' Z'y: one pass over the bins (n p^2)
+    instead of an SVD of the bins (several times that: at 20 000 bins x 256 neurons x 5 lags it was
+    over half of the raw-rate baseline's time); the SVD's otherwise. Both in float64."""
     mean, scale = _standardizer(x, scaling)
-    u, s, vt = np.linalg.svd((x - mean) / scale, full_matrices=False)
+    z = ((x - mean) / scale).astype(np.float64, copy=False)
     y_mean = y.mean(axis=0)
-    uty = u.T @ (y - y_mean)
+    yc = y - y_mean
+    if z.shape[0] >= z.shape[1]:
+        lam, v = np.linalg.eigh(z.T @ z)  # Z'Z = V L V'
+        lam, vty = np.clip(lam, 0.0, None), v.T @ (z.T @ yc)
+    else:
+        u, s, vt = np.linalg.svd(z, full_matrices=False)  # Z = U S V': L = S^2, V'Z'y = S U'y
+        lam, v, vty = s * s, vt.T, s[:, None] * (u.T @ yc)
     out = []
     for a in alphas:
-        coef = (vt.T @ ((s / (s * s + a))[:, None] * uty)).T / scale  # (outputs, features)
+        coef = (v @ (vty / (lam + a)[:, None])).T / scale  # (outputs, features)
         out.append((coef, y_mean - coef @ mean))
     return out
 
