@@ -102,16 +102,12 @@ def engine_p50(bundle: Path, x: np.ndarray, n: int = 3000) -> float:
     return float(np.median(ns) / 1e3)
 
 
-def pct(us: np.ndarray) -> dict:
-    p50, p99, p999 = np.percentile(us, [50, 99, 99.9])
-    return {"p50": float(p50), "p99": float(p99), "p999": float(p999), "max": float(us.max()), "n": len(us)}
-
-
 def run(args) -> int:
     import pylsl
 
     from swapvae.runtime.bundle import read_manifest
     from swapvae.runtime.client import Client
+    from swapvae.runtime.replay import percentiles_us
 
     bundle = Path(args.bundle) if args.bundle else build_bundle(Path(tempfile.gettempdir()) / "swapvae-bench",
                                                               args.channels)[1]
@@ -149,14 +145,14 @@ def run(args) -> int:
     print(f"\nLSL in -> out, us ({cpu_name()}; {n_ch} channels; engine decode p50 {eng:.1f} us, in-process)")
     print(f"{'rate':>7} {'middle':<7} {'p50':>8} {'p99':>8} {'p99.9':>8} {'max':>8}")
     for rate in args.rates:
-        e, d = pct(np.concatenate(lat["echo"][rate])), pct(np.concatenate(lat["decode"][rate]))
+        e, d = (percentiles_us(np.concatenate(lat[k][rate]) * 1e3) for k in ("echo", "decode"))  # takes ns
         budget = e["p50"] + eng + 50.0
         for name, p in (("echo", e), ("decode", d)):
             print(f"{rate:>5g}Hz {name:<7} {p['p50']:8.1f} {p['p99']:8.1f} {p['p999']:8.1f} {p['max']:8.1f}")
         print(f"{'':>7} decode p50 - echo p50 = {d['p50'] - e['p50']:.1f} us; target p50 <= {budget:.1f} "
               f"(echo + engine + 50): {'met' if d['p50'] <= budget else 'MISSED'}")
         rows.append({"rate_hz": rate, "echo_us": e, "decode_us": d, "engine_p50_us": eng, "target_p50_us": budget,
-                     "met": d["p50"] <= budget,
+                     "met": bool(d["p50"] <= budget),
                      "per_round_p50_us": {k: [float(np.median(a)) for a in lat[k][rate]] for k in lat}})
     write_result(args.out, {"benchmark": "lsl_latency", "cpu": cpu_name(), "bundle": str(bundle), "channels": n_ch,
                             "n_per_round": args.n, "rounds": args.rounds, "rows": rows, "lsl_stats": lsl_stats})

@@ -62,13 +62,11 @@ def size(text: str) -> tuple[int, int]:
 
 
 def simulated(bins: int, neurons: int, seed: int = 0):
-    """The built-in simulator, cut to ``bins`` bins of whole trials (about 12 bins a trial)."""
+    """The built-in simulator's session, cut to ``bins`` bins of whole trials (about 12 bins a trial)."""
     from swapvae.training.simulate import simulate_reaching
 
     s = simulate_reaching(n_neurons=neurons, n_trials=bins // 12 + 2, seed=seed)
-    last = s.trial[min(bins, len(s.trial)) - 1]
-    keep = s.trial <= last
-    return s.counts[keep], s.trial[keep], s.bin_in_trial[keep]
+    return s.select_bins(s.trial <= s.trial[min(bins, len(s.trial)) - 1])
 
 
 def peak_rss_mb() -> float:
@@ -88,7 +86,8 @@ def measure_one(bins: int, neurons: int, device: str, steps: int, threads: int) 
 
     torch.set_num_threads(threads)
     dev = torch.device(device)
-    counts, trial, bin_in_trial = simulated(bins, neurons)
+    s = simulated(bins, neurons)
+    counts, trial, bin_in_trial = s.counts, s.trial, s.bin_in_trial
     est = SwapVAE(config=SwapVAEConfig.model_validate({"device": device}))
     cfg = est.get_config()
     counts = est._counts(counts, reset=True)
@@ -167,15 +166,10 @@ def growth(rows: list[dict]) -> dict:
 
 def accuracy(bins: int, neurons: int, epochs: int, device: str, precision: str = "fp32") -> dict:
     """A simulated session of that size trained through ``swapvae train``: test acc beside raw rates."""
-    from swapvae.schemas.session import Session, write_npz
-    from swapvae.training.simulate import simulate_reaching
+    from swapvae.schemas.session import write_npz
 
     with tempfile.TemporaryDirectory() as tmp:
-        s = simulate_reaching(n_neurons=neurons, n_trials=bins // 12 + 2, seed=1)
-        keep = s.trial <= s.trial[min(bins, len(s.trial)) - 1]
-        cut = Session(counts=s.counts[keep], trial=s.trial[keep], bin_in_trial=s.bin_in_trial[keep],
-                      target=s.target[keep], velocity=s.velocity[keep], bin_size_s=s.bin_size_s,
-                      name=f"simulated-{bins}x{neurons}")
+        cut = simulated(bins, neurons, seed=1)
         data = write_npz(cut, Path(tmp) / "sim.npz")
         # the readouts' cross-validation over 5 windows x 11 C on 10^4-10^5 bins outlasts the training
         # (the raw rates' ridge path: an SVD of bins x neurons*k per fold): one window of 3, fewer C
@@ -190,7 +184,7 @@ def accuracy(bins: int, neurons: int, epochs: int, device: str, precision: str =
             return {"error": res.stderr.strip()[-500:]}
         m = json.loads((Path(tmp) / "run" / "metrics.json").read_text())
     keys = ("reach_acc", "reach_delta_acc", "velocity_r2", "raw_reach_acc", "raw_reach_delta_acc", "raw_velocity_r2")
-    return {"bins": int(keep.sum()), "neurons": neurons, "epochs": epochs, "precision": precision,
+    return {"bins": cut.n_bins, "neurons": neurons, "epochs": epochs, "precision": precision,
             "seconds": time.perf_counter() - t,
             **{k: m.get(k) for k in keys}}
 

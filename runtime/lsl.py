@@ -348,13 +348,9 @@ class LslBridge:
             self.bad_samples += 1
             self._last_ts = -math.inf
             return None
-        if out is None:
-            self._last_ts = t
-            self.history_restarts += restart
-            return None
         self._last_ts = t
-        self.bins += 1
         self.history_restarts += restart
+        self.bins += out is not None  # None: the first window still fills
         return out
 
     def _pack(self, out) -> None:
