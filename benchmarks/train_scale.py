@@ -2,7 +2,8 @@
 neurons), where a step's time goes, and whether the fast path still learns.
 
     python benchmarks/train_scale.py [--sizes 200000x1024 ...] [--steps N] [--device cpu|cuda]
-                                     [--out FILE] [--accuracy 50000x512] [--accuracy-epochs 5]
+                                     [--placement device host] [--out FILE] [--accuracy 50000x512]
+                                     [--accuracy-epochs 5]
 
 Each size runs in a process of its own (its peak memory is its own: VmHWM on the CPU,
 ``torch.cuda.max_memory_allocated`` on CUDA) on a simulated session of that size (the built-in
@@ -17,6 +18,10 @@ synchronisation around each part, which the plain run does not have):
     backward   loss.backward()
     optimizer  zero_grad and Adam's step
     logging    the epoch sums of the loss terms (kept on the device)
+
+``--placement host`` runs each size again with the bins in host memory (``data.placement``
+"host", training.stream): sample is then taking the step's rows from the chunk a worker thread
+gathered and copied over, and neuron dropout; peak memory on CUDA is what the device then holds.
 
 ``overhead_share`` is the share of a step outside the model's forward and backward (the parts
 above but those two). bins/s is steps/s x batch_size (an epoch is N // batch_size steps: one
@@ -76,13 +81,14 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def measure_one(bins: int, neurons: int, device: str, steps: int, threads: int) -> dict:
+def measure_one(bins: int, neurons: int, device: str, steps: int, threads: int, placement: str = "device") -> dict:
     """One size, in this process: the plain step's rate, then the per-part clock."""
     import torch
 
     from swapvae.schemas.config import SwapVAEConfig
     from swapvae.training.data import jitter_pairs
     from swapvae.training.estimator import SwapVAE, build_model
+    from swapvae.training.stream import HostBatches
 
     torch.set_num_threads(threads)
     dev = torch.device(device)
@@ -95,9 +101,21 @@ def measure_one(bins: int, neurons: int, device: str, steps: int, threads: int) 
     est.config_, est.bin_size_s_, est.neurons_, est.channel_mean_ = cfg, 0.1, keep, counts.mean(axis=0)
     torch.manual_seed(0)
     est.model_ = build_model(cfg, len(keep)).to(dev)
-    x = est._model_input(counts, dev)
-    pairs = torch.as_tensor(jitter_pairs(trial, bin_in_trial, cfg.data.jitter), device=dev)
+    pairs = jitter_pairs(trial, bin_in_trial, cfg.data.jitter)
     opt, gen = est._adam(est.model_), torch.Generator(device=dev).manual_seed(0)
+    b = cfg.optim.batch_size
+    if placement == "device":
+        x, pairs = est._model_input(counts, dev), torch.as_tensor(pairs, device=dev)
+
+        def views():
+            return est._views(x, pairs, gen, b)
+    else:  # the bins in host memory, each step's rows shipped over by training.stream
+        x = est._model_input(counts, torch.device("cpu"))
+        stream = HostBatches(x, pairs, b, dev, 0, cfg.data.stream_chunk_steps)
+
+        def views():
+            return est._dropout(*stream.next(), gen)
+    del counts, s
     est.model_.train()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -112,7 +130,7 @@ def measure_one(bins: int, neurons: int, device: str, steps: int, threads: int) 
         sync()
         t = time.perf_counter()
         for _ in range(n):
-            out = est._step(est.model_, opt, x, pairs, gen)
+            out = est._learn(est.model_, opt, *views())
             sums.add_(torch.stack([out[k].detach() for k in terms]))
         sync()
         return time.perf_counter() - t
@@ -120,10 +138,9 @@ def measure_one(bins: int, neurons: int, device: str, steps: int, threads: int) 
     plain(max(3, steps // 10))  # warm-up: allocations, kernels chosen
     seconds = plain(steps)
     part = dict.fromkeys(PARTS, 0.0)
-    b = cfg.optim.batch_size
     for _ in range(steps):
         t0 = time.perf_counter()
-        x1, x2 = est._views(x, pairs, gen, b)
+        x1, x2 = views()
         sync()
         t1 = time.perf_counter()
         out = est.model_.loss(x1, x2, cfg.loss.swap, cfg.loss.kl_weight, cfg.loss.align_weight, cfg.loss.eps)
@@ -144,12 +161,22 @@ def measure_one(bins: int, neurons: int, device: str, steps: int, threads: int) 
     total = sum(part.values())
     step_s = seconds / steps
     n = len(x)
-    return {"bins": n, "neurons": len(keep), "device": device, "threads": threads, "steps": steps,
+    if placement == "host":
+        stream.close()
+    return {"bins": n, "neurons": len(keep), "device": device, "placement": placement, "threads": threads,
+            "steps": steps,
             "steps_per_s": 1 / step_s, "bins_per_s": b / step_s, "epoch_s": (n // b) * step_s,
             "peak_mem_mb": (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else peak_rss_mb()),
             "overhead_share": 1 - (part["forward"] + part["backward"]) / total,
             "share": {k: v / total for k, v in part.items()}, "pairs": len(pairs),
             "data_mb": x.element_size() * x.nelement() / 2**20}
+
+
+def report(r: dict) -> None:
+    parts = ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["share"].items())
+    print(f"{r['bins']:>8} x {r['neurons']:<5} {r['device']:<4} {r['placement']:<6} {r['steps_per_s']:8.1f} steps/s "
+          f"{r['bins_per_s']:10.0f} bins/s  epoch {r['epoch_s']:8.2f} s  peak {r['peak_mem_mb']:8.0f} MB  "
+          f"outside fwd+bwd {100 * r['overhead_share']:5.1f}% ({parts})", flush=True)
 
 
 def growth(rows: list[dict]) -> dict:
@@ -195,6 +222,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30, help="timed steps per size (and as many again, part by part)")
     p.add_argument("--device", choices=["cpu", "cuda"], nargs="+", default=None,
                    help="default: the CPU, and CUDA when there is one")
+    p.add_argument("--placement", nargs="+", choices=["device", "host"], default=["device"],
+                   help="data.placement: the bins on the training device, or streamed from host memory")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch's CPU threads")
     p.add_argument("--accuracy", type=size, metavar="BINSxNEURONS", help="train a simulated session of that size")
     p.add_argument("--accuracy-epochs", type=int, default=5)
@@ -204,8 +233,8 @@ def main(argv=None) -> int:
     p.add_argument("--_one", help=argparse.SUPPRESS)  # BINSxNEURONSxDEVICE: measure in this process
     args = p.parse_args(argv)
     if args._one:
-        b, n, dev = args._one.split("x")
-        print(json.dumps(measure_one(int(b), int(n), dev, args.steps, args.threads)))
+        b, n, dev, placement = args._one.split("x")
+        print(json.dumps(measure_one(int(b), int(n), dev, args.steps, args.threads, placement)))
         return 0
     devices = args.device
     if devices is None:
@@ -215,18 +244,17 @@ def main(argv=None) -> int:
     rows = []
     for dev in devices:
         for bins, neurons in args.sizes:
-            res = subprocess.run([sys.executable, __file__, "--_one", f"{bins}x{neurons}x{dev}", "--steps",
-                                  str(args.steps), "--threads", str(args.threads)], capture_output=True, text=True)
-            if res.returncode:
-                print(f"{bins}x{neurons} on {dev} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
-                return 1
-            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-            r = rows[-1]
-            parts = ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["share"].items())
-            print(f"{r['bins']:>8} x {r['neurons']:<5} {dev:<4} {r['steps_per_s']:8.1f} steps/s "
-                  f"{r['bins_per_s']:10.0f} bins/s  epoch {r['epoch_s']:8.2f} s  peak {r['peak_mem_mb']:8.0f} MB  "
-                  f"outside fwd+bwd {100 * r['overhead_share']:5.1f}% ({parts})", flush=True)
-    grow = {dev: growth([r for r in rows if r["device"] == dev]) for dev in devices}
+            for placement in args.placement:
+                res = subprocess.run([sys.executable, __file__, "--_one", f"{bins}x{neurons}x{dev}x{placement}",
+                                      "--steps", str(args.steps), "--threads", str(args.threads)],
+                                     capture_output=True, text=True)
+                if res.returncode:
+                    print(f"{bins}x{neurons} on {dev} ({placement}) failed:\n{res.stderr[-2000:]}", file=sys.stderr)
+                    return 1
+                rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+                report(rows[-1])
+    grow = {dev: growth([r for r in rows if r["device"] == dev and r["placement"] == args.placement[0]])
+            for dev in devices}
     for dev, g in grow.items():
         if "bins_exponent" in g:
             print(f"{dev}: epoch time ~ bins^{g['bins_exponent']:.2f} x neurons^{g['neurons_exponent']:.2f} "

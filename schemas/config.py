@@ -47,6 +47,11 @@ class DataConfig(_Section):
     jitter: int = Field(10, ge=0, description="max |i - j| between the two views, in bins")
     # The paper's "Drop" augmentation, at a lighter p ~ U(0, 0.3) than the paper's 0.6.
     dropout_max: float = Field(0.3, ge=0.0, lt=1.0, description="neuron dropout p ~ U(0, dropout_max)")
+    # Where a fit keeps its bins and pair index: on the training device, or in host memory with
+    # each step's rows shipped over (training.stream), for recordings the device cannot hold.
+    placement: Literal["auto", "device", "host"] = Field(
+        "auto", description="auto: on the device when the bins and pairs take at most half its free memory")
+    stream_chunk_steps: int = Field(32, ge=1, description="steps gathered and copied at once when placement is host")
 
 
 class ModelConfig(_Section):

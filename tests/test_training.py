@@ -261,7 +261,8 @@ def test_bf16_autocast_trains_with_the_loss_terms_in_float32(split):
 
 
 def test_the_scale_benchmark_writes_its_table(tmp_path):
-    """benchmarks/train_scale.py, tiny: the JSON scripts read, and the growth fit over three sizes."""
+    """benchmarks/train_scale.py, tiny: the JSON scripts read (each size with the bins on the device and
+    streamed from host memory), and the growth fit over three sizes."""
     import subprocess
     import sys
     from pathlib import Path
@@ -269,11 +270,12 @@ def test_the_scale_benchmark_writes_its_table(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_scale.py"
     out = tmp_path / "scale.json"
     res = subprocess.run([sys.executable, str(script), "--sizes", "400x24", "1200x24", "400x48", "--steps", "3",
-                          "--device", "cpu", "--threads", "1", "--out", str(out)], capture_output=True, text=True,
-                         timeout=600)
+                          "--device", "cpu", "--placement", "device", "host", "--threads", "1", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     r = json.loads(out.read_text())
-    assert [(row["device"], row["bins"] > 0) for row in r["rows"]] == [("cpu", True)] * 3
+    assert [(row["device"], row["placement"], row["bins"] > 0) for row in r["rows"]] == \
+        [("cpu", "device", True), ("cpu", "host", True)] * 3
     for row in r["rows"]:
         assert row["bins_per_s"] > 0 and row["peak_mem_mb"] > 0 and 0 < row["overhead_share"] < 1
         assert sum(row["share"].values()) == pytest.approx(1.0)

@@ -44,6 +44,7 @@ from swapvae.schemas import SwapVAEConfig
 from swapvae.schemas.session import static_filter
 from swapvae.training.data import jitter_pairs
 from swapvae.training.model import SwapVAENet, poisson_nll
+from swapvae.training.stream import HostBatches, choose_placement, data_bytes
 
 SPACES = ("full", "content", "style")
 
@@ -227,12 +228,22 @@ class SwapVAE(TransformerMixin, BaseEstimator):
         self.config_, self.bin_size_s_, self.neurons_ = cfg, float(bin_size_s), keep
         self.channel_mean_ = counts.mean(axis=0)
         self.model_ = build_model(cfg, len(keep)).to(device)
-        x = self._model_input(counts, device)
-        pairs = torch.as_tensor(jitter_pairs(trial, bin_in_trial, cfg.data.jitter), device=device)
-        monitor = None if held_out is None else self._monitor(x, self._inputs_of(held_out, device))
+        pairs = jitter_pairs(trial, bin_in_trial, cfg.data.jitter)
+        self.placement_ = choose_placement(cfg.data.placement, device, data_bytes(len(counts), len(keep), len(pairs)))
         state = None if resume is None else self._resumable(resume)
-        self._optimise(lambda model, opt, gen: self._step(model, opt, x, pairs, gen), self._adam,
-                       steps_per_epoch(cfg, len(x)), checkpoint, monitor, state)
+        if self.placement_ == "device":
+            x, pairs = self._model_input(counts, device), torch.as_tensor(pairs, device=device)
+            step, stream = (lambda model, opt, gen: self._step(model, opt, x, pairs, gen)), None
+        else:  # the bins stay in host memory; each step's rows are shipped over (training.stream)
+            x = self._model_input(counts, torch.device("cpu"))
+            stream = HostBatches(x, pairs, cfg.optim.batch_size, device, cfg.seed, cfg.data.stream_chunk_steps)
+            step = lambda model, opt, gen: self._learn(model, opt, *self._dropout(*stream.next(), gen))  # noqa: E731
+        monitor = None if held_out is None else self._monitor(x, self._inputs_of(held_out, device))
+        try:
+            self._optimise(step, self._adam, steps_per_epoch(cfg, len(x)), checkpoint, monitor, state, stream)
+        finally:
+            if stream is not None:
+                stream.close()
         return self
 
     def _resumable(self, path: str | Path) -> dict:
@@ -287,11 +298,12 @@ class SwapVAE(TransformerMixin, BaseEstimator):
                                 weight_decay=cfg.optim.weight_decay, fused=True)
 
     def _optimise(self, step, make_opt, steps_per_epoch: int, checkpoint=None, monitor=None,
-                  resume: dict | None = None) -> None:
+                  resume: dict | None = None, stream=None) -> None:
         """Train ``model_`` for ``optim.epochs`` epochs of ``step(model, opt, gen)`` (one
         optimiser step, returning the loss terms), on the thread count chosen once; save to
         ``checkpoint`` as the loop says (with the state to resume from) and at the end.
-        ``resume``: a checkpoint's training state (``_resumable``), to go on from."""
+        ``resume``: a checkpoint's training state (``_resumable``), to go on from. ``stream``:
+        the ``HostBatches`` that ``step`` reads, sought to the first step trained here."""
         cfg = self.config_
         device = next(self.model_.parameters()).device
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -319,6 +331,8 @@ class SwapVAE(TransformerMixin, BaseEstimator):
             if device.type == "cpu":  # a resumed fit keeps the count it recorded: the same bits
                 torch.set_num_threads(cfg.optim.cpu_threads or (resume or {}).get("threads")
                                       or self._calibrate_threads(step, make_opt, threads))
+            if stream is not None:  # after the thread count's trial steps, which drew from it too
+                stream.seek((first - 1) * steps_per_epoch)
             self._train(lambda: step(self.model_, opt, gen), steps_per_epoch, checkpoint, monitor, first,
                         spent, training_state)
         finally:
@@ -330,18 +344,23 @@ class SwapVAE(TransformerMixin, BaseEstimator):
     def _views(self, x: torch.Tensor, pairs: torch.Tensor, gen: torch.Generator, n: int):
         """The two views of ``n`` in-trial pairs drawn from ``pairs`` (rows of ``x``), neuron
         dropout applied (the dropped bin is the view and its target)."""
-        p = self.config_.data.dropout_max
         idx = pairs[torch.randint(len(pairs), (n,), generator=gen, device=x.device)]
-        x1, x2 = x[idx.T.reshape(-1)].chunk(2)  # one gather for both views
+        return self._dropout(*x[idx.T.reshape(-1)].chunk(2), gen)  # one gather for both views
+
+    def _dropout(self, x1: torch.Tensor, x2: torch.Tensor, gen: torch.Generator):
+        p = self.config_.data.dropout_max
         if p > 0:
             x1, x2 = _neuron_dropout(x1, p, gen), _neuron_dropout(x2, p, gen)
         return x1, x2
 
     def _step(self, model: SwapVAENet, opt, x: torch.Tensor, pairs: torch.Tensor, gen: torch.Generator) -> dict:
         """One optimiser step on a batch of in-trial view pairs; returns the loss terms."""
+        return self._learn(model, opt, *self._views(x, pairs, gen, self.config_.optim.batch_size))
+
+    def _learn(self, model: SwapVAENet, opt, x1: torch.Tensor, x2: torch.Tensor) -> dict:
+        """One optimiser step on the views ``x1``, ``x2``; returns the loss terms."""
         cfg = self.config_
-        x1, x2 = self._views(x, pairs, gen, cfg.optim.batch_size)
-        with autocast(cfg, x.device):
+        with autocast(cfg, x1.device):
             out = model.loss(x1, x2, cfg.loss.swap, cfg.loss.kl_weight, cfg.loss.align_weight, cfg.loss.eps)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -376,7 +395,7 @@ class SwapVAE(TransformerMixin, BaseEstimator):
     def _monitor(self, x: torch.Tensor, held_out: torch.Tensor, n: int = 2048):
         """Per-bin Poisson NLL of the denoised rates g([c, mu]) of up to ``n`` fixed training
         bins and of ``held_out``, in eval mode: no randomness drawn, nothing learned."""
-        train = x[torch.linspace(0, len(x) - 1, min(n, len(x)), device=x.device).long()]
+        train = x[torch.linspace(0, len(x) - 1, min(n, len(x)), device=x.device).long()].to(held_out.device)
         eps = self.config_.loss.eps
 
         @torch.no_grad()

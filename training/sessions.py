@@ -81,6 +81,9 @@ def fit_sessions(est, cfg: SwapVAEConfig, Xs, trials, bin_in_trials, neurons, bi
                          f"learns bins of one width; bin them alike (--bin-size for NWB files)")
     if held_out is not None:
         raise ValueError("held_out scores one session's bins; with several sessions, score each session's view")
+    if cfg.data.placement == "host":  # auto keeps them on the device
+        raise ValueError("data.placement 'host' streams one session's bins; a core shared across sessions keeps "
+                         "its sessions on the training device (placement 'auto' or 'device')")
     sessions = []
     for i, X in enumerate(Xs):
         counts = _session_counts(X, f"session {i}")
