@@ -10,7 +10,8 @@ the tree first on ``sys.path``) on one run trained here (``_common.build_bundle`
 tree exports with its own code (a manifest field retired since cannot be read back); each gets
 an echo server (``latency.py``'s floor) answering with its reply size. Every round measures
 each of the four, in a rotating order, with ``latency.py``'s request loop: back to back, and
-optionally paced at 1 kHz. All servers are started afresh ``--restarts`` times: two identical
+optionally paced (``--paced-seconds`` at each of ``--rates``, default 1 kHz). All servers are
+started afresh ``--restarts`` times: two identical
 echo servers' floors differ by up to 8% within one start (where a process lands), which the
 restarts average out. The protocol version of each service is asked first (a PING; a
 server of another version answers BAD_VERSION in its own), so an old service is probed in its
@@ -141,10 +142,10 @@ def measure(trees: list, bundles: dict, x: np.ndarray, cpu: int | None, args, sa
             for name in names[r % len(names):] + names[:r % len(names)]:
                 probe = probes[name]
                 probe.run(args.warmup)  # re-warm after the others ran
-                got = samples.setdefault(name, {"b2b": [], "1kHz": []})
+                got = samples.setdefault(name, {mode: [] for mode in modes(args)})
                 got["b2b"].append(probe.run(args.n))
-                if args.paced_seconds:
-                    got["1kHz"].append(probe.run(int(args.paced_seconds * 1000), 1000.0))
+                for rate in args.rates if args.paced_seconds else ():
+                    got[rate_name(rate)].append(probe.run(max(1, int(args.paced_seconds * rate)), rate))
             print(f"  start {restart + 1}/{args.restarts}, round {r + 1}/{args.rounds} done", file=sys.stderr,
                   flush=True)
     finally:
@@ -153,6 +154,14 @@ def measure(trees: list, bundles: dict, x: np.ndarray, cpu: int | None, args, sa
         for proc in procs.values():
             proc.stop()
     return probes
+
+
+def rate_name(rate: float) -> str:
+    return f"{rate / 1000:g}kHz" if rate >= 1000 else f"{rate:g}Hz"
+
+
+def modes(args) -> list[str]:
+    return ["b2b", *(rate_name(r) for r in args.rates)]
 
 
 def main(argv=None) -> int:
@@ -165,7 +174,9 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", help="where the built bundle is kept and reused")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--n", type=int, default=3000, help="back-to-back round trips per server per round")
-    p.add_argument("--paced-seconds", type=float, default=0.0, help="also this long at 1 kHz per server per round")
+    p.add_argument("--paced-seconds", type=float, default=0.0,
+                   help="also this long paced at each of --rates per server per round")
+    p.add_argument("--rates", type=float, nargs="+", default=[1000.0], help="paced request rates, Hz")
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--restarts", type=int, default=3,
                    help="start every server afresh this many times, --rounds rounds each (pooled)")
@@ -196,7 +207,7 @@ def main(argv=None) -> int:
     versions = {k: probes[k].version for k in names if not k.startswith("echo ")}
     result = {"d": args.channels, "bundle": str(bundle), "versions": versions,
               "reply_bytes": {k: probes[k].reply_bytes for k in names}, "modes": {}}
-    for mode in ("b2b", "1kHz"):
+    for mode in modes(args):
         if not samples["after"][mode]:
             continue
         res = {}

@@ -31,6 +31,7 @@ several times slower (caches gone cold); ``warm()`` lets a server pay that befor
 """
 from __future__ import annotations
 
+import copy
 import json
 from math import atan2
 from pathlib import Path
@@ -110,10 +111,22 @@ class BundleDecoder:
         self._check_graph_io(widths)
         self._check_graph_metadata()
         self._k = m.content_dim
+        self._bind_one(widths)
+        # warm() runs decode_stream itself (the same Python and numpy code as a real bin, which go
+        # cold too) on a copy of this decoder bound to scratch buffers and a scratch stream,
+        # leaving the last decode's outputs and every client's stream alone.
+        self._warmer = copy.copy(self)
+        self._warmer._bind_one(widths)
+        self._warm_stream, self._warm_x = self.new_stream(), np.zeros(self.n_channels, np.float32)
+        self.stream = self.new_stream()  # this decoder's own stream (in-process use)
+        for _ in range(3):  # first runs allocate and plan; keep that off the first real bin
+            self.warm()
+        self.decode_stream(self.new_stream(), np.zeros((2, self.n_channels), np.float32))
 
-        # Batch-1 fast path: buffers bound once; a decode copies the bin (and the stream's
-        # history) in, runs, and reads a few scalars back through memoryviews (cheaper than
-        # numpy calls on tiny arrays).
+    def _bind_one(self, widths: dict) -> None:
+        """The batch-1 fast path: buffers bound once; a decode copies the bin (and the stream's
+        history) in, runs, and reads a few scalars back through memoryviews (cheaper than numpy
+        calls on tiny arrays)."""
         x = {"counts": np.zeros((1, self.n_channels), np.float32)}
         if "history" in self._inputs:
             x.update(history=np.zeros((1, (self.history_bins - 1) * self.latent_dim), np.float32),
@@ -133,13 +146,6 @@ class BundleDecoder:
         if self.has_readout:
             self._angle_mv, self._res_mv = memoryview(angle), memoryview(y["resultant"].reshape(-1))
         self._min_mv, self._sum_mv = memoryview(y["count_min"]), memoryview(y["count_sum"])
-        # warm() runs a zero bin into scratch buffers, leaving the last decode's outputs alone.
-        self._warm_run, self._warm_bound, self._warm_io = _bound_runner(
-            self.session, {k: np.zeros_like(v) for k, v in x.items()}, {k: np.zeros_like(v) for k, v in y.items()})
-        self.stream = self.new_stream()  # this decoder's own stream (in-process use)
-        for _ in range(3):  # first runs allocate and plan; keep that off the first real bin
-            self.warm()
-        self.decode_stream(self.new_stream(), np.zeros((2, self.n_channels), np.float32))
 
     def new_stream(self) -> StreamHistory:
         """An empty history for one more stream (a server's client)."""
@@ -150,12 +156,12 @@ class BundleDecoder:
         self.stream.reset()
 
     def warm(self) -> None:
-        """Run the graph once without touching the last decode's outputs. After the process
-        sleeps for a millisecond or more, the next ORT call is several times slower (its
-        code and weights left the caches); a server can call this while idle, shortly
-        before the next bin is due, so the real bin finds them warm. Measured in
-        benchmarks/engine_latency.py."""
-        self._warm_run(self._warm_bound, None)
+        """Decode a zero bin on a scratch stream without touching the last decode's outputs.
+        After the process sleeps for a millisecond or more, the next decode is several times
+        slower (ORT's code and weights, and the Python and numpy code around the call, left
+        the caches); a server can call this while idle, shortly before the next bin is due,
+        so the real bin finds them warm. Measured in benchmarks/engine_latency.py."""
+        self._warmer.decode_stream(self._warm_stream, self._warm_x)
 
     def _check_graph_metadata(self) -> None:
         raw = self.session.get_modelmeta().custom_metadata_map.get(CORE_KEY)

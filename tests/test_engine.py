@@ -114,6 +114,27 @@ def test_one_bin_output_is_reused_until_the_next_call(dec, bins):
     assert isinstance(second.as_dict()["rates"], np.ndarray)
 
 
+def test_warm_ups_touch_no_stream_and_leave_the_next_decodes_bit_equal(dec, bins):
+    """warm() runs decode_stream itself (so the Python path warms too) on scratch buffers and a
+    scratch stream: the decoder's own stream and the outputs of later decodes are as without it."""
+    a, b = dec.new_stream(), dec.new_stream()
+    for x in bins[:3]:
+        dec.decode_stream(a, x)
+        dec.decode_stream(b, x)
+    state = (dec.stream.n, dec.stream.row.copy(), a.n, a.row.copy())
+    for _ in range(5):
+        dec.warm()
+    assert (dec.stream.n, a.n) == (state[0], state[2])
+    np.testing.assert_array_equal(dec.stream.row, state[1])
+    np.testing.assert_array_equal(a.row, state[3])
+    for x in bins[3:6]:
+        warmed = dec.decode_stream(a, x).copy()
+        dec.warm()
+        cold = dec.decode_stream(b, x).copy()
+        for k in ("content", "style_mean", "rates", "angle", "proba", "velocity"):
+            np.testing.assert_array_equal(getattr(warmed, k), getattr(cold, k))
+
+
 def test_decoding_is_deterministic(dec, bins):
     """Denoised rates are decoder([c, mu]): no sampling at inference."""
     np.testing.assert_array_equal(dec.decode(bins).rates, dec.decode(bins).rates)

@@ -1,10 +1,10 @@
-"""The pre-warm planner on a fake clock: when it plans a warm-up, how its lead adapts, and that
-a request cancels it. No sockets, no engine."""
+"""The pre-warm planner on a fake clock: when it plans a warm-up, how its lead adapts, that a
+request cancels it, and when the loop polls instead of sleeping. No sockets, no engine."""
 from __future__ import annotations
 
 import pytest
 
-from swapvae.runtime.serve.prewarm import MIN_PERIOD_NS, SLACK_NS, TOO_SOON_NS, WarmPlanner
+from swapvae.runtime.serve.prewarm import MIN_PERIOD_NS, SLACK_NS, SPIN_NS, TOO_SOON_NS, WarmPlanner
 
 MS = 1_000_000
 
@@ -121,3 +121,39 @@ def test_the_period_is_smoothed_so_one_late_bin_moves_the_plan_a_little():
     clock.t += 12 * MS  # late, but within a quarter of the period: still the same stream
     p.arrived(clock.t)
     assert p.due == clock.t + int(0.75 * 10 * MS + 0.25 * 12 * MS) - p.lead
+
+
+def test_after_a_warm_up_the_loop_polls_until_the_bin_at_most_spin_ns_past_its_time():
+    p, clock, _ = planner_at(10 * MS)
+    expected = clock.t + 10 * MS
+    assert p.spin_until == 0  # a slow stream: sleep until the warm-up
+    clock.t = p.due
+    p.warm()
+    assert p.spin_until == expected + SPIN_NS
+    clock.t = expected + 3_000
+    p.arrived(clock.t)  # the bin came: no more polling until the next warm-up
+    assert p.spin_until == 0 and clock.t + 9 * MS < p.due < clock.t + 10 * MS
+
+
+def test_the_lead_follows_what_warm_ups_take_when_they_run():
+    """Warm-ups after a pause run cold: several times their start-up cost. The lead grows to cover
+    them, so the warm-up ends before the bin instead of delaying it."""
+    p, clock, eng = planner_at(10 * MS, cost=40_000)
+    assert p.min_lead == SLACK_NS + 40_000
+    eng.cost = 300_000  # cold
+    clock.t = p.due
+    p.warm()
+    assert p.min_lead == SLACK_NS + 300_000 and p.lead == p.min_lead
+    for _ in range(30):  # warm again: the lead comes back down, smoothed
+        eng.cost = 60_000
+        p.warm()
+    assert SLACK_NS + 60_000 <= p.min_lead < SLACK_NS + 61_000
+
+
+def test_a_fast_stream_is_polled_for_without_warm_ups_and_an_idle_server_never_spins():
+    p, clock, eng = planner_at(200_000, n=10)  # back to back at 200 us
+    assert p.due == 0 and p.spin_until == clock.t + MIN_PERIOD_NS
+    calls = eng.calls
+    clock.t += 5_000 * MS  # the client stopped: a new request after a pause plans nothing
+    p.arrived(clock.t)
+    assert p.due == 0 and p.spin_until == 0 and eng.calls == calls

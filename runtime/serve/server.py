@@ -253,7 +253,8 @@ class Server:
                 self.peers.flush()
                 if held:
                     due = min(due, _clock() + HELD_RETRY_NS) if due else _clock() + HELD_RETRY_NS
-            ready = wait(due, bool(bulk.queues or controls.items))
+            spin = planner.spin_until
+            ready = wait(due, bool(bulk.queues or controls.items), bool(spin) and _clock() < spin)
             for src in ready:
                 if src.keyed is None:  # ZAP requests, subscriptions: served by the source itself
                     src.serve()

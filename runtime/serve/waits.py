@@ -2,7 +2,8 @@
 message queued, or an empty list when the loop should look at its stop flag, its planned
 warm-up and its pending multi-bin work. Reading EVENTS also lets libzmq process the commands
 its I/O thread has queued for the socket, so a message is seen as soon as it is there.
-``busy`` (multi-bin work is pending): look, never sleep.
+``busy`` (multi-bin work is pending): look, never sleep. ``spin`` (a steady stream's next bin
+is due: runtime/serve/prewarm.py): look, and yield the core instead of sleeping.
 """
 from __future__ import annotations
 
@@ -27,9 +28,12 @@ class BlockingWait:
         self._by_fd = {src.fd: src for src in sources}
         self._fds = list(self._by_fd)
 
-    def __call__(self, due: int, busy: bool = False) -> list:
+    def __call__(self, due: int, busy: bool = False, spin: bool = False) -> list:
         ready = [src for src in self._sources if src.get(_EVENTS) & _POLLIN]
         if ready or busy:
+            return ready
+        if spin:
+            os.sched_yield()
             return ready
         timeout = POLL_S if not due else min(POLL_S, max(0, due - _clock()) / 1e9)
         readable = select.select(self._fds, (), (), timeout)[0]
@@ -45,7 +49,7 @@ class SpinWait:
     def __init__(self, sources: list):
         self._sources = sources
 
-    def __call__(self, due: int, busy: bool = False) -> list:
+    def __call__(self, due: int, busy: bool = False, spin: bool = False) -> list:
         ready = [src for src in self._sources if src.get(_EVENTS) & _POLLIN]
         if not ready and not busy:
             os.sched_yield()
