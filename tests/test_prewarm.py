@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from swapvae.runtime.serve.prewarm import MIN_PERIOD_NS, SLACK_NS, SPIN_NS, TOO_SOON_NS, WarmPlanner
+from swapvae.runtime.serve.prewarm import MIN_PERIOD_NS, PRESPIN_NS, SLACK_NS, SPIN_NS, TOO_SOON_NS, WarmPlanner
 
 MS = 1_000_000
 
@@ -39,6 +39,15 @@ def planner_at(period_ns: int, n: int = 5, cost: int = 40_000):
     return p, clock, eng
 
 
+def warm_up(p: WarmPlanner, clock: Clock) -> None:
+    """Run the loop's side of a plan: at ``due`` polling starts, at ``warm_at`` the warm-up."""
+    clock.t = p.due
+    p.warm()
+    assert p.due == p.warm_at and p.spin_until == p.warm_at + p.lead + SPIN_NS  # polling until the bin
+    clock.t = p.due
+    p.warm()
+
+
 def test_lead_is_the_timed_warm_up_plus_slack():
     p, _, eng = planner_at(10 * MS, n=0, cost=33_000)
     assert eng.calls == 7 and p.warms == 0
@@ -47,10 +56,15 @@ def test_lead_is_the_timed_warm_up_plus_slack():
 
 def test_a_steady_slow_stream_gets_a_warm_up_just_before_its_next_bin():
     p, clock, _ = planner_at(10 * MS)
-    assert p.due == clock.t + 10 * MS - p.lead
-    clock.t = p.due
-    p.warm()
+    assert p.warm_at == clock.t + 10 * MS - p.lead
+    assert p.due == p.warm_at - PRESPIN_NS  # polling first: no sleep to wake from at the bin
+    warm_up(p, clock)
     assert p.due == 0 and p.warms == 1
+
+
+def test_polling_before_the_warm_up_is_at_most_a_quarter_period():
+    p, clock, _ = planner_at(2 * MS)
+    assert p.due == p.warm_at - 2 * MS // 4
 
 
 @pytest.mark.parametrize("case", ["back to back", "faster than the threshold", "after a stall", "irregular"])
@@ -98,9 +112,8 @@ def test_warm_ups_in_time_let_the_lead_shrink_back_to_its_least():
         t += 10 * MS
         clock.t = t
         p.arrived(t)
-        assert p.due == t + 10 * MS - p.lead
-        clock.t = p.due
-        p.warm()
+        assert p.warm_at == t + 10 * MS - p.lead
+        warm_up(p, clock)
     assert p.min_lead < p.lead == int(int(int(wide * 0.95) * 0.95) * 0.95) < wide
     for _ in range(200):
         p.warm()
@@ -120,19 +133,18 @@ def test_the_period_is_smoothed_so_one_late_bin_moves_the_plan_a_little():
     p, clock, _ = planner_at(10 * MS)
     clock.t += 12 * MS  # late, but within a quarter of the period: still the same stream
     p.arrived(clock.t)
-    assert p.due == clock.t + int(0.75 * 10 * MS + 0.25 * 12 * MS) - p.lead
+    assert p.warm_at == clock.t + int(0.75 * 10 * MS + 0.25 * 12 * MS) - p.lead
 
 
 def test_after_a_warm_up_the_loop_polls_until_the_bin_at_most_spin_ns_past_its_time():
     p, clock, _ = planner_at(10 * MS)
     expected = clock.t + 10 * MS
-    assert p.spin_until == 0  # a slow stream: sleep until the warm-up
-    clock.t = p.due
-    p.warm()
+    assert p.spin_until == 0  # a slow stream: sleep until polling starts
+    warm_up(p, clock)
     assert p.spin_until == expected + SPIN_NS
     clock.t = expected + 3_000
     p.arrived(clock.t)  # the bin came: no more polling until the next warm-up
-    assert p.spin_until == 0 and clock.t + 9 * MS < p.due < clock.t + 10 * MS
+    assert p.spin_until == 0 and clock.t + 9 * MS < p.warm_at < clock.t + 10 * MS
 
 
 def test_the_lead_follows_what_warm_ups_take_when_they_run():
@@ -141,8 +153,7 @@ def test_the_lead_follows_what_warm_ups_take_when_they_run():
     p, clock, eng = planner_at(10 * MS, cost=40_000)
     assert p.min_lead == SLACK_NS + 40_000
     eng.cost = 300_000  # cold
-    clock.t = p.due
-    p.warm()
+    warm_up(p, clock)
     assert p.min_lead == SLACK_NS + 300_000 and p.lead == p.min_lead
     for _ in range(30):  # warm again: the lead comes back down, smoothed
         eng.cost = 60_000

@@ -6,9 +6,10 @@ around the call leave the caches, so a bin arriving after a pause of a milliseco
 costs several back-to-back decodes (benchmarks/engine_latency.py; on a shared 2-core VM, 10 ms
 of waiting, spinning or not, made the next decode 14x slower). When requests come at a steady
 period that long, the planner schedules one ``engine.warm()`` (which leaves the last decode's
-outputs alone) before the next is due; after it the loop polls without sleeping until the bin
-comes, at most ``SPIN_NS`` past when it was expected, since a wake-up from a blocking wait
-costs as much again. A warm-up after a pause runs cold itself (several times its start-up
+outputs alone) before the next is due. From ``PRESPIN_NS`` (at most a quarter period) before
+the warm-up until the bin comes, at most ``SPIN_NS`` past when it was expected, the loop polls
+without sleeping: on a VM, a bin that finds the core halted costs as much again (at 100 Hz,
+polling from 1 ms before the bin brought the default server's round trip to busy-polling's). A warm-up after a pause runs cold itself (several times its start-up
 cost), so the lead is what warm-ups take when they run, measured on each, plus ``SLACK_NS``.
 A request that arrives first cancels the warm-up. A stream faster than ``MIN_PERIOD_NS``
 (back to back) gets no warm-up; the loop polls for up to ``MIN_PERIOD_NS`` after each of its
@@ -30,6 +31,7 @@ MAX_PERIOD_NS = 2_000_000_000  # a longer gap is a pause, not a stream
 SLACK_NS = 150_000  # least time between warm-up and bin: the timed wait's wake-up jitter
 TOO_SOON_NS = 50_000  # a warm-up due sooner than this after a reply is not worth waking for
 SPIN_NS = 250_000  # after a warm-up, poll until the bin comes, at most this long past when it was expected
+PRESPIN_NS = 1_000_000  # poll from this long (at most a quarter period) before the warm-up: no sleep to wake from
 
 
 class WarmPlanner:
@@ -49,6 +51,7 @@ class WarmPlanner:
         self._period = 0.0  # smoothed gap between requests
         self._planned_period = 0.0  # the period the current lead was planned for
         self._expected = 0  # when the planned-for request is expected
+        self.warm_at = 0  # when its warm-up is due (``due`` is earlier while polling comes first)
         self._took = 0.0  # smoothed time a warm-up took when it ran (cold: more than at start-up)
         self.min_lead = self.lead = 0
         if warm is not None:
@@ -78,9 +81,11 @@ class WarmPlanner:
             self.due = 0
             return
         self._expected = t + int(period)
-        due = self._expected - self.lead
+        self.warm_at = self._expected - self.lead
         self._planned_period = period
-        self.due = due if due > self._clock() + TOO_SOON_NS else 0
+        now = self._clock() + TOO_SOON_NS
+        polling = self.warm_at - min(PRESPIN_NS, int(period) // 4)
+        self.due = polling if polling > now else self.warm_at if self.warm_at > now else 0
 
     def interrupted(self) -> None:
         """A request arrived before the planned warm-up: cancel it, and warm earlier from now on.
@@ -91,9 +96,12 @@ class WarmPlanner:
         self.lead = min(int(self._planned_period) // 2, int(1.5 * self.lead))
 
     def warm(self) -> None:
-        """Run the planned warm-up (``due`` has come), then spin until the request (see the
-        module doc). Each one in time lets the next come a little later, down to the least
-        lead: ``SLACK_NS`` plus what warm-ups take when they run."""
+        """``due`` has come: start polling until the warm-up's time, or run the warm-up and
+        poll until the request (see the module doc). Each warm-up in time lets the next come a
+        little later, down to the least lead: ``SLACK_NS`` plus what warm-ups take when they run."""
+        if self._clock() < self.warm_at:
+            self.due, self.spin_until = self.warm_at, self._expected + SPIN_NS
+            return
         self.due = 0
         t = self._clock()
         self._warm()
