@@ -9,8 +9,9 @@ period that long, the planner schedules one ``engine.warm()`` (which leaves the 
 outputs alone) before the next is due. From ``PRESPIN_NS`` (at most a quarter period) before
 the warm-up until the bin comes, at most ``SPIN_NS`` past when it was expected, the loop polls
 without sleeping: on a VM, a bin that finds the core halted costs as much again (at 100 Hz,
-polling from 1 ms before the bin brought the default server's round trip to busy-polling's). A warm-up after a pause runs cold itself (several times its start-up
-cost), so the lead is what warm-ups take when they run, measured on each, plus ``SLACK_NS``.
+polling from 1 ms before the bin brought the default server's round trip to busy-polling's).
+A warm-up after a pause runs cold itself (several times its start-up cost), so the lead is
+what warm-ups take when they run, measured on each, plus ``SLACK_NS``.
 A request that arrives first cancels the warm-up. A stream faster than ``MIN_PERIOD_NS``
 (back to back) gets no warm-up; the loop polls for up to ``MIN_PERIOD_NS`` after each of its
 requests. With no stream there is no plan and no polling: an idle server sleeps.
