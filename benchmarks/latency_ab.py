@@ -12,9 +12,10 @@ an echo server (``latency.py``'s floor) answering with its reply size. Every rou
 each of the four, in a rotating order, with ``latency.py``'s request loop: back to back, and
 optionally paced (``--paced-seconds`` at each of ``--rates``, default 1 kHz). All servers are
 started afresh ``--restarts`` times: two identical echo servers' floors differ by up to 8%
-within one start (where a process lands), which the restarts average out. The protocol version of each service is asked first (a PING; a
-server of another version answers BAD_VERSION in its own), so an old service is probed in its
-own version; ``server_ns`` sits at offset 24 in versions 1 and 2.
+within one start (where a process lands), which the restarts average out. The protocol
+version of each service is asked first (a PING; a server of another version answers
+BAD_VERSION in its own), so an old service is probed in its own version; ``server_ns`` sits
+at offset 24 in versions 1 and 2.
 
 Reported: round-trip p50/p99 and the reply's in-server p50 of each, their ratios to the echo
 floor of the same run (all echoes pooled, per round their mean: one floor for both services),
