@@ -243,6 +243,17 @@ def build_c_client(workdir: Path) -> tuple[Path | None, str]:
     return exe, ""
 
 
+def requests_in(mode: str, args) -> int:
+    """How many round trips one run of ``mode`` makes: --n back to back, --paced-seconds' worth paced."""
+    return args.n if mode == "b2b" else max(1, int(args.paced_seconds * RATES[mode]))
+
+
+def c_client_modes(exe: Path, endpoint: str, d: int, args) -> dict:
+    """The C client's percentiles in every mode against one server (client on CPU 0 with --pin)."""
+    return {m: c_round_trips(exe, endpoint, d, requests_in(m, args), RATES[m], 0 if args.pin else None)
+            for m in MODES}
+
+
 def c_round_trips(exe: Path, endpoint: str, d: int, n: int, rate: float, cpu: int | None) -> dict:
     """svae_bench's percentiles (us): the C client, one stream, back to back or paced."""
     cmd = [str(exe), endpoint, str(d), str(n), str(rate)]
@@ -299,9 +310,8 @@ def measure_channels(d: int, workdir: Path, args) -> dict:
                     if name in ("torch eager", "ours fp32") and mode != "b2b" and not args.torch_paced:
                         continue
                     probe.run(args.warmup, 0)  # re-warm after the other servers ran
-                    n = args.n if mode == "b2b" else max(1, int(args.paced_seconds * RATES[mode]))
                     c0 = cpu_seconds(procs[name].p.pid)
-                    ns, el, srv = probe.run(n, RATES[mode])
+                    ns, el, srv = probe.run(requests_in(mode, args), RATES[mode])
                     cpu[name][mode].append((cpu_seconds(procs[name].p.pid) - c0, el))
                     samples[name][mode].append((ns, srv))
                     if mode == "b2b":
@@ -309,9 +319,7 @@ def measure_channels(d: int, workdir: Path, args) -> dict:
             print(f"  d={d} round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
         idle = cpu_share(procs, args.idle_seconds)
         if c_exe is not None:  # the C client against the default server, after the Python rounds
-            c_results["ours"] = {m: c_round_trips(c_exe, procs["ours"].endpoint, d,
-                                                  args.n if m == "b2b" else max(1, int(args.paced_seconds * RATES[m])),
-                                                  RATES[m], 0 if args.pin else None) for m in MODES}
+            c_results["ours"] = c_client_modes(c_exe, procs["ours"].endpoint, d, args)
         for name, probe in probes.items():
             results[name] = {m: {**summarize(v), "cpu_pct": busy_share(cpu[name][m])}
                              for m, v in samples[name].items() if v}
@@ -333,9 +341,8 @@ def measure_channels(d: int, workdir: Path, args) -> dict:
         for _ in range(args.rounds):
             for mode in MODES:
                 probe.run(args.warmup, 0)
-                n = args.n if mode == "b2b" else max(1, int(args.paced_seconds * RATES[mode]))
                 c0 = cpu_seconds(busy.p.pid)
-                ns, el, srv = probe.run(n, RATES[mode])
+                ns, el, srv = probe.run(requests_in(mode, args), RATES[mode])
                 c[mode].append((cpu_seconds(busy.p.pid) - c0, el))
                 s[mode].append((ns, srv))
                 if mode == "b2b":
@@ -343,9 +350,7 @@ def measure_channels(d: int, workdir: Path, args) -> dict:
         results["ours busy"] = {m: {**summarize(v), "cpu_pct": busy_share(c[m])} for m, v in s.items()}
         results["ours busy"]["idle_cpu_pct"] = cpu_share({"ours busy": busy}, args.idle_seconds)["ours busy"]
         if c_exe is not None:
-            c_results["ours busy"] = {m: c_round_trips(c_exe, busy.endpoint, d, args.n if m == "b2b" else
-                                                       max(1, int(args.paced_seconds * RATES[m])), RATES[m],
-                                                       0 if args.pin else None) for m in MODES}
+            c_results["ours busy"] = c_client_modes(c_exe, busy.endpoint, d, args)
         results["ours busy"]["sequential_per_s"] = round(sum(len(ns) for ns, _ in s["b2b"]) / el_total)
         results["ours busy"]["throughput_per_s"] = round(probe.throughput(args.throughput_n, args.throughput_seconds))
         probe.close()
